@@ -1,0 +1,33 @@
+# Set-up on a fresh machine: `make demo` or `make test` creates .venv on first use.
+# Without a CUDA GPU, torch's CPU build is installed (pip takes it from this machine's disk).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_CPU := torch==2.13.0
+
+.PHONY: demo test test-fast venv clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
+		echo "CUDA GPU found: installing torch from PyPI"; $(PY) -m pip install -q torch; \
+	else \
+		echo "no CUDA GPU: installing torch's CPU build ($(TORCH_CPU))"; $(PY) -m pip install -q $(TORCH_CPU); \
+	fi
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(VENV)/bin/tunelab demo
+
+test: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+test-fast: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) .pytest_cache

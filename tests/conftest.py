@@ -1,0 +1,69 @@
+"""Shared fixtures: the real stories260K model converted once per session, and small config helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_file(relative: str) -> Path:
+    """A file of ../shared/data, or skip the test with a message naming it."""
+    path = SHARED / relative
+    if not path.is_file():
+        pytest.skip(f"needs {path} (the shared public data folder beside the checkout)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def stories260k(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """stories260K converted to a Hugging Face Llama folder (once per test session)."""
+    from tunelab.models.llama2c import convert_llama2c
+
+    model = shared_file("stories260K/stories260K.bin")
+    tok = shared_file("stories260K/tok512.bin")
+    return convert_llama2c(model, tok, tmp_path_factory.mktemp("stories260K"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(stories260k: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(stories260k)
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def config_tree(model: Path, train_file: Path, out: Path, **sections: Any) -> dict[str, Any]:
+    """A minimal valid config tree; `sections` are merged into model/data/strategy/train."""
+    tree: dict[str, Any] = {
+        "model": {"path": str(model)},
+        "data": {"train": str(train_file), "max_length": 128},
+        "strategy": {"name": "full"},
+        "train": {"max_steps": 2, "learning_rate": 1e-3, "batch_size": 2, "seed": 0, "progress": False},
+        "output_dir": str(out),
+    }
+    for name, values in sections.items():
+        if isinstance(values, dict):
+            tree.setdefault(name, {}).update(values)
+        else:
+            tree[name] = values
+    return tree
+
+
+# Short prompt/completion pairs of very different lengths (for accumulation and resume tests).
+VARIED_ROWS = [
+    {"prompt": "Once upon a time there was a cat. " * (1 + (i * 7) % 9), "completion": " The end" + " again" * (i % 5)}
+    for i in range(24)
+]

@@ -1,0 +1,105 @@
+"""End-to-end training runs on the real stories260K model: invariances a user relies on."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.conftest import VARIED_ROWS, config_tree, write_jsonl
+from tunelab.config import validate_config
+from tunelab.train import loop
+from tunelab.train.metrics import read_metrics
+
+
+def run(tmp_path, stories260k, name, rows=VARIED_ROWS, **sections):
+    train_file = write_jsonl(tmp_path / f"{name}.jsonl", rows)
+    cfg = validate_config(config_tree(stories260k, train_file, tmp_path / name, **sections))
+    return loop.train(cfg)
+
+
+def final_weights(result):
+    return load_file(str(result.final_dir / "model.safetensors"))
+
+
+def train_rows(result):
+    return [r for r in read_metrics(result.run_dir / "metrics.jsonl") if r["type"] == "train"]
+
+
+def test_grad_accumulation_equals_one_big_batch(tmp_path, stories260k):
+    lengths = [len(r["prompt"]) + len(r["completion"]) for r in VARIED_ROWS[:8]]
+    assert max(lengths) > 5 * min(lengths)  # very different lengths: a mean of means would differ
+    big = run(tmp_path, stories260k, "big", train={"max_steps": 1, "batch_size": 8, "grad_accum": 1})
+    acc = run(tmp_path, stories260k, "acc", train={"max_steps": 1, "batch_size": 2, "grad_accum": 4})
+    assert train_rows(big)[0]["num_label_tokens"] == train_rows(acc)[0]["num_label_tokens"]
+    assert train_rows(big)[0]["loss"] == pytest.approx(train_rows(acc)[0]["loss"], rel=1e-6)
+    wb, wa = final_weights(big), final_weights(acc)
+    base = load_file(str(stories260k / "model.safetensors"))
+    assert any(not torch.equal(wb[k], base[k]) for k in wb)  # the step did move the weights
+    for name in wb:
+        torch.testing.assert_close(wa[name], wb[name], msg=name)
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path, stories260k, monkeypatch):
+    sections = {"train": {"max_steps": 6, "save_every": 3, "batch_size": 3, "warmup_steps": 2}}
+    whole = run(tmp_path, stories260k, "whole", **sections)
+
+    real_save = loop.save_checkpoint
+
+    def crash_after_step_3(run_dir, step, *args, **kwargs):
+        real_save(run_dir, step, *args, **kwargs)
+        if step == 3:
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(loop, "save_checkpoint", crash_after_step_3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(tmp_path, stories260k, "resumed", **sections)
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    assert not (tmp_path / "resumed" / "final").exists()
+    resumed = run(tmp_path, stories260k, "resumed", resume=True, **sections)
+
+    assert [r["step"] for r in train_rows(resumed)] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in train_rows(resumed)] == [r["loss"] for r in train_rows(whole)]
+    assert [r["lr"] for r in train_rows(resumed)] == [r["lr"] for r in train_rows(whole)]
+    ww, wr = final_weights(whole), final_weights(resumed)
+    for name in ww:
+        assert torch.equal(ww[name], wr[name]), name
+
+
+def test_cpu_run_is_repeatable_bit_for_bit(tmp_path, stories260k):
+    sections = {"train": {"max_steps": 3, "batch_size": 4}}
+    a = run(tmp_path, stories260k, "a", **sections)
+    b = run(tmp_path, stories260k, "b", **sections)
+    assert [r["loss"] for r in train_rows(a)] == [r["loss"] for r in train_rows(b)]
+    assert all(torch.equal(x, final_weights(b)[k]) for k, x in final_weights(a).items())
+
+
+def test_run_directory_and_final_model(tmp_path, stories260k):
+    result = run(tmp_path, stories260k, "r", data={"eval_fraction": 0.25},
+                 train={"max_steps": 4, "eval_every": 2, "save_every": 1, "keep_checkpoints": 2})
+    rows = read_metrics(result.run_dir / "metrics.jsonl")
+    params = rows[0]
+    assert params["type"] == "params" and params["trainable_params"] == params["total_params"] == 260_032
+    train = [r for r in rows if r["type"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    for key in ("loss", "lr", "grad_norm", "num_tokens", "num_label_tokens", "tokens_per_s"):
+        assert all(key in r for r in train), key
+    assert [r["step"] for r in rows if r["type"] == "eval"] == [0, 2, 4]
+    assert sorted(p.name for p in (result.run_dir / "checkpoints").iterdir()) == ["step-3", "step-4"]
+    saved = (result.run_dir / "config.yaml").read_text()
+    assert "max_steps: 4" in saved and "learning_rate: 0.001" in saved  # resolved, defaults written out
+
+    # plain transformers loads final/ and gives the logits of the trained weights
+    model = AutoModelForCausalLM.from_pretrained(result.final_dir)
+    tok = AutoTokenizer.from_pretrained(result.final_dir)
+    assert tok.eos_token == "</s>"
+    trained = json.loads(json.dumps(model.config.to_dict()))
+    assert trained["use_cache"] is True
+    ids = torch.tensor([tok("Once upon a time")["input_ids"]])
+    base = AutoModelForCausalLM.from_pretrained(result.final_dir)
+    base.load_state_dict(load_file(str(result.run_dir / "checkpoints" / "step-4" / "trainable.safetensors")),
+                         strict=False)
+    torch.testing.assert_close(model(ids).logits, base(ids).logits)

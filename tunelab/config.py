@@ -1,0 +1,216 @@
+"""The configuration tree: typed, loaded from YAML, overridable with `dotted.key=value`.
+
+The whole tree is validated before any model or data is loaded. An unknown key is an error that
+names the closest valid key; a wrong type names the key, the value and the expected type.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tunelab.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    path: str
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    attn_implementation: str = "sdpa"
+
+
+class Template(_Section):
+    """A discrete prompt: `prompt` and `target` are `str.format` strings over the record's fields."""
+
+    prompt: str
+    target: str = "{target}"
+    instruction: str = ""  # text placed once before any demonstrations
+    demo_separator: str = "\n\n"
+
+
+class DataConfig(_Section):
+    train: str
+    eval: str | None = None
+    eval_fraction: float | None = Field(default=None, gt=0.0, lt=1.0)
+    format: Literal["auto", "prompt_completion", "chat", "instruction", "text_label", "text"] = "auto"
+    columns: dict[str, str] = Field(default_factory=dict)  # canonical name -> the file's column
+    column_names: list[str] | None = None  # names for the columns of a CSV/TSV without a header row
+    max_length: int = Field(default=512, ge=2)
+    # left: cut the prompt's start (then the target's end); right: cut the end; drop the example; error
+    truncation: Literal["left", "right", "drop", "error"] = "left"
+    render: Literal["auto", "template", "chat"] = "auto"
+    chat_template: str | None = None  # a Jinja template that replaces the tokenizer's own
+    last_turn_only: bool = False
+    max_examples: int | None = Field(default=None, ge=1)  # a seeded random sample of the training file
+    max_eval_examples: int | None = Field(default=None, ge=1)  # a seeded random sample of the eval data
+
+
+class StrategyConfig(_Section):
+    name: Literal["full"] = "full"
+    template: Template | None = None  # a plain string is taken as the template's `prompt`
+    num_shots: int = Field(default=0, ge=0)
+
+    @field_validator("template", mode="before")
+    @classmethod
+    def _template_from_string(cls, value: Any) -> Any:
+        return {"prompt": value} if isinstance(value, str) else value
+
+
+class TrainConfig(_Section):
+    max_steps: int | None = Field(default=None, ge=1)
+    epochs: float | None = Field(default=None, gt=0.0)
+    learning_rate: float = Field(default=2e-5, gt=0.0)
+    batch_size: int = Field(default=8, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = Field(default=1e-8, gt=0.0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(default=0, ge=0)
+    min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0.0)
+    eval_every: int | None = Field(default=None, ge=1)
+    save_every: int | None = Field(default=None, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    log_every: int = Field(default=1, ge=1)
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    fused_adamw: bool | None = None  # None: fused where the device supports it
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _one_length(self) -> "TrainConfig":
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("set train.max_steps or train.epochs")
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError("set only one of train.max_steps and train.epochs (both are set)")
+        return self
+
+
+class Config(_Section):
+    model: ModelConfig
+    data: DataConfig
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    train: TrainConfig
+    output_dir: str
+    resume: bool = False
+    overwrite: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Config":
+        if self.data.eval is not None and self.data.eval_fraction is not None:
+            raise ValueError("set only one of data.eval (a file) and data.eval_fraction (a split of data.train)")
+        if self.train.eval_every is not None and self.data.eval is None and self.data.eval_fraction is None:
+            raise ValueError("train.eval_every is set but there is no eval data: set data.eval or data.eval_fraction")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite are both set: choose one")
+        return self
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' holds a value, not a section of keys.")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split `a.b=value`; the value is read as YAML so `50`, `1e-4`, `true` and `[q_proj]` get their types."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override '{text}' is not of the form dotted.key=value (e.g. train.max_steps=50).")
+    try:
+        return key, yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        return key, raw
+
+
+def _allowed_keys(section: type[BaseModel]) -> list[str]:
+    return list(section.model_fields)
+
+
+def _section_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    section: type[BaseModel] = Config
+    for part in loc:
+        field = section.model_fields.get(str(part))
+        if field is None:
+            return None
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            return None
+        section = nested[0]
+    return section
+
+
+def _explain(error: dict[str, Any]) -> str:
+    loc = tuple(error["loc"])
+    key = ".".join(str(p) for p in loc)
+    if error["type"] == "extra_forbidden":
+        parent = _section_at(loc[:-1])
+        valid = _allowed_keys(parent) if parent else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        prefix = ".".join(str(p) for p in loc[:-1])
+        hint = f" Did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else ""
+        return f"unknown config key '{key}'.{hint} Valid keys here: {', '.join(valid)}."
+    if error["type"] == "missing":
+        return f"config key '{key}' is required but missing."
+    if not loc:
+        return error["msg"].removeprefix("Value error, ")
+    return f"config key '{key}' = {error.get('input')!r}: {error['msg'].removeprefix('Value error, ')}."
+
+
+def validate_config(tree: dict[str, Any], source: str = "config") -> Config:
+    """Turn a plain dict into a `Config`, or raise one `ConfigError` listing every problem."""
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        seen: list[str] = []
+        for err in exc.errors():
+            msg = _explain(err)
+            if msg not in seen:
+                seen.append(msg)
+        raise ConfigError(f"{source}: " + " ".join(seen)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), extra: dict[str, Any] | None = None) -> Config:
+    """Read a YAML config, apply `dotted.key=value` overrides (then `extra`), and validate it."""
+    tree: dict[str, Any] = {}
+    source = "overrides"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist.")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file '{p}' is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file '{p}' must hold a mapping of keys (model:, data:, train:, ...).")
+        tree = loaded or {}
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    for key, value in (extra or {}).items():
+        _set_dotted(tree, key, value)
+    return validate_config(tree, source)
+
+
+def dump_config(config: Config) -> str:
+    """The resolved config as YAML (every default written out)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,132 @@
+"""Tokenize rendered examples into input ids and labels (-100 everywhere except target tokens).
+
+The whole text is tokenized at once and each token is labeled by the characters it covers, so the
+ids are exactly what the tokenizer gives for the full text. A token that covers both prompt and
+target characters counts as target (`boundary_tokens` counts them: a template whose prompt ends in
+a space usually causes them). Sequences longer than `max_length` are handled by a policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from tunelab.data.render import Rendered
+from tunelab.errors import DataError
+
+IGNORE = -100
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE where the token is not trained; the loss shifts them by one
+    source: str
+    row: int
+
+    @property
+    def num_label_tokens(self) -> int:
+        """Tokens the loss counts: labeled positions that have a position before them."""
+        return sum(1 for t in self.labels[1:] if t != IGNORE)
+
+
+@dataclass
+class EncodeStats:
+    """What encoding did to a dataset: the counts a user must see."""
+
+    num_examples: int = 0
+    num_tokens: int = 0
+    num_label_tokens: int = 0
+    prompts_truncated: int = 0
+    targets_truncated: int = 0
+    dropped: int = 0
+    boundary_tokens: int = 0
+    dropped_sources: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f"{self.num_examples} examples, {self.num_tokens} tokens ({self.num_label_tokens} trained); "
+                f"truncated: {self.prompts_truncated} prompts, {self.targets_truncated} targets; "
+                f"dropped: {self.dropped}")
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer puts BOS in front of a text by default (Llama does, Qwen does not)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
+
+
+def _label_tokens(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> tuple[list[bool], int]:
+    trained, boundary = [], 0
+    for start, end in offsets:
+        if start == end:
+            hit = any(s <= start < e for s, e in spans)
+        else:
+            hit = any(start < e and end > s for s, e in spans)
+            boundary += any(start < s < end for s, e in spans)
+        trained.append(hit)
+    return trained, boundary
+
+
+def _truncate(ids: list[int], trained: list[bool], max_length: int, keep_first: int) -> tuple[list[int], list[bool], bool, bool]:
+    """Cut the prompt from the left (after BOS); if the final target alone is too long, cut its end."""
+    excess = len(ids) - max_length
+    last_target_start = max(i for i, t in enumerate(trained) if t)
+    while last_target_start > 0 and trained[last_target_start - 1]:
+        last_target_start -= 1
+    cut_prompt = min(excess, max(0, last_target_start - keep_first))
+    ids = ids[:keep_first] + ids[keep_first + cut_prompt :]
+    trained = trained[:keep_first] + trained[keep_first + cut_prompt :]
+    cut_target = len(ids) > max_length
+    return ids[:max_length], trained[:max_length], cut_prompt > 0, cut_target
+
+
+def encode_examples(rendered: list[Rendered], tokenizer: Any, max_length: int, truncation: str = "left",
+                    stats: EncodeStats | None = None) -> list[Encoded]:
+    """Tokenize a list of rendered examples; `truncation` is 'left', 'right', 'drop' or 'error'."""
+    stats = stats if stats is not None else EncodeStats()
+    bos = tokenizer.bos_token if adds_bos(tokenizer) else None
+    texts = [r.text if bos is None or r.text.startswith(bos) else bos + r.text for r in rendered]
+    shift = [len(t) - len(r.text) for t, r in zip(texts, rendered)]
+    batch = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    out = []
+    for r, ids, offsets, delta in zip(rendered, batch["input_ids"], batch["offset_mapping"], shift):
+        spans = [(s + delta, e + delta) for s, e in r.spans]
+        trained, boundary = _label_tokens(offsets, spans)
+        stats.boundary_tokens += boundary
+        if not any(trained):
+            raise DataError(f"{r.source}: the target has no token of its own after tokenization (the prompt's last "
+                            "token swallows it). End the template's prompt with a separator such as ':' or a newline.")
+        if len(ids) > max_length:
+            if truncation == "error":
+                raise DataError(f"{r.source}: the example is {len(ids)} tokens, longer than data.max_length={max_length}. "
+                                "Raise data.max_length, or set data.truncation: left (cut the prompt) or drop.")
+            keep_first = int(tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id])
+            if truncation == "drop":
+                stats.dropped += 1
+                stats.dropped_sources.append(r.source)
+                continue
+            if truncation == "right":
+                cut_prompt, cut_target = False, True
+                ids, trained = ids[:max_length], trained[:max_length]
+            else:
+                ids, trained, cut_prompt, cut_target = _truncate(ids, trained, max_length, keep_first)
+            stats.prompts_truncated += cut_prompt
+            stats.targets_truncated += cut_target
+            if not any(trained[1:]):
+                raise DataError(f"{r.source}: after truncation to data.max_length={max_length} ({truncation}) no target "
+                                "token is left. Raise data.max_length, or set data.truncation: left (cut the prompt) "
+                                "or drop.")
+        labels = [t if hit else IGNORE for t, hit in zip(ids, trained)]
+        enc = Encoded(list(ids), labels, r.source, r.row)
+        if enc.num_label_tokens == 0:
+            raise DataError(f"{r.source}: the example has no target token after its first position; nothing to train on.")
+        stats.num_examples += 1
+        stats.num_tokens += len(ids)
+        stats.num_label_tokens += enc.num_label_tokens
+        out.append(enc)
+    eos_id = tokenizer.eos_token_id
+    missing_eos = [e.source for e in out if eos_id not in e.labels]
+    if out and len(missing_eos) == len(out) and stats.targets_truncated < len(out):
+        raise DataError(f"the tokenizer does not turn its EOS text {tokenizer.eos_token!r} into its EOS id {eos_id}; "
+                        "targets would never teach the model to stop.")
+    return out

@@ -1,0 +1,119 @@
+"""Read labeled files (JSONL, JSON, CSV, TSV, Parquet) into plain records.
+
+Each record remembers where it came from (`file:line`), so that every later error about it can
+name the line a user has to fix.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import DataError
+
+SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
+
+
+@dataclass
+class Record:
+    """One row of a labeled file: its fields and where it came from."""
+
+    fields: dict[str, Any]
+    source: str  # "path:line" (line numbers are 1-based; for Parquet and JSON arrays, "path:row N")
+    row: int  # 0-based index of the record in its file
+
+
+def read_records(path: str | Path, column_names: list[str] | None = None) -> list[Record]:
+    """Read every record of a labeled file; the file type comes from its suffix.
+
+    `column_names` names the columns of a CSV/TSV file that has no header row.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data file '{p}' does not exist. Check data.train / data.eval in the config.")
+    kind = SUFFIXES.get(p.suffix.lower())
+    if kind is None:
+        raise DataError(
+            f"data file '{p}' has the suffix '{p.suffix}', which tunelab does not read. "
+            f"Use one of: {', '.join(sorted(SUFFIXES))}."
+        )
+    if kind in ("csv", "tsv"):
+        records = _read_csv(p, column_names)
+    else:
+        if column_names:
+            raise DataError(f"data.column_names applies to CSV/TSV files without a header, not to '{p}'.")
+        records = {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet}[kind](p)
+    if not records:
+        raise DataError(f"data file '{p}' holds no records.")
+    return records
+
+
+def _read_jsonl(p: Path) -> list[Record]:
+    records = []
+    with p.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"{p}:{line_no}: this line is not valid JSON ({exc.msg} at column {exc.colno}). "
+                    "Each line of a .jsonl file must be one JSON object; fix or remove the line."
+                ) from None
+            if not isinstance(value, dict):
+                raise DataError(f"{p}:{line_no}: expected a JSON object ({{...}}), found {type(value).__name__}.")
+            records.append(Record(value, f"{p}:{line_no}", len(records)))
+    return records
+
+
+def _read_json(p: Path) -> list[Record]:
+    try:
+        value = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{p}:{exc.lineno}: the file is not valid JSON ({exc.msg} at column {exc.colno}).") from None
+    if isinstance(value, dict):  # {"data": [...]} or a single column-oriented object is not guessed at
+        lists = [v for v in value.values() if isinstance(v, list)]
+        if len(value) == 1 and lists:
+            value = lists[0]
+    if not isinstance(value, list):
+        raise DataError(f"{p}: a .json data file must hold a list of objects (or use .jsonl, one object per line).")
+    records = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise DataError(f"{p}: row {i}: expected a JSON object, found {type(item).__name__}.")
+        records.append(Record(item, f"{p}:row {i}", i))
+    return records
+
+
+def _read_csv(p: Path, column_names: list[str] | None) -> list[Record]:
+    # TSV is read without quoting (its usual convention: a quote is just a character)
+    tsv = p.suffix.lower() == ".tsv"
+    with p.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, fieldnames=column_names, delimiter="\t" if tsv else ",",
+                                quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+        if not reader.fieldnames:
+            raise DataError(f"{p}: the file has no header row; the first line must name the columns.")
+        records = []
+        for row in reader:
+            line_no = reader.line_num
+            if None in row:
+                raise DataError(
+                    f"{p}:{line_no}: this row has more fields than the header ({len(reader.fieldnames)} columns: "
+                    f"{', '.join(reader.fieldnames)}). Quote fields that contain the delimiter."
+                )
+            records.append(Record(dict(row), f"{p}:{line_no}", len(records)))
+    return records
+
+
+def _read_parquet(p: Path) -> list[Record]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(p)
+    except Exception as exc:  # pyarrow raises several unrelated types for a damaged file
+        raise DataError(f"{p}: cannot read this Parquet file ({exc}).") from None
+    return [Record(row, f"{p}:row {i}", i) for i, row in enumerate(table.to_pylist())]

@@ -1,0 +1,121 @@
+"""Record shapes: detect which one a file holds and turn each row into an `Example`.
+
+Shapes: `prompt_completion` (prompt, completion), `chat` (messages), `instruction` (instruction,
+input, output), `text_label` (text, label) and `text` (plain text, loss on every token). A column
+mapping (`data.columns: {canonical: file_column}`) covers files that use other names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from tunelab.data.read import Record
+from tunelab.errors import DataError
+
+# shape -> (required fields, optional fields, the field that holds the target)
+SHAPES: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
+    "chat": (("messages",), (), "messages"),
+    "prompt_completion": (("prompt", "completion"), (), "completion"),
+    "instruction": (("instruction", "output"), ("input",), "output"),
+    "text_label": (("text", "label"), (), "label"),
+    "text": (("text",), (), "text"),
+}
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Example:
+    """A record in canonical form: `fields` holds the shape's fields as strings (or `messages`)."""
+
+    shape: str
+    fields: dict[str, Any]
+    source: str
+    row: int
+    extra: dict[str, Any] = field(default_factory=dict)  # the record's other columns, for templates
+
+    @property
+    def target(self) -> str:
+        """The text the model should produce (for chat: the last assistant turn)."""
+        if self.shape == "chat":
+            return next(m["content"] for m in reversed(self.fields["messages"]) if m["role"] == "assistant")
+        return self.fields[SHAPES[self.shape][2]]
+
+
+def detect_shape(columns: set[str], where: str) -> str:
+    """The first shape whose required fields are all present."""
+    for shape, (required, _, _) in SHAPES.items():
+        if set(required) <= columns:
+            return shape
+    raise DataError(
+        f"{where}: cannot tell the record shape from the columns {sorted(columns)}. tunelab reads "
+        "prompt/completion, messages, instruction/input/output, text/label or text. Name the columns "
+        "with data.columns (e.g. data.columns: {label: category}) or set data.format."
+    )
+
+
+def _as_text(value: Any, name: str, record: Record) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (str, int, float, bool)):
+        return str(value)
+    raise DataError(f"{record.source}: field '{name}' must be text, found {type(value).__name__}: {str(value)[:80]!r}.")
+
+
+def _messages(value: Any, record: Record) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{record.source}: 'messages' must be a non-empty list of {{role, content}} objects.")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise DataError(f"{record.source}: messages[{i}] must be an object with 'role' and 'content'.")
+        if m["role"] not in ROLES:
+            raise DataError(f"{record.source}: messages[{i}] has role {m['role']!r}; use one of {', '.join(ROLES)}.")
+        out.append({"role": m["role"], "content": _as_text(m["content"], f"messages[{i}].content", record)})
+    if not any(m["role"] == "assistant" for m in out):
+        raise DataError(f"{record.source}: the conversation has no assistant turn, so there is nothing to train on.")
+    empty = [i for i, m in enumerate(out) if m["role"] == "assistant" and not m["content"].strip()]
+    if empty:
+        raise DataError(f"{record.source}: messages[{empty[0]}] is an assistant turn with empty content (an empty target).")
+    return out
+
+
+def to_examples(records: list[Record], shape: str = "auto", columns: dict[str, str] | None = None) -> list[Example]:
+    """Map columns, detect (or check) the shape, and validate every record: no missing or empty target."""
+    columns = columns or {}
+    first = records[0]
+    available = set(first.fields)
+    missing_cols = [f"{canon} <- {col}" for canon, col in columns.items() if col not in available]
+    if missing_cols:
+        raise DataError(
+            f"{first.source}: data.columns maps {', '.join(missing_cols)}, but the file's columns are "
+            f"{sorted(available)}."
+        )
+    mapped = (available - set(columns.values())) | set(columns)
+    if shape == "auto":
+        shape = detect_shape(mapped, first.source)
+    required, optional, target_field = SHAPES[shape]
+    examples = []
+    for rec in records:
+        values = {canon: rec.fields.get(col) for canon, col in columns.items()}
+        values.update({k: v for k, v in rec.fields.items() if k not in values and k not in columns.values()})
+        absent = [name for name in required if name not in values]
+        if absent:
+            raise DataError(
+                f"{rec.source}: the record has no '{absent[0]}' field, which the {shape} shape needs "
+                f"(fields present: {sorted(values)}). Add it, or map a column to it with data.columns."
+            )
+        fields: dict[str, Any] = {}
+        for name in required + optional:
+            if name == "messages":
+                fields[name] = _messages(values[name], rec)
+            else:
+                fields[name] = _as_text(values.get(name), name, rec)
+        if shape != "chat" and not fields[target_field].strip():
+            raise DataError(
+                f"{rec.source}: the target field '{target_field}' is empty. Every example needs an output to "
+                "train on: fill it in or remove the line."
+            )
+        extra = {k: v for k, v in values.items() if k not in fields}
+        examples.append(Example(shape, fields, rec.source, rec.row, extra))
+    return examples

@@ -1,0 +1,188 @@
+"""Render examples into text with the character spans the loss is computed on.
+
+Two renderers: a discrete prompt template (`str.format` over the record's fields, optional few-shot
+demonstrations drawn from the training set with a seed) and the tokenizer's chat template (each
+assistant turn is found by rendering the conversation up to it, so any prefix-stable Jinja
+template works). Every target ends with the tokenizer's EOS token.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from tunelab.config import Template
+from tunelab.data.records import Example
+from tunelab.errors import DataError
+
+ALPACA = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+ALPACA_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
+DEFAULT_TEMPLATES: dict[str, Template] = {
+    "prompt_completion": Template(prompt="{prompt}", target="{completion}"),
+    "instruction": Template(prompt=ALPACA, target="{output}"),
+    "text_label": Template(prompt="{text}\nLabel:", target=" {label}"),
+}
+# Used when a chat record meets a tokenizer that has no chat template of its own. The generation
+# prompt ends before the space that opens the answer, so prompt and answer tokenize apart cleanly.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'user' %}User: {{ m['content'] }}\n"
+    "{% else %}Assistant: {{ m['content'] }}{{ eos_token }}\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+class ChatTokenizer(Protocol):
+    eos_token: str | None
+    chat_template: str | None
+
+    def apply_chat_template(self, conversation: list[dict[str, str]], **kwargs: Any) -> Any: ...
+
+
+@dataclass
+class Rendered:
+    """An example as text; `spans` are the [start, end) character ranges that are trained."""
+
+    text: str
+    spans: list[tuple[int, int]]
+    source: str
+    row: int
+
+    @property
+    def prompt(self) -> str:
+        """Everything before the final target: what generation starts from at evaluation."""
+        return self.text[: self.spans[-1][0]]
+
+    @property
+    def target(self) -> str:
+        return self.text[self.spans[-1][0] : self.spans[-1][1]]
+
+
+@dataclass
+class RenderSpec:
+    """How to render: `mode` is 'template' or 'chat' (or 'auto': chat records use chat, others template)."""
+
+    mode: str = "auto"
+    template: Template | None = None
+    num_shots: int = 0
+    seed: int = 0
+    last_turn_only: bool = False
+    chat_template: str | None = None
+
+
+def _fields(ex: Example) -> dict[str, Any]:
+    values = {**ex.extra, **ex.fields}
+    values.setdefault("target", ex.target)
+    values.setdefault("input", ex.fields.get("prompt", ex.fields.get("text", "")))
+    return values
+
+
+def _format(pattern: str, ex: Example, part: str) -> str:
+    try:
+        return pattern.format_map(_fields(ex))
+    except KeyError as exc:
+        raise DataError(
+            f"{ex.source}: the template's {part} refers to {{{exc.args[0]}}}, but the record has the fields "
+            f"{sorted(_fields(ex))}. Fix strategy.template or map a column with data.columns."
+        ) from None
+    except (ValueError, IndexError) as exc:
+        raise DataError(f"the template's {part} {pattern!r} is not a valid format string ({exc}). "
+                        "Write literal braces as {{ and }}.") from None
+
+
+def template_for(ex: Example, spec: RenderSpec) -> Template:
+    if spec.template is not None:
+        return spec.template
+    if ex.shape == "instruction" and not ex.fields.get("input", "").strip():
+        return Template(prompt=ALPACA_NO_INPUT, target="{output}")
+    return DEFAULT_TEMPLATES[ex.shape]
+
+
+def choose_demos(pool: list[Example], k: int, seed: int, ex: Example) -> list[Example]:
+    """k demonstrations for `ex` from `pool`, never `ex` itself; the same for the same seed and row."""
+    if k == 0:
+        return []
+    candidates = [d for d in pool if not (d.source == ex.source)]
+    if len(candidates) < k:
+        raise DataError(f"strategy.num_shots is {k} but the training data has only {len(candidates)} other examples.")
+    rng = random.Random(f"{seed}:{ex.source}")
+    return rng.sample(candidates, k)
+
+
+def _render_template(ex: Example, spec: RenderSpec, demos: list[Example], eos: str) -> Rendered:
+    if ex.shape == "text":
+        return Rendered(ex.fields["text"] + eos, [(0, len(ex.fields["text"]) + len(eos))], ex.source, ex.row)
+    tpl = template_for(ex, spec)
+    parts = [tpl.instruction] if tpl.instruction else []
+    for d in demos:
+        dt = template_for(d, spec)
+        parts.append(_format(dt.prompt, d, "prompt") + _format(dt.target, d, "target"))
+    parts.append(_format(tpl.prompt, ex, "prompt"))
+    prompt = tpl.demo_separator.join(parts)
+    target = _format(tpl.target, ex, "target")
+    if not target.strip():
+        raise DataError(f"{ex.source}: the target renders as empty text with the template target {tpl.target!r}.")
+    text = prompt + target + eos
+    return Rendered(text, [(len(prompt), len(text))], ex.source, ex.row)
+
+
+def _as_messages(ex: Example, spec: RenderSpec, demos: list[Example]) -> list[dict[str, str]]:
+    if ex.shape == "chat":
+        return ex.fields["messages"]
+    messages = []
+    for d in [*demos, ex]:
+        tpl = template_for(d, spec)
+        messages.append({"role": "user", "content": _format(tpl.prompt, d, "prompt").strip()})
+        messages.append({"role": "assistant", "content": _format(tpl.target, d, "target").strip()})
+    return messages
+
+
+def _render_chat(ex: Example, spec: RenderSpec, tokenizer: ChatTokenizer, demos: list[Example]) -> Rendered:
+    template = spec.chat_template or tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE
+    messages = _as_messages(ex, spec, demos)
+
+    def render(msgs: list[dict[str, str]], generation_prompt: bool) -> str:
+        try:
+            return tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False,
+                                                 add_generation_prompt=generation_prompt)
+        except Exception as exc:  # Jinja raises many types (TemplateError, TypeError, ...)
+            raise DataError(f"{ex.source}: the chat template failed on this conversation: {exc}") from None
+
+    full = render(messages, False)
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if spec.last_turn_only or ex.shape != "chat":
+        turns = turns[-1:]
+    spans = []
+    for i in turns:
+        upto = render(messages[: i + 1], False)
+        start, end = len(render(messages[:i], True)), len(upto)
+        if not full.startswith(upto) or start > end:
+            raise DataError(
+                f"{ex.source}: the chat template renders earlier turns differently once later turns follow, so the "
+                "assistant turns cannot be located. Set data.chat_template to a prefix-stable template."
+            )
+        spans.append((start, end))
+    eos = tokenizer.eos_token or ""
+    # a turn is trained up to and including its EOS, not the template's whitespace after it
+    spans = [(s, s + full[s:e].rindex(eos) + len(eos)) if eos in full[s:e] else (s, e) for s, e in spans]
+    if eos not in full[spans[-1][0] : spans[-1][1]]:  # make the final target end with EOS
+        full = full[: spans[-1][1]] + eos + full[spans[-1][1] :]
+        spans[-1] = (spans[-1][0], spans[-1][1] + len(eos))
+    return Rendered(full, spans, ex.source, ex.row)
+
+
+def render_example(ex: Example, spec: RenderSpec, tokenizer: ChatTokenizer, pool: list[Example] | None = None) -> Rendered:
+    """Render one example; `pool` supplies few-shot demonstrations (the training examples)."""
+    if not tokenizer.eos_token:
+        raise DataError("the tokenizer has no EOS token, so targets cannot be ended: set eos_token in its tokenizer_config.json.")
+    demos = choose_demos(pool or [], spec.num_shots, spec.seed, ex) if spec.num_shots else []
+    use_chat = spec.mode == "chat" or (spec.mode == "auto" and ex.shape == "chat")
+    if ex.shape == "chat" and not use_chat:
+        raise DataError(f"{ex.source}: a chat record (messages) needs data.render: chat or auto, not '{spec.mode}'.")
+    if use_chat and ex.shape == "text":
+        raise DataError(f"{ex.source}: plain text records cannot be rendered with a chat template; set data.render: template.")
+    if use_chat:
+        return _render_chat(ex, spec, tokenizer, demos)
+    return _render_template(ex, spec, demos, tokenizer.eos_token)

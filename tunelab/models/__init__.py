@@ -1,0 +1,1 @@
+"""Loading causal LMs and tokenizers, and converting foreign checkpoints to Hugging Face folders."""

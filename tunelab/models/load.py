@@ -1,0 +1,83 @@
+"""Load a causal LM and its tokenizer from a local Hugging Face folder (or, online, a hub id).
+
+Safe by default: no remote code unless `model.trust_remote_code`, and no pickle weights unless
+`model.allow_pickle`, because unpickling a file can run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from tunelab.config import ModelConfig
+from tunelab.errors import ModelError
+
+log = logging.getLogger(__name__)
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.ckpt", "tf_model.h5")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def check_model_folder(path: str, allow_pickle: bool = False) -> bool:
+    """Validate a local model folder; returns False when `path` is not local (a hub id to pass through)."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        if HUB_ID.match(path) and not path.startswith((".", "/", "~")):
+            return False
+        raise ModelError(f"model folder '{path}' does not exist. Set model.path to a local Hugging Face model folder "
+                         "(with config.json, *.safetensors and tokenizer files).")
+    if not p.is_dir():
+        raise ModelError(f"model.path '{path}' is a file; it must be a folder with config.json, weights and tokenizer files.")
+    if not (p / "config.json").is_file():
+        raise ModelError(f"model folder '{path}' has no config.json, so it is not a Hugging Face model folder. "
+                         "(A llama2.c checkpoint converts with `tunelab convert llama2c MODEL.bin TOKENIZER.bin OUT_DIR`.)")
+    has_safetensors = any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").is_file()
+    has_pickle = any((p / name).is_file() for name in PICKLE_NAMES) or any(p.glob("pytorch_model-*.bin"))
+    if not has_safetensors and has_pickle and not allow_pickle:
+        raise ModelError(f"model folder '{path}' holds only pickle weights (pytorch_model*.bin), and loading a pickle "
+                         "file can run arbitrary code. Convert them to safetensors, or set model.allow_pickle: true "
+                         "if you trust the file.")
+    if not has_safetensors and not has_pickle and not (p / "adapter_config.json").is_file():
+        raise ModelError(f"model folder '{path}' has config.json but no weights file (*.safetensors).")
+    return True
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    check_model_folder(cfg.path, cfg.allow_pickle)
+    try:
+        tok = AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load a tokenizer from '{cfg.path}': {exc}") from None
+    if not getattr(tok, "is_fast", False):
+        raise ModelError(f"the tokenizer in '{cfg.path}' is a slow (Python) tokenizer; tunelab needs a fast one "
+                         "(tokenizer.json) for character offsets.")
+    if tok.eos_token is None:
+        raise ModelError(f"the tokenizer in '{cfg.path}' has no EOS token, so targets cannot end and generation cannot "
+                         "stop. Set \"eos_token\" in its tokenizer_config.json.")
+    return tok
+
+
+def load_model(cfg: ModelConfig, dtype: Any = None) -> Any:
+    """The causal LM in training-ready form (float32 master weights unless `dtype` says otherwise)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    local = check_model_folder(cfg.path, cfg.allow_pickle)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.path, trust_remote_code=cfg.trust_remote_code, dtype=dtype or torch.float32,
+            use_safetensors=None if cfg.allow_pickle or not local else True,
+            attn_implementation=cfg.attn_implementation,
+        )
+    except (OSError, ValueError, ImportError) as exc:
+        raise ModelError(f"cannot load a causal LM from '{cfg.path}': {exc}") from None
+    model.config.use_cache = False
+    return model
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id used to pad batches (its positions are masked, so EOS serves when there is no pad token)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
