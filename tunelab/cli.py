@@ -53,6 +53,13 @@ def cmd_convert_llama2c(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tunelab.demo import run_demo
+
+    run_demo(Path(args.out), steps=args.steps)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunelab", description="Fine-tune a causal LM on labeled examples.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its newest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete the run in output_dir and start again")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="the built-in demo: fine-tune a real tiny model offline")
+    p.add_argument("--out", default="runs/demo", help="where the demo writes its runs")
+    p.add_argument("--steps", type=int, default=300)
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("convert", help="convert a foreign checkpoint to a Hugging Face folder")
     conv = p.add_subparsers(dest="source", required=True)
