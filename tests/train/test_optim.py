@@ -1,0 +1,66 @@
+"""The learning-rate schedule, the decay groups, and run-length settings."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.conftest import VARIED_ROWS, config_tree, write_jsonl
+from tunelab.config import TrainConfig, validate_config
+from tunelab.train import loop
+from tunelab.train.metrics import read_metrics
+from tunelab.train.optim import build_optimizer, build_scheduler, lr_factor
+
+
+def test_warmup_then_cosine_reaches_the_floor():
+    cfg = TrainConfig(max_steps=12, warmup_steps=2, schedule="cosine", min_lr_ratio=0.1)
+    f = [lr_factor(s, 12, cfg) for s in range(12)]
+    assert f[:2] == [1 / 3, 2 / 3]
+    assert f[2] == 1.0 and f[-1] == pytest.approx(0.1)
+    # step 5 is 3 of the 9 decay intervals in: 0.1 + 0.9 * (1 + cos(pi/3)) / 2
+    assert f[5] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 3 / 9)))
+    assert all(a >= b for a, b in zip(f[2:], f[3:]))
+
+
+def test_linear_and_constant():
+    lin = TrainConfig(max_steps=5, schedule="linear")
+    assert [lr_factor(s, 5, lin) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    const = TrainConfig(max_steps=5, schedule="constant", warmup_steps=1)
+    assert [lr_factor(s, 5, const) for s in range(5)] == [0.5, 1.0, 1.0, 1.0, 1.0]
+
+
+def test_no_weight_decay_on_biases_and_norms():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    opt = build_optimizer(model, TrainConfig(max_steps=1, weight_decay=0.1), torch.device("cpu"))
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] for p in g["params"]}
+    assert decayed == {id(model[0].weight)}
+    cfg = TrainConfig(max_steps=10, learning_rate=0.5, schedule="linear")
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    sched = build_scheduler(opt, 10, cfg)
+    assert sched.get_last_lr() == [0.5, 0.5]
+    opt.step()
+    sched.step()
+    assert sched.get_last_lr() == pytest.approx([0.5 * 8 / 9] * 2)
+
+
+def test_epochs_set_the_number_of_steps(tmp_path, stories260k):
+    train_file = write_jsonl(tmp_path / "t.jsonl", VARIED_ROWS)  # 24 examples
+    tree = config_tree(stories260k, train_file, tmp_path / "run", train={"max_steps": None, "epochs": 1.5,
+                                                                       "batch_size": 4, "grad_accum": 2})
+    result = loop.train(validate_config(tree))
+    rows = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if r["type"] == "train"]
+    assert result.steps == 5 == len(rows)  # ceil(1.5 * 24 / 8)
+    assert rows[-1]["epoch"] == pytest.approx(40 / 24, abs=1e-3)
+
+
+def test_bf16_autocast_on_cpu_trains_close_to_fp32(tmp_path, stories260k):
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        tree = config_tree(stories260k, write_jsonl(tmp_path / "t.jsonl", VARIED_ROWS), tmp_path / precision,
+                           train={"max_steps": 2, "precision": precision})
+        result = loop.train(validate_config(tree))
+        losses[precision] = [r["loss"] for r in read_metrics(result.run_dir / "metrics.jsonl") if r["type"] == "train"]
+    assert losses["bf16"] != losses["fp32"]  # it really ran in bf16
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.02)
