@@ -24,7 +24,8 @@ class ModelConfig(_Section):
     path: str
     trust_remote_code: bool = False
     allow_pickle: bool = False
-    attn_implementation: str = "sdpa"
+    # auto: sdpa on the CPU; on CUDA flash_attention_2 when flash-attn is installed, else sdpa
+    attn_implementation: str = "auto"
 
 
 class Template(_Section):
@@ -68,8 +69,13 @@ class TrainConfig(_Section):
     max_steps: int | None = Field(default=None, ge=1)
     epochs: float | None = Field(default=None, gt=0.0)
     learning_rate: float = Field(default=2e-5, gt=0.0)
-    batch_size: int = Field(default=8, ge=1)
+    batch_size: int = Field(default=8, ge=1)  # examples per micro-batch (padded batching)
     grad_accum: int = Field(default=1, ge=1)
+    # token-budget batching: examples packed into rows of data.max_length (best-fit-decreasing)
+    tokens_per_step: int | None = Field(default=None, ge=1)
+    tokens_per_micro_batch: int | None = Field(default=None, ge=1)  # default: tokens_per_step
+    compile: Literal["auto", "on", "off"] = "auto"  # auto: on for CUDA, off on the CPU
+    activation_checkpointing: bool = False
     weight_decay: float = Field(default=0.0, ge=0.0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = Field(default=1e-8, gt=0.0)
@@ -113,6 +119,17 @@ class Config(_Section):
             raise ValueError("train.eval_every is set but there is no eval data: set data.eval or data.eval_fraction")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite are both set: choose one")
+        t, n = self.train, self.data.max_length
+        if t.tokens_per_micro_batch is not None and t.tokens_per_step is None:
+            raise ValueError("train.tokens_per_micro_batch needs train.tokens_per_step")
+        if t.tokens_per_step is not None:
+            micro = t.tokens_per_micro_batch or t.tokens_per_step
+            if micro < n:
+                raise ValueError(f"train.tokens_per_micro_batch ({micro}) must be at least data.max_length ({n}): "
+                                 "a micro-batch holds whole rows of data.max_length tokens")
+            if t.tokens_per_step % micro:
+                raise ValueError(f"train.tokens_per_step ({t.tokens_per_step}) must be a multiple of "
+                                 f"train.tokens_per_micro_batch ({micro})")
         return self
 
 

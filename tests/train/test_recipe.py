@@ -103,3 +103,41 @@ def test_run_directory_and_final_model(tmp_path, stories260k):
     base.load_state_dict(load_file(str(result.run_dir / "checkpoints" / "step-4" / "trainable.safetensors")),
                          strict=False)
     torch.testing.assert_close(model(ids).logits, base(ids).logits)
+
+
+def test_packed_run_resumes_exactly(tmp_path, stories260k, monkeypatch):
+    sections = {"data": {"max_length": 192}, "train": {"max_steps": 4, "save_every": 2, "tokens_per_step": 768,
+                                                       "tokens_per_micro_batch": 384}}
+    whole = run(tmp_path, stories260k, "whole", **sections)
+    rows = train_rows(whole)
+    assert all(384 < r["num_tokens"] <= 768 for r in rows)  # two rows of 192 per micro-batch hold several examples
+    real_save = loop.save_checkpoint
+
+    def crash_after_step_2(run_dir, step, *args, **kwargs):
+        real_save(run_dir, step, *args, **kwargs)
+        if step == 2:
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(loop, "save_checkpoint", crash_after_step_2)
+    with pytest.raises(RuntimeError):
+        run(tmp_path, stories260k, "resumed", **sections)
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    resumed = run(tmp_path, stories260k, "resumed", resume=True, **sections)
+    assert [r["loss"] for r in train_rows(resumed)] == [r["loss"] for r in rows]
+    assert all(torch.equal(x, final_weights(resumed)[k]) for k, x in final_weights(whole).items())
+
+
+def test_activation_checkpointing_takes_the_same_step(tmp_path, stories260k):
+    plain = run(tmp_path, stories260k, "plain", train={"max_steps": 1, "batch_size": 6})
+    ckpt = run(tmp_path, stories260k, "ckpt", train={"max_steps": 1, "batch_size": 6, "activation_checkpointing": True})
+    assert train_rows(plain)[0]["loss"] == pytest.approx(train_rows(ckpt)[0]["loss"], rel=1e-6)
+    for name, w in final_weights(plain).items():
+        torch.testing.assert_close(final_weights(ckpt)[name], w, msg=name)
+
+
+@pytest.mark.slow
+def test_compiled_decoder_matches_eager(tmp_path, stories260k):
+    eager = run(tmp_path, stories260k, "eager", train={"max_steps": 2, "batch_size": 4, "compile": "off"})
+    compiled = run(tmp_path, stories260k, "compiled", train={"max_steps": 2, "batch_size": 4, "compile": "on"})
+    assert [r["loss"] for r in train_rows(compiled)] == pytest.approx([r["loss"] for r in train_rows(eager)], rel=1e-4)
+    assert sorted(final_weights(compiled)) == sorted(final_weights(eager))  # no _orig_mod. prefixes

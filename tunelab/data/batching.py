@@ -1,14 +1,22 @@
-"""Batches of encoded examples, in a seeded order that can be resumed mid-epoch."""
+"""Batches of encoded examples, in a seeded order that can be resumed mid-epoch.
+
+Two batchings: padded (a fixed number of examples per micro-batch, right-padded) and packed
+(examples packed by best-fit-decreasing into rows of `max_length` tokens, each example with its
+own restarting position ids so that attention never crosses from one example to another).
+"""
 
 from __future__ import annotations
 
+import bisect
 import random
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
 from tunelab.data.encode import IGNORE, Encoded
+
+Unit = list[int]  # the example indices of one batch row: one example (padded) or several (packed)
 
 
 def pad_collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
@@ -25,6 +33,60 @@ def pad_collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def packed_collate(rows: list[list[Encoded]], pad_id: int, row_length: int) -> dict[str, torch.Tensor]:
+    """Rows of packed examples, each padded to `row_length`. Returns input_ids, labels, position_ids.
+
+    Positions restart at 0 for every example (and for the padding at the end of a row), which is
+    how transformers recognises packed sequences and builds a block-diagonal causal mask. An
+    example's first label is ignored: nothing of its own precedes it.
+    """
+    ids = torch.full((len(rows), row_length), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), row_length), IGNORE, dtype=torch.long)
+    positions = torch.zeros((len(rows), row_length), dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for e in row:
+            n = len(e.input_ids)
+            ids[r, start : start + n] = torch.tensor(e.input_ids)
+            labels[r, start + 1 : start + n] = torch.tensor(e.labels[1:])
+            positions[r, start : start + n] = torch.arange(n)
+            start += n
+        assert start <= row_length, "a packed row overflows its length"
+        positions[r, start:] = torch.arange(row_length - start)
+    return {"input_ids": ids, "labels": labels, "position_ids": positions}
+
+
+def pack_best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Best-fit-decreasing: group indices into bins of total length <= capacity.
+
+    Longest first, each into the open bin with the least room that still fits it. Equal lengths
+    keep their input order, so shuffling the input varies the bins from epoch to epoch.
+    """
+    bins: list[list[int]] = []
+    by_room: dict[int, list[int]] = {}  # remaining room -> bins with exactly that room
+    rooms: list[int] = []  # sorted distinct rooms that have at least one bin
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        n = lengths[i]
+        if n > capacity:
+            raise ValueError(f"an example of {n} tokens cannot be packed into rows of {capacity}")
+        k = bisect.bisect_left(rooms, n)
+        if k < len(rooms):
+            room = rooms[k]
+            b = by_room[room].pop()
+            if not by_room[room]:
+                rooms.pop(k)
+        else:
+            room, b = capacity, len(bins)
+            bins.append([])
+        bins[b].append(i)
+        left = room - n
+        if not by_room.get(left):
+            bisect.insort(rooms, left)
+            by_room[left] = []
+        by_room[left].append(b)
+    return bins
+
+
 def count_label_tokens(labels: torch.Tensor) -> int:
     """Tokens the shifted loss counts in a (batch, seq) label tensor."""
     return int((labels[:, 1:] != IGNORE).sum())
@@ -32,41 +94,60 @@ def count_label_tokens(labels: torch.Tensor) -> int:
 
 @dataclass
 class DataPosition:
-    """Where the stream of examples stands: the epoch and the index within its shuffled order."""
+    """Where the stream stands: the epoch and the index of the next unit in its order."""
 
     epoch: int = 0
     index: int = 0
 
 
-class ExampleStream:
-    """An endless, per-epoch reshuffled stream of example indices; `position` makes it resumable."""
+class UnitStream:
+    """An endless stream of batch rows, re-ordered every epoch by a seeded function; resumable."""
 
-    def __init__(self, num_examples: int, seed: int, shuffle: bool = True):
-        self.num_examples = num_examples
-        self.seed = seed
-        self.shuffle = shuffle
+    def __init__(self, epoch_units: Callable[[int], list[Unit]]):
+        self.epoch_units = epoch_units
         self.position = DataPosition()
+        self._cache: tuple[int, list[Unit]] | None = None
 
-    def order(self, epoch: int) -> list[int]:
-        idx = list(range(self.num_examples))
-        if self.shuffle:
-            random.Random(self.seed * 100_003 + epoch).shuffle(idx)
-        return idx
+    def units(self, epoch: int) -> list[Unit]:
+        if self._cache is None or self._cache[0] != epoch:
+            self._cache = (epoch, self.epoch_units(epoch))
+        return self._cache[1]
 
-    def take(self, n: int) -> list[int]:
-        """The next n indices, moving into the next epoch when this one runs out."""
-        out: list[int] = []
+    def take(self, n: int) -> list[Unit]:
+        """The next n units, moving into the next epoch when this one runs out."""
+        out: list[Unit] = []
         while len(out) < n:
-            order = self.order(self.position.epoch)
-            chunk = order[self.position.index : self.position.index + n - len(out)]
+            units = self.units(self.position.epoch)
+            chunk = units[self.position.index : self.position.index + n - len(out)]
             out.extend(chunk)
             self.position.index += len(chunk)
-            if self.position.index >= self.num_examples:
+            if self.position.index >= len(units):
                 self.position = DataPosition(self.position.epoch + 1, 0)
         return out
 
     def epochs_done(self) -> float:
-        return self.position.epoch + self.position.index / self.num_examples
+        return self.position.epoch + self.position.index / len(self.units(self.position.epoch))
+
+
+def shuffled_examples(num_examples: int, seed: int) -> Callable[[int], list[Unit]]:
+    """Padded batching: every example is its own row, in a fresh seeded order each epoch."""
+    def units(epoch: int) -> list[Unit]:
+        order = list(range(num_examples))
+        random.Random(seed * 100_003 + epoch).shuffle(order)
+        return [[i] for i in order]
+    return units
+
+
+def packed_rows(lengths: list[int], capacity: int, seed: int) -> Callable[[int], list[Unit]]:
+    """Packed batching: each epoch shuffles the examples, packs them best-fit-decreasing, shuffles the rows."""
+    def units(epoch: int) -> list[Unit]:
+        rng = random.Random(seed * 100_003 + epoch)
+        order = list(range(len(lengths)))
+        rng.shuffle(order)
+        rows = [[order[j] for j in b] for b in pack_best_fit([lengths[i] for i in order], capacity)]
+        rng.shuffle(rows)
+        return rows
+    return units
 
 
 def eval_batches(examples: list[Encoded], batch_size: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:

@@ -60,7 +60,23 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     return tok
 
 
-def load_model(cfg: ModelConfig, dtype: Any = None) -> Any:
+def attention_implementation(requested: str, device_type: str) -> str:
+    """`auto`: a variable-length kernel (flash-attn) on CUDA where installed, else PyTorch's SDPA.
+
+    Packed rows are kept apart on every path: transformers turns restarting position ids into a
+    block-diagonal causal mask for SDPA and flex attention, and into cu_seqlens for flash-attn.
+    """
+    if requested != "auto":
+        return requested
+    if device_type == "cuda":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2"
+    return "sdpa"
+
+
+def load_model(cfg: ModelConfig, dtype: Any = None, device_type: str = "cpu") -> Any:
     """The causal LM in training-ready form (float32 master weights unless `dtype` says otherwise)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -70,7 +86,7 @@ def load_model(cfg: ModelConfig, dtype: Any = None) -> Any:
         model = AutoModelForCausalLM.from_pretrained(
             cfg.path, trust_remote_code=cfg.trust_remote_code, dtype=dtype or torch.float32,
             use_safetensors=None if cfg.allow_pickle or not local else True,
-            attn_implementation=cfg.attn_implementation,
+            attn_implementation=attention_implementation(cfg.attn_implementation, device_type),
         )
     except (OSError, ValueError, ImportError) as exc:
         raise ModelError(f"cannot load a causal LM from '{cfg.path}': {exc}") from None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -19,11 +18,12 @@ from typing import Any
 import torch
 
 from tunelab.config import Config, TrainConfig
-from tunelab.data.batching import ExampleStream, DataPosition, count_label_tokens, pad_collate
+from tunelab.data.batching import DataPosition, count_label_tokens
 from tunelab.data.dataset import load_datasets
 from tunelab.data.render import RenderSpec
 from tunelab.models.load import load_model, load_tokenizer, pad_token_id
 from tunelab.strategies import apply_strategy, count_parameters
+from tunelab.train.batches import make_batch_plan, total_steps
 from tunelab.train.checkpoint import atomic_dir, list_checkpoints, load_checkpoint, save_checkpoint
 from tunelab.train.eval_loss import evaluate_loss
 from tunelab.train.loss import causal_lm_loss
@@ -65,12 +65,6 @@ def render_spec(cfg: Config) -> RenderSpec:
                       seed=cfg.train.seed, last_turn_only=cfg.data.last_turn_only, chat_template=cfg.data.chat_template)
 
 
-def total_steps(cfg: TrainConfig, num_examples: int) -> int:
-    if cfg.max_steps is not None:
-        return cfg.max_steps
-    return max(1, math.ceil(cfg.epochs * num_examples / (cfg.batch_size * cfg.grad_accum)))
-
-
 def save_final(run_dir: Path, model: Any, tokenizer: Any) -> Path:
     """final/: a Hugging Face folder that plain `from_pretrained` loads (written atomically)."""
     def write(tmp: Path) -> None:
@@ -94,7 +88,7 @@ def train(cfg: Config) -> TrainResult:
     train_split, eval_split = load_datasets(cfg.data, render_spec(cfg), tokenizer, cfg.train.seed)
     train_set, eval_set = train_split.encoded, eval_split.encoded if eval_split else None
     pad_id = pad_token_id(tokenizer)
-    model = load_model(cfg.model)
+    model = load_model(cfg.model, device_type=device.type)
 
     # 2. the run directory
     run_dir = open_run_dir(cfg)
@@ -103,22 +97,26 @@ def train(cfg: Config) -> TrainResult:
     logging.getLogger("tunelab").addHandler(file_log)
     log.info("train data: %s", train_split.stats.summary())
 
-    # 3. strategy: decide what trains
+    # 3. strategy: decide what trains; speed options
     model = apply_strategy(model, cfg.strategy).to(device)
     model.train()
+    if cfg.train.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda"):
+        model.get_decoder().compile()  # in place: parameter names (and checkpoints) stay the same
     params = count_parameters(model)
     log.info("%s on %s (%s)", params.summary(), device, "bf16 autocast" if amp_dtype else "fp32")
 
-    # 4. optimizer, schedule, data stream; restore all of them when resuming
-    steps = total_steps(cfg.train, len(train_set))
+    # 4. batches, optimizer, schedule; restore all of them when resuming
+    plan = make_batch_plan(cfg, train_set, pad_id)
+    steps = total_steps(cfg, plan)
     optimizer = build_optimizer(model, cfg.train, device)
     scheduler = build_scheduler(optimizer, steps, cfg.train)
-    stream = ExampleStream(len(train_set), cfg.train.seed)
     start_step = 0
     checkpoints = list_checkpoints(run_dir) if cfg.resume else []
     if checkpoints:
         state = load_checkpoint(checkpoints[-1], model, optimizer, scheduler)
-        start_step, stream.position = state["step"], DataPosition(**state["data_position"])
+        start_step, plan.stream.position = state["step"], DataPosition(**state["data_position"])
         log.info("resumed from %s (step %d)", checkpoints[-1], start_step)
     elif cfg.resume:
         log.info("no complete checkpoint in %s: starting from step 0", run_dir)
@@ -141,12 +139,11 @@ def train(cfg: Config) -> TrainResult:
     try:
         for step in range(start_step + 1, steps + 1):
             t0 = time.perf_counter()
-            micro_batches = [pad_collate([train_set[i] for i in stream.take(cfg.train.batch_size)], pad_id)
-                             for _ in range(cfg.train.grad_accum)]
-            num_label_tokens = sum(count_label_tokens(mb["labels"]) for mb in micro_batches)
-            num_tokens = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
+            micro_batches = plan.next_step()
+            num_label_tokens = sum(count_label_tokens(mb["labels"]) for mb, _ in micro_batches)
+            num_tokens = sum(n for _, n in micro_batches)
             loss_sum = 0.0
-            for mb in micro_batches:
+            for mb, _ in micro_batches:
                 mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
                 with autocast():
                     out = causal_lm_loss(model, mb)
@@ -162,14 +159,14 @@ def train(cfg: Config) -> TrainResult:
             seconds = time.perf_counter() - t0
             row = {"type": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                    "num_tokens": num_tokens, "num_label_tokens": num_label_tokens,
-                   "tokens_per_s": num_tokens / seconds, "epoch": round(stream.epochs_done(), 4), "seconds": seconds}
+                   "tokens_per_s": num_tokens / seconds, "epoch": round(plan.stream.epochs_done(), 4), "seconds": seconds}
             if step % cfg.train.log_every == 0 or step == steps:
                 metrics.write(row)
             progress.update(row)
             if eval_set and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == steps):
                 eval_result = run_eval(step)
             if cfg.train.save_every and step % cfg.train.save_every == 0:
-                state = {"data_position": vars(stream.position), "loss": loss}
+                state = {"data_position": vars(plan.stream.position), "loss": loss}
                 save_checkpoint(run_dir, step, model, optimizer, scheduler, state, cfg.train.keep_checkpoints)
     except KeyboardInterrupt:
         done = list_checkpoints(run_dir)
