@@ -41,7 +41,7 @@ class DataConfig(_Section):
     train: str
     eval: str | None = None
     eval_fraction: float | None = Field(default=None, gt=0.0, lt=1.0)
-    format: Literal["auto", "prompt_completion", "chat", "instruction", "text_label", "text"] = "auto"
+    format: Literal["auto", "prompt_completion", "chat", "instruction", "text_label", "text", "tokenized"] = "auto"
     columns: dict[str, str] = Field(default_factory=dict)  # canonical name -> the file's column
     column_names: list[str] | None = None  # names for the columns of a CSV/TSV without a header row
     max_length: int = Field(default=512, ge=2)

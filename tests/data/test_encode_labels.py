@@ -111,3 +111,18 @@ def test_truncation_policies(tokenizer):
     # a target longer than max_length keeps its start and is counted as cut
     _, _, (enc,), stats = _encode([{"prompt": "hi", "completion": " long" * 50}], tokenizer, max_length=16)
     assert len(enc.input_ids) == 16 and stats.targets_truncated == 1
+
+
+def test_pretokenized_records_are_used_as_given():
+    from tunelab.data.encode import encode_pretokenized
+
+    rows = [{"prompt_ids": [5, 6, 7, 8], "completion_ids": [9, 10]}, {"prompt_ids": [11] * 20, "completion_ids": [12, 2]}]
+    examples = to_examples([Record(r, f"t:{i + 1}", i) for i, r in enumerate(rows)])
+    assert examples[0].shape == "tokenized"
+    stats = EncodeStats()
+    first, second = encode_pretokenized(examples, max_length=8, stats=stats)
+    assert first.input_ids == [5, 6, 7, 8, 9, 10] and first.labels == [IGNORE] * 4 + [9, 10]
+    assert second.input_ids == [11] * 6 + [12, 2] and second.labels[-2:] == [12, 2]  # prompt cut from the left
+    assert stats.prompts_truncated == 1 and stats.num_label_tokens == 4
+    with pytest.raises(Exception, match="t:1: field 'completion_ids' must be a list of non-negative token ids"):
+        to_examples([Record({"prompt_ids": [1], "completion_ids": ["a"]}, "t:1", 0)])

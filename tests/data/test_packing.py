@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from tests.data.test_encode_labels import _encode
 from tunelab.data.batching import UnitStream, count_label_tokens, pack_best_fit, packed_collate, packed_rows, pad_collate
+from tunelab.models.attention import packed_inputs
 from tunelab.train.loss import causal_lm_loss
 
 ROWS = [
@@ -54,8 +55,18 @@ def _packed_and_padded(tokenizer):
     return encoded, bins, packed, padded
 
 
-def test_packed_and_padded_batches_give_the_same_loss_and_gradients(stories260k, tokenizer):
-    model = AutoModelForCausalLM.from_pretrained(stories260k)
+ATTENTION = ["tunelab_varlen", "sdpa", "eager"]
+
+
+def _model(path, attn):
+    import tunelab.models.attention  # noqa: F401  (registers tunelab_varlen)
+
+    return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn)
+
+
+@pytest.mark.parametrize("attn", ATTENTION)
+def test_packed_and_padded_batches_give_the_same_loss_and_gradients(stories260k, tokenizer, attn):
+    model = _model(stories260k, attn)
     _, _, packed, padded = _packed_and_padded(tokenizer)
     assert count_label_tokens(packed["labels"]) == count_label_tokens(padded["labels"])
     results = []
@@ -70,17 +81,18 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients(stories260k,
         torch.testing.assert_close(grads_pack[name], grad, msg=name)
 
 
-def test_changing_one_packed_example_leaves_the_others_unchanged(stories260k, tokenizer):
-    model = AutoModelForCausalLM.from_pretrained(stories260k)
+@pytest.mark.parametrize("attn", ATTENTION)
+def test_changing_one_packed_example_leaves_the_others_unchanged(stories260k, tokenizer, attn):
+    model = _model(stories260k, attn)
     encoded, bins, packed, _ = _packed_and_padded(tokenizer)
     row = next(r for r, b in enumerate(bins) if len(b) >= 2)
     spans, start = [], 0
     for i in bins[row]:
         spans.append((start, start + len(encoded[i].input_ids)))
         start += len(encoded[i].input_ids)
-    # use_cache=False: transformers reads packed position ids only when no KV cache is built (as in training)
-    inputs = {"input_ids": packed["input_ids"][row : row + 1], "position_ids": packed["position_ids"][row : row + 1],
-              "use_cache": False}
+    # the model inputs exactly as the training loss builds them for this attention implementation
+    # (use_cache=False: transformers reads packed position ids only when no KV cache is built)
+    inputs = {**packed_inputs({k: v[row : row + 1] for k, v in packed.items()}, attn), "use_cache": False}
     before = model(**inputs).logits
     changed = inputs["input_ids"].clone()
     s, e = spans[0]

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tunelab.config import DataConfig
-from tunelab.data.encode import EncodeStats, Encoded, encode_examples
+from tunelab.data.encode import EncodeStats, Encoded, encode_examples, encode_pretokenized
 from tunelab.data.read import read_records
 from tunelab.data.records import Example, to_examples
 from tunelab.data.render import Rendered, RenderSpec, render_example
@@ -48,8 +48,10 @@ def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[lis
 
 def prepare_split(examples: list[Example], spec: RenderSpec, tokenizer: Any, cfg: DataConfig,
                   pool: list[Example]) -> Split:
-    rendered = [render_example(ex, spec, tokenizer, pool) for ex in examples]
     stats = EncodeStats()
+    if examples and examples[0].shape == "tokenized":
+        return Split(examples, [], encode_pretokenized(examples, cfg.max_length, cfg.truncation, stats), stats)
+    rendered = [render_example(ex, spec, tokenizer, pool) for ex in examples]
     encoded = encode_examples(rendered, tokenizer, cfg.max_length, cfg.truncation, stats)
     return Split(examples, rendered, encoded, stats)
 

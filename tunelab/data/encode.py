@@ -80,6 +80,38 @@ def _truncate(ids: list[int], trained: list[bool], max_length: int, keep_first: 
     return ids[:max_length], trained[:max_length], cut_prompt > 0, cut_target
 
 
+def fit_length(ids: list[int], trained: list[bool], source: str, row: int, max_length: int, truncation: str,
+               bos_id: int | None, stats: EncodeStats) -> Encoded | None:
+    """Apply the length policy to one tokenized example; None when the policy drops it."""
+    if len(ids) > max_length:
+        if truncation == "error":
+            raise DataError(f"{source}: the example is {len(ids)} tokens, longer than data.max_length={max_length}. "
+                            "Raise data.max_length, or set data.truncation: left (cut the prompt) or drop.")
+        if truncation == "drop":
+            stats.dropped += 1
+            stats.dropped_sources.append(source)
+            return None
+        if truncation == "right":
+            cut_prompt, cut_target = False, True
+            ids, trained = ids[:max_length], trained[:max_length]
+        else:
+            keep_first = int(bos_id is not None and ids[:1] == [bos_id])
+            ids, trained, cut_prompt, cut_target = _truncate(ids, trained, max_length, keep_first)
+        stats.prompts_truncated += cut_prompt
+        stats.targets_truncated += cut_target
+        if not any(trained[1:]):
+            raise DataError(f"{source}: after truncation to data.max_length={max_length} ({truncation}) no target "
+                            "token is left. Raise data.max_length, or set data.truncation: left (cut the prompt) "
+                            "or drop.")
+    enc = Encoded(list(ids), [t if hit else IGNORE for t, hit in zip(ids, trained)], source, row)
+    if enc.num_label_tokens == 0:
+        raise DataError(f"{source}: the example has no target token after its first position; nothing to train on.")
+    stats.num_examples += 1
+    stats.num_tokens += len(ids)
+    stats.num_label_tokens += enc.num_label_tokens
+    return enc
+
+
 def encode_examples(rendered: list[Rendered], tokenizer: Any, max_length: int, truncation: str = "left",
                     stats: EncodeStats | None = None) -> list[Encoded]:
     """Tokenize a list of rendered examples; `truncation` is 'left', 'right', 'drop' or 'error'."""
@@ -90,43 +122,31 @@ def encode_examples(rendered: list[Rendered], tokenizer: Any, max_length: int, t
     batch = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     out = []
     for r, ids, offsets, delta in zip(rendered, batch["input_ids"], batch["offset_mapping"], shift):
-        spans = [(s + delta, e + delta) for s, e in r.spans]
-        trained, boundary = _label_tokens(offsets, spans)
+        trained, boundary = _label_tokens(offsets, [(s + delta, e + delta) for s, e in r.spans])
         stats.boundary_tokens += boundary
         if not any(trained):
             raise DataError(f"{r.source}: the target has no token of its own after tokenization (the prompt's last "
                             "token swallows it). End the template's prompt with a separator such as ':' or a newline.")
-        if len(ids) > max_length:
-            if truncation == "error":
-                raise DataError(f"{r.source}: the example is {len(ids)} tokens, longer than data.max_length={max_length}. "
-                                "Raise data.max_length, or set data.truncation: left (cut the prompt) or drop.")
-            keep_first = int(tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id])
-            if truncation == "drop":
-                stats.dropped += 1
-                stats.dropped_sources.append(r.source)
-                continue
-            if truncation == "right":
-                cut_prompt, cut_target = False, True
-                ids, trained = ids[:max_length], trained[:max_length]
-            else:
-                ids, trained, cut_prompt, cut_target = _truncate(ids, trained, max_length, keep_first)
-            stats.prompts_truncated += cut_prompt
-            stats.targets_truncated += cut_target
-            if not any(trained[1:]):
-                raise DataError(f"{r.source}: after truncation to data.max_length={max_length} ({truncation}) no target "
-                                "token is left. Raise data.max_length, or set data.truncation: left (cut the prompt) "
-                                "or drop.")
-        labels = [t if hit else IGNORE for t, hit in zip(ids, trained)]
-        enc = Encoded(list(ids), labels, r.source, r.row)
-        if enc.num_label_tokens == 0:
-            raise DataError(f"{r.source}: the example has no target token after its first position; nothing to train on.")
-        stats.num_examples += 1
-        stats.num_tokens += len(ids)
-        stats.num_label_tokens += enc.num_label_tokens
-        out.append(enc)
+        enc = fit_length(ids, trained, r.source, r.row, max_length, truncation, tokenizer.bos_token_id, stats)
+        if enc is not None:
+            out.append(enc)
     eos_id = tokenizer.eos_token_id
     missing_eos = [e.source for e in out if eos_id not in e.labels]
     if out and len(missing_eos) == len(out) and stats.targets_truncated < len(out):
         raise DataError(f"the tokenizer does not turn its EOS text {tokenizer.eos_token!r} into its EOS id {eos_id}; "
                         "targets would never teach the model to stop.")
+    return out
+
+
+def encode_pretokenized(examples: list[Any], max_length: int, truncation: str = "left",
+                        stats: EncodeStats | None = None) -> list[Encoded]:
+    """Examples of the `tokenized` shape: prompt_ids + completion_ids as given (no BOS or EOS is added)."""
+    stats = stats if stats is not None else EncodeStats()
+    out = []
+    for ex in examples:
+        prompt, completion = ex.fields["prompt_ids"], ex.fields["completion_ids"]
+        enc = fit_length(prompt + completion, [False] * len(prompt) + [True] * len(completion), ex.source, ex.row,
+                         max_length, truncation, None, stats)
+        if enc is not None:
+            out.append(enc)
     return out

@@ -1,7 +1,8 @@
 """Record shapes: detect which one a file holds and turn each row into an `Example`.
 
 Shapes: `prompt_completion` (prompt, completion), `chat` (messages), `instruction` (instruction,
-input, output), `text_label` (text, label) and `text` (plain text, loss on every token). A column
+input, output), `text_label` (text, label), `text` (plain text, loss on every token) and
+`tokenized` (prompt_ids, completion_ids: token ids used as given). A column
 mapping (`data.columns: {canonical: file_column}`) covers files that use other names.
 """
 
@@ -20,6 +21,7 @@ SHAPES: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
     "instruction": (("instruction", "output"), ("input",), "output"),
     "text_label": (("text", "label"), (), "label"),
     "text": (("text",), (), "text"),
+    "tokenized": (("prompt_ids", "completion_ids"), (), "completion_ids"),
 }
 ROLES = ("system", "user", "assistant")
 
@@ -60,6 +62,12 @@ def _as_text(value: Any, name: str, record: Record) -> str:
     if isinstance(value, (str, int, float, bool)):
         return str(value)
     raise DataError(f"{record.source}: field '{name}' must be text, found {type(value).__name__}: {str(value)[:80]!r}.")
+
+
+def _token_ids(value: Any, name: str, record: Record) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(t, int) and t >= 0 for t in value):
+        raise DataError(f"{record.source}: field '{name}' must be a list of non-negative token ids.")
+    return value
 
 
 def _messages(value: Any, record: Record) -> list[dict[str, str]]:
@@ -109,9 +117,11 @@ def to_examples(records: list[Record], shape: str = "auto", columns: dict[str, s
         for name in required + optional:
             if name == "messages":
                 fields[name] = _messages(values[name], rec)
+            elif shape == "tokenized":
+                fields[name] = _token_ids(values[name], name, rec)
             else:
                 fields[name] = _as_text(values.get(name), name, rec)
-        if shape != "chat" and not fields[target_field].strip():
+        if shape != "chat" and not (fields[target_field].strip() if shape != "tokenized" else fields[target_field]):
             raise DataError(
                 f"{rec.source}: the target field '{target_field}' is empty. Every example needs an output to "
                 "train on: fill it in or remove the line."

@@ -61,11 +61,14 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
 
 
 def attention_implementation(requested: str, device_type: str) -> str:
-    """`auto`: a variable-length kernel (flash-attn) on CUDA where installed, else PyTorch's SDPA.
+    """`auto`: flash-attn's variable-length kernel on CUDA where installed, else tunelab's varlen SDPA.
 
-    Packed rows are kept apart on every path: transformers turns restarting position ids into a
-    block-diagonal causal mask for SDPA and flex attention, and into cu_seqlens for flash-attn.
+    Packed rows are kept apart on every path: `tunelab_varlen` runs SDPA per packed example,
+    flash-attn reads the example bounds from the restarting position ids, and for `sdpa`,
+    `eager` or `flex_attention` transformers builds a block-diagonal causal mask from them.
     """
+    from tunelab.models.attention import VARLEN
+
     if requested != "auto":
         return requested
     if device_type == "cuda":
@@ -73,7 +76,7 @@ def attention_implementation(requested: str, device_type: str) -> str:
 
         if importlib.util.find_spec("flash_attn") is not None:
             return "flash_attention_2"
-    return "sdpa"
+    return VARLEN
 
 
 def load_model(cfg: ModelConfig, dtype: Any = None, device_type: str = "cpu") -> Any:

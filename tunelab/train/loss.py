@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.data.encode import IGNORE
+from tunelab.models.attention import packed_inputs
 
 DEFAULT_CHUNK = 1024
 
@@ -88,10 +89,14 @@ def _head(model: Any) -> torch.nn.Module | None:
 def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor], chunk_size: int = DEFAULT_CHUNK,
                    count_correct: bool = False) -> LossOutput:
     """Summed next-token loss over the batch's target tokens (labels != -100, shifted by one)."""
-    labels = batch["labels"][:, 1:]  # (batch, seq-1)
+    if "position_ids" in batch:  # packed rows: the attention keeps the examples apart
+        inputs = packed_inputs(batch, model.config._attn_implementation)
+        labels = batch["labels"].reshape(inputs["input_ids"].shape)[:, 1:]
+    else:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        labels = batch["labels"][:, 1:]  # (batch, seq-1)
     mask = labels != IGNORE
     targets = labels[mask]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
     head = _head(model)
     if head is not None:
         hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state  # (batch, seq, d)
