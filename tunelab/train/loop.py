@@ -136,30 +136,32 @@ def train(cfg: Config) -> TrainResult:
     # 5. the loop
     progress = Progress(steps, start_step, enabled=cfg.train.progress)
     loss = float("nan")
+    loop_start = time.perf_counter()
     try:
         for step in range(start_step + 1, steps + 1):
             t0 = time.perf_counter()
             micro_batches = plan.next_step()
             num_label_tokens = sum(count_label_tokens(mb["labels"]) for mb, _ in micro_batches)
             num_tokens = sum(n for _, n in micro_batches)
-            loss_sum = 0.0
+            loss_sum = torch.zeros((), device=device)
             for mb, _ in micro_batches:
                 mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
                 with autocast():
                     out = causal_lm_loss(model, mb)
                 (out.loss_sum / num_label_tokens).backward()
-                loss_sum += float(out.loss_sum.detach())
+                loss_sum += out.loss_sum.detach()
             max_norm = cfg.train.max_grad_norm or float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm))
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_sum / num_label_tokens
+            loss, grad_norm = float(loss_sum) / num_label_tokens, float(grad_norm)  # the host syncs once per step
             seconds = time.perf_counter() - t0
             row = {"type": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                    "num_tokens": num_tokens, "num_label_tokens": num_label_tokens,
-                   "tokens_per_s": num_tokens / seconds, "epoch": round(plan.stream.epochs_done(), 4), "seconds": seconds}
+                   "tokens_per_s": num_tokens / seconds, "epoch": round(plan.stream.epochs_done(), 4), "seconds": seconds,
+                   "elapsed_s": time.perf_counter() - loop_start}
             if step % cfg.train.log_every == 0 or step == steps:
                 metrics.write(row)
             progress.update(row)

@@ -37,10 +37,14 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             h = hidden[start : start + chunk_size]
             t = targets[start : start + chunk_size]
             logits = F.linear(h, weight, bias).to(acc)  # (chunk, vocab)
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            target_logit = logits.gather(1, t[:, None]).squeeze(1)
+            # log-sum-exp by hand: one exp pass, reused as the softmax (torch.logsumexp is slow on CPU)
+            row_max = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(row_max).exp_()  # in place: logits are not needed again
+            row_sum = probs.sum(dim=-1)
+            total += (row_max.squeeze(1) + row_sum.log() - target_logit).sum()
             if need_h or need_w or need_b:
-                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                g = probs.div_(row_sum[:, None])  # softmax, in place
                 g[torch.arange(t.shape[0], device=t.device), t] -= 1.0
                 if need_b:
                     grad_b += g.sum(0)
@@ -48,7 +52,10 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 if need_h:
                     grad_h[start : start + chunk_size] = g @ weight.to(h.dtype)
                 if need_w:
-                    grad_w += (g.t() @ h).to(acc)
+                    if h.dtype == acc:
+                        grad_w.addmm_(g.t(), h)  # (vocab, d), no temporary
+                    else:
+                        grad_w += (g.t() @ h).to(acc)
         grads = [grad_h, grad_w, grad_b]
         ctx.present = [g is not None for g in grads]
         ctx.dtypes = [hidden.dtype, weight.dtype, bias.dtype if bias is not None else None]

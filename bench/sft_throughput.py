@@ -1,0 +1,338 @@
+"""Supervised fine-tuning throughput: tunelab against Hugging Face Trainer and TRL's SFTTrainer.
+
+One identical synthetic labeled workload (4,000 examples of random token ids; prompt length
+clip(lognormal(5.0, 0.8), 8, 1500), completion length clip(lognormal(4.8, 0.9), 4, 1000)), one
+randomly initialised model built from a config and saved once so that every system loads the same
+weights, about the same number of real tokens per optimizer step for every system, 5 warm-up steps,
+then timed steps. Each system runs in a fresh subprocess (so peak memory is its own) and reports
+real (non-pad) tokens/s, label tokens/s, peak memory, and on a GPU the MFU.
+
+    python bench/sft_throughput.py --shape tiny --device cpu
+    python bench/sft_throughput.py --shape qwen2.5-0.5b --device cuda --wheels .whl
+    python bench/sft_throughput.py --smoke            # a few steps, no timing claims (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SYSTEMS = ["tunelab", "hf_trainer", "trl", "trl_packed", "trl_packed_liger"]
+SHAPES = {
+    # a small model with a real-world vocabulary: where the LM head dominates, as in SFT of small models
+    "tiny": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=1024, vocab_size=151_936),
+    "qwen2.5-0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         intermediate_size=4864, vocab_size=151_936, rope_theta=1_000_000.0, rms_norm_eps=1e-6),
+    "smoke": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=128, vocab_size=4096),
+}
+MAX_LENGTH = 2048  # the longest workload example (prompt <= 1500 + completion <= 1000, as drawn) fits
+
+
+def make_workload(n: int, vocab: int, seed: int = 0) -> list[tuple[list[int], list[int]]]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    prompt_len = np.clip(rng.lognormal(5.0, 0.8, n), 8, 1500).astype(int)
+    completion_len = np.clip(rng.lognormal(4.8, 0.9, n), 4, 1000).astype(int)
+    out = []
+    for p, c in zip(prompt_len, completion_len):
+        ids = rng.integers(3, vocab, int(p + c)).tolist()
+        out.append((ids[:p], ids[p:]))
+    return [(p, c) for p, c in out if len(p) + len(c) <= MAX_LENGTH]
+
+
+def build_model_dir(shape: str, out: Path) -> Path:
+    """Save one randomly initialised Qwen2-architecture model and a minimal tokenizer."""
+    import torch
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(**SHAPES[shape], tie_word_embeddings=True, max_position_embeddings=4096,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    Qwen2ForCausalLM(cfg).save_pretrained(out)
+    tok = Tokenizer(WordLevel({"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}, unk_token="<unk>"))
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(out)
+    return out
+
+
+def peak_memory_bytes(device: str) -> int:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+# ---------------------------------------------------------------- workers (one system per process)
+
+def run_tunelab(args: argparse.Namespace, workload: list, model_dir: Path, work: Path) -> dict:
+    from tunelab.config import validate_config
+    from tunelab.train.loop import train
+    from tunelab.train.metrics import read_metrics
+
+    data = work / "workload.jsonl"
+    data.write_text("".join(json.dumps({"prompt_ids": p, "completion_ids": c}) + "\n" for p, c in workload))
+    cfg = validate_config({
+        "model": {"path": str(model_dir)},
+        "data": {"train": str(data), "max_length": MAX_LENGTH},
+        "train": {"max_steps": args.warmup + args.steps, "learning_rate": 1e-5, "tokens_per_step": args.tokens_per_step,
+                  "seed": 0, "progress": False, "device": args.device, "max_grad_norm": 1.0,
+                  "precision": "bf16" if args.device == "cuda" else "fp32"},
+        "output_dir": str(work / "tunelab-run"),
+    })
+    result = train(cfg)
+    rows = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if r["type"] == "train"]
+    timed = rows[args.warmup:]
+    seconds = timed[-1]["elapsed_s"] - rows[args.warmup - 1]["elapsed_s"]
+    return {"seconds": seconds, "tokens": sum(r["num_tokens"] for r in timed),
+            "label_tokens": sum(r["num_label_tokens"] for r in timed), "steps": len(timed),
+            "final_loss": rows[-1]["loss"]}
+
+
+class CountingCollator:
+    """Wraps a collator and records each batch's real tokens and (shifted) label tokens."""
+
+    def __init__(self, inner):
+        self.inner, self.batches = inner, []
+
+    def __call__(self, features):
+        batch = self.inner(features)
+        labels = batch["labels"]
+        if "attention_mask" in batch:
+            real = int(batch["attention_mask"].sum())
+        else:  # padding-free: one flat row of real tokens
+            real = int(batch["input_ids"].numel())
+        self.batches.append((real, int((labels[:, 1:] != -100).sum())))
+        return batch
+
+
+def _timing_callback(device: str):
+    import torch
+    from transformers import TrainerCallback
+
+    class StepTimes(TrainerCallback):
+        def __init__(self):
+            self.times = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter())
+
+    return StepTimes()
+
+
+def _trainer_result(args, trainer, collator, timer) -> dict:
+    # the collator runs one batch ahead of the step; batch k belongs to step k
+    batches = collator.batches[args.warmup : args.warmup + args.steps]
+    loss = next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), float("nan"))
+    return {"seconds": timer.times[-1] - timer.times[args.warmup - 1], "tokens": sum(b[0] for b in batches),
+            "label_tokens": sum(b[1] for b in batches), "steps": len(timer.times) - args.warmup, "final_loss": loss}
+
+
+def _training_args(args, cls, **extra):
+    import torch
+
+    cuda = args.device == "cuda"
+    return cls(output_dir=str(Path(args.work) / "out"), max_steps=args.warmup + args.steps, learning_rate=1e-5,
+               lr_scheduler_type="cosine", logging_steps=args.warmup + args.steps, save_strategy="no",
+               report_to="none", bf16=cuda, use_cpu=not cuda, dataloader_num_workers=0, max_grad_norm=1.0,
+               optim="adamw_torch_fused" if cuda else "adamw_torch", seed=0, disable_tqdm=True,
+               remove_unused_columns=False, **extra), torch
+
+
+def examples_per_step(args, workload) -> int:
+    """Padded systems take whole examples: as many as carry the packed systems' tokens per step on average."""
+    mean = sum(len(p) + len(c) for p, c in workload) / len(workload)
+    return max(1, round(args.tokens_per_step / mean))
+
+
+def run_hf_trainer(args, workload, model_dir: Path, work: Path) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    rows = [{"input_ids": p + c, "labels": [-100] * len(p) + c} for p, c in workload]
+
+    def pad(features):
+        width = max(len(f["input_ids"]) for f in features)
+        ids = torch.zeros((len(features), width), dtype=torch.long)
+        labels = torch.full((len(features), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(features), width), dtype=torch.long)
+        for i, f in enumerate(features):
+            n = len(f["input_ids"])
+            ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(f["input_ids"]), torch.tensor(f["labels"]), 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+    collator = CountingCollator(pad)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    targs, _ = _training_args(args, TrainingArguments, per_device_train_batch_size=examples_per_step(args, workload))
+    timer = _timing_callback(args.device)
+    trainer = Trainer(model=model, args=targs, train_dataset=rows, data_collator=collator, callbacks=[timer])
+    trainer.train()
+    return _trainer_result(args, trainer, collator, timer)
+
+
+def run_trl(args, workload, model_dir: Path, work: Path, packed: bool, liger: bool = False) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    data = Dataset.from_dict({"input_ids": [p + c for p, c in workload],
+                              "completion_mask": [[0] * len(p) + [1] * len(c) for p, c in workload]})
+    extra = {"packing": True, "packing_strategy": "bfd", "per_device_train_batch_size": args.tokens_per_step // MAX_LENGTH} \
+        if packed else {"per_device_train_batch_size": examples_per_step(args, workload)}
+    if liger:
+        extra["use_liger_kernel"] = True
+    targs, _ = _training_args(args, SFTConfig, max_length=MAX_LENGTH, completion_only_loss=True,
+                              dataset_num_proc=None, **extra)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    timer = _timing_callback(args.device)
+    trainer = SFTTrainer(model=model, args=targs, train_dataset=data, processing_class=AutoTokenizer.from_pretrained(model_dir),
+                         callbacks=[timer])
+    collator = CountingCollator(trainer.data_collator)
+    trainer.data_collator = collator
+    trainer.train()
+    return _trainer_result(args, trainer, collator, timer)
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    workload = make_workload(args.examples, SHAPES[args.shape]["vocab_size"])
+    work = Path(tempfile.mkdtemp(dir=args.work))
+    model_dir = Path(args.work) / "model"
+    runners = {"tunelab": lambda: run_tunelab(args, workload, model_dir, work),
+               "hf_trainer": lambda: run_hf_trainer(args, workload, model_dir, work),
+               "trl": lambda: run_trl(args, workload, model_dir, work, packed=False),
+               "trl_packed": lambda: run_trl(args, workload, model_dir, work, packed=True),
+               "trl_packed_liger": lambda: run_trl(args, workload, model_dir, work, packed=True, liger=True)}
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    result = runners[args.worker]()
+    result["peak_memory_bytes"] = peak_memory_bytes(args.device)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ---------------------------------------------------------------- driver
+
+def flops_per_token(shape: str, workload: list) -> float:
+    """Model FLOPs per trained token (PaLM appendix B): 6 x matmul parameters + causal attention."""
+    s = SHAPES[shape]
+    d, layers, vocab, inter = s["hidden_size"], s["num_hidden_layers"], s["vocab_size"], s["intermediate_size"]
+    kv = d * s["num_key_value_heads"] // s["num_attention_heads"]
+    per_layer = d * d * 2 + d * kv * 2 + 3 * d * inter
+    lengths = [len(p) + len(c) for p, c in workload]
+    mean_context = sum(n * n for n in lengths) / sum(lengths)  # tokens attended per token, averaged over tokens
+    return 6 * (layers * per_layer + d * vocab) + 6 * layers * d * mean_context  # causal: half of 12*L*d*T
+
+
+def measured_matmul_tflops() -> float:
+    import torch
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0, n = time.perf_counter(), 20
+    for _ in range(n):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * n / (time.perf_counter() - t0) / 1e12
+
+
+def run_system(system: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--worker", system, "--shape", args.shape, "--device", args.device,
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--examples", str(args.examples),
+           "--tokens-per-step", str(args.tokens_per_step), "--work", args.work, "--threads", str(args.threads)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1][:300] if (proc.stderr or proc.stdout)
+                else f"exit code {proc.returncode}"}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=list(SHAPES), default="tiny")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--systems", default=None, help="comma-separated, default: all that run on the device")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--examples", type=int, default=4000)
+    parser.add_argument("--tokens-per-step", type=int, default=4096, help="a multiple of 2048 (two packed rows)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--smoke", action="store_true", help="a few steps on a tiny model: checks the harness runs")
+    parser.add_argument("--wheels", help="install TRL and datasets from this folder of wheel files first (no network)")
+    parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak (default: measured matmul)")
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return 0
+    if args.smoke:
+        args.shape, args.steps, args.warmup, args.examples = "smoke", 2, 1, 64
+    if args.wheels:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", args.wheels,
+                        "trl", "datasets"], check=True)
+    systems = args.systems.split(",") if args.systems else [s for s in SYSTEMS if args.device == "cuda" or "liger" not in s]
+    with tempfile.TemporaryDirectory() as work:
+        args.work = work
+        build_model_dir(args.shape, Path(work) / "model")
+        workload = make_workload(args.examples, SHAPES[args.shape]["vocab_size"])
+        results = {s: run_system(s, args) for s in systems}
+    report(args, results, workload)
+    return 0 if all("error" not in r for r in results.values()) else 1
+
+
+def report(args: argparse.Namespace, results: dict, workload: list) -> None:
+    import platform
+
+    fpt = flops_per_token(args.shape, workload)
+    peak = args.peak_tflops or (measured_matmul_tflops() if args.device == "cuda" else None)
+    print(f"\nshape {args.shape}, device {args.device} ({platform.processor() or platform.machine()}), "
+          f"{args.steps} timed steps after {args.warmup} warm-up, ~{args.tokens_per_step} real tokens per step, "
+          f"{len(workload)} examples (mean {sum(len(p) + len(c) for p, c in workload) / len(workload):.0f} tokens)")
+    header = f"{'system':<18}{'tokens/s':>12}{'label tok/s':>13}{'tok/step':>10}{'peak MiB':>10}{'MFU':>8}{'tunelab x':>11}"
+    print(header + "\n" + "-" * len(header))
+    base = results.get("tunelab", {})
+    for name, r in results.items():
+        if "error" in r:
+            print(f"{name:<18} failed: {r['error']}")
+            continue
+        r["tokens_per_s"] = r["tokens"] / r["seconds"]
+        r["label_tokens_per_s"] = r["label_tokens"] / r["seconds"]
+        r["mfu"] = r["tokens_per_s"] * fpt / (peak * 1e12) if peak else None
+        ratio = base.get("tokens", 0) / base.get("seconds", 1) / r["tokens_per_s"] if "seconds" in base else math.nan
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        print(f"{name:<18}{r['tokens_per_s']:>12,.0f}{r['label_tokens_per_s']:>13,.0f}{r['tokens'] / r['steps']:>10,.0f}"
+              f"{r['peak_memory_bytes'] / 2**20:>10,.0f}{mfu:>8}{ratio:>10.2f}x")
+    if args.smoke:
+        print("(smoke mode: a few steps of a tiny model; these figures are not measurements)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "work"},
+                                               "flops_per_token": fpt, "peak_tflops": peak, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
