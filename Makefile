@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_CPU := torch==2.13.0
 
-.PHONY: demo test test-fast venv clean
+.PHONY: demo test test-fast venv clean chromium
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	else \
 		echo "no CUDA GPU: installing torch's CPU build ($(TORCH_CPU))"; $(PY) -m pip install -q $(TORCH_CPU); \
 	fi
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,bench]"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -23,7 +23,13 @@ venv: $(VENV)/.installed
 demo: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(VENV)/bin/tunelab demo
 
-test: $(VENV)/.installed
+# the report test renders HTML in headless Chromium (Debian's package; installed when run as root)
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		(apt-get install -y -qq chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)) ; } || \
+		echo "chromium not installed: the report's browser test will be skipped"
+
+test: $(VENV)/.installed chromium
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 test-fast: $(VENV)/.installed

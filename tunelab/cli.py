@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from tunelab.errors import TunelabError
 
@@ -27,10 +28,43 @@ def _setup_logging() -> None:
     hf_logging.set_verbosity_error()
 
 
+def launch_torchrun(args: argparse.Namespace) -> int:
+    """`tunelab train --nproc N`: run the same command under torchrun, one process per device."""
+    import re
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+           "-m", "tunelab", "train", args.config, *args.overrides]
+    cmd += ["--resume"] if args.resume else []
+    cmd += ["--overwrite"] if args.overwrite else []
+    proc = subprocess.Popen(cmd, stdout=None, stderr=subprocess.PIPE, text=True)
+    tail: list[str] = []
+    for line in proc.stderr:  # pass everything through, keep the end for the failure report
+        sys.stderr.write(line)
+        tail = (tail + [line])[-200:]
+    code = proc.wait()
+    if code != 0:
+        text = "".join(tail)
+        root = text.split("Root Cause", 1)[-1]  # torchrun's report of the first failure
+        rank = re.search(r"rank: (\d+)", root) or re.search(r"error \(rank (\d+)\)", text)
+        signal = re.search(r"Signal \d+ \((\w+)\)", root)
+        why = f" ({signal.group(1)})" if signal else ""
+        who = f"rank {rank.group(1)}" if rank else "a training process"
+        print(f"tunelab: error: {who} failed{why}, so torchrun stopped the whole job (exit code {code}); "
+              "the messages above say why. Continue from the last checkpoint with --resume.", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    import os
+
     from tunelab.config import load_config
     from tunelab.train.loop import train
 
+    if args.nproc and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        load_config(args.config, args.overrides)  # refuse a bad config before starting any process
+        return launch_torchrun(args)
     extra = {}
     if args.resume:
         extra["resume"] = True
@@ -38,10 +72,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         extra["overwrite"] = True
     cfg = load_config(args.config, args.overrides, extra)
     result = train(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # rank 0 reports for the job
     summary = f"final train loss {result.final_loss:.4f}"
     if result.eval:
         summary += f", eval loss {result.eval['eval_loss']:.4f}"
-    print(f"{summary}\nmodel: {result.final_dir}\nmetrics: {result.run_dir / 'metrics.jsonl'}")
+    if result.final_dir is None:
+        print(f"tuning-free prompting: nothing was trained; eval loss {result.eval['eval_loss']:.4f}"
+              if result.eval else "tuning-free prompting: nothing was trained and there is no eval data")
+        return 0
+    from tunelab.report.run_report import report_run
+
+    print(f"{summary}\nmodel: {result.final_dir}\nmetrics: {result.run_dir / 'metrics.jsonl'}\n"
+          f"report: {report_run(result.run_dir)}")
     return 0
 
 
@@ -60,6 +103,243 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_settings(args: argparse.Namespace) -> Any:
+    from tunelab.evaluate.run import EvalSettings
+
+    return EvalSettings(mode=args.mode, metrics=args.metric or None, max_new_tokens=args.max_new_tokens,
+                        do_sample=args.sample, temperature=args.temperature, top_p=args.top_p,
+                        stop_strings=args.stop or [], batch_size=args.batch_size, max_examples=args.max_examples,
+                        seed=args.seed)
+
+
+def _eval_data(args: argparse.Namespace, em: Any) -> Any:
+    """Render the data as the run did (a run directory), as a config says (--config), or from the flags."""
+    from tunelab.config import DataConfig, Template, load_config
+    from tunelab.data.render import RenderSpec, spec_from_config
+    from tunelab.evaluate.run import load_eval_data
+
+    cfg = em.run_config or (load_config(args.config) if args.config else None)
+    if cfg is not None:
+        data_cfg = cfg.data.model_copy(update={"max_examples": None})
+        return load_eval_data(args.data, data_cfg, spec_from_config(cfg), cfg.data.train, args.max_examples, args.seed)
+    columns = dict(c.split("=", 1) for c in args.column or [])
+    data_cfg = DataConfig(train=args.data, format=args.format, columns=columns, max_length=args.max_length)
+    template = Template(prompt=args.template, target=args.target_template) if args.template else None
+    spec = RenderSpec(template=template, num_shots=args.num_shots, seed=args.seed)
+    return load_eval_data(args.data, data_cfg, spec, args.train_file, args.max_examples, args.seed)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tunelab.evaluate.loaders import load_for_eval
+    from tunelab.evaluate.run import evaluate, write_outputs
+
+    em = load_for_eval(args.model, args.adapter)
+    summary, rows = evaluate(em, _eval_data(args, em), _eval_settings(args))
+    write_outputs(summary, rows, args.output, args.predictions)
+    print(f"{summary['num_examples']} examples ({summary['mode']}): " +
+          ", ".join(f"{k} {v:.4f}" for k, v in summary["metrics"].items()))
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    import json
+
+    from tunelab.evaluate.diff import DiffSettings, diff
+    from tunelab.evaluate.loaders import load_for_eval
+    from tunelab.report.run_report import report_run
+
+    base, tuned = load_for_eval(args.base), load_for_eval(args.tuned)
+    data = _eval_data(args, tuned) if args.data else None
+    settings = DiffSettings(reference_text=args.reference_text, probes=args.probes, seed=args.seed)
+    result = diff(base, tuned, data, settings, _eval_settings(args))
+    out = Path(args.output) if args.output else Path(args.tuned) / "diff.json"
+    out.write_text(json.dumps(result, indent=2))
+    for section in ("task", "forgetting", "probes", "drift"):
+        for key, value in result.get(section, {}).items():
+            if key.endswith("verdict"):
+                print(f"{section}: {value}")
+    print(f"diff: {out}\nreport: {report_run(out.parent)}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from tunelab.compare import compare
+    from tunelab.config import load_config
+    from tunelab.evaluate.diff import DiffSettings
+    from tunelab.report.page import fmt
+    from tunelab.report.run_report import report_run
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out or Path(cfg.output_dir).with_name(Path(cfg.output_dir).name + "-compare"))
+    per_strategy: dict[str, list[str]] = {}
+    for item in args.set or []:
+        name, sep, override = item.partition(":")
+        if not sep:
+            from tunelab.errors import ConfigError
+
+            raise ConfigError(f"--set '{item}' must look like STRATEGY:dotted.key=value, e.g. lora:train.learning_rate=1e-2")
+        per_strategy.setdefault(name, []).append(override)
+    result = compare(cfg, args.strategies.split(","), out, _eval_settings(args),
+                     DiffSettings(reference_text=args.reference_text, probes=args.probes, seed=args.seed), per_strategy)
+    cols = ["strategy", "trainable params", "wall time s", "peak memory MiB", "tokens/s", "train loss", "eval loss",
+            result["metric"], "perplexity ratio", "KL base->tuned"]
+    print("  ".join(f"{c:>14}" for c in cols))
+    for row in result["table"]:
+        print("  ".join(f"{fmt(row.get(c)):>14}" for c in cols))
+    print(result["recommendation"])
+    print(f"report: {report_run(out, 'tunelab compare')}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from tunelab.report.run_report import report_run
+
+    print(report_run(Path(args.run_dir)))
+    return 0
+
+
+def _add_eval_flags(p: argparse.ArgumentParser, data_positional: bool = True) -> None:
+    if data_positional:
+        p.add_argument("data", help="labeled data in any format training reads")
+    p.add_argument("--metric", action="append", help="exact_match, accuracy, macro_f1, token_f1, rouge_l, bleu, "
+                   "numeric_match (repeatable; default: by task)")
+    p.add_argument("--mode", choices=["auto", "generate", "score"], default="auto",
+                   help="score: rank the label options by log-likelihood; generate: free text")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-examples", type=int, help="a seeded sample of the data")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", help="render the data as this training config says")
+    p.add_argument("--template", help="a discrete prompt template, e.g. '{text}\nIntent:'")
+    p.add_argument("--target-template", default="{target}")
+    p.add_argument("--num-shots", type=int, default=0)
+    p.add_argument("--train-file", help="where few-shot demonstrations and label options come from")
+    p.add_argument("--format", default="auto")
+    p.add_argument("--column", action="append", help="canonical=file_column, e.g. label=category")
+    p.add_argument("--max-length", type=int, default=1024)
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    import json
+
+    from tunelab.config import DataConfig, ModelConfig, load_config
+    from tunelab.data.audit import audit, terminal_preview
+    from tunelab.data.render import RenderSpec, spec_from_config
+    from tunelab.models.load import load_tokenizer
+    from tunelab.report.data_report import write_data_report
+
+    if args.target.endswith((".yaml", ".yml")):
+        cfg = load_config(args.target, args.overrides)
+        data_cfg, spec, model_cfg = cfg.data, spec_from_config(cfg), cfg.model
+        train_path, eval_path = cfg.data.train, args.eval or cfg.data.eval
+    else:
+        if not args.model:
+            from tunelab.errors import ConfigError
+
+            raise ConfigError("checking a data file needs --model (its tokenizer decides lengths and the label mask), "
+                              "or pass a training config instead.")
+        columns = dict(c.split("=", 1) for c in args.column or [])
+        data_cfg = DataConfig(train=args.target, format=args.format, columns=columns, max_length=args.max_length)
+        spec, model_cfg = RenderSpec(), ModelConfig(path=args.model)
+        train_path, eval_path = args.target, args.eval
+    result = audit(train_path, data_cfg, spec, load_tokenizer(model_cfg), eval_path, args.threshold, args.preview)
+    order = {"blocking": 0, "warning": 1, "info": 2}
+    keys = [k for k, v in result.items() if isinstance(v, dict) and "severity" in v]
+    print(f"{result['num_examples']} examples of {result['num_records']} records in {train_path}")
+    for key in sorted(keys, key=lambda k: order[result[k]["severity"]]):
+        f = result[key]
+        if f["count"] or key == "label_balance":
+            print(f"[{f['severity']}] {key}: {f['count']} rows. {f['message']}")
+    for item in result["preview"]:
+        print(f"--- row {item['row']} (trained tokens in green)\n{terminal_preview(item)}")
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2))
+    report = write_data_report(result, Path(args.output).parent if args.output else Path("."))
+    print(f"report: {report}")
+    if args.fix:
+        from tunelab.data.audit import rows_to_drop
+        from tunelab.data.read import read_records
+
+        out = Path(args.fix)
+        if out.resolve() == Path(train_path).resolve():
+            from tunelab.errors import ConfigError
+
+            raise ConfigError("--fix must name a new file: tunelab never rewrites the original data.")
+        drop = rows_to_drop(result)
+        kept = [r.fields for r in read_records(train_path, data_cfg.column_names) if r.row not in drop]
+        out.write_text("".join(json.dumps(f, ensure_ascii=False) + "\n" for f in kept))
+        print(f"--fix: wrote {len(kept)} records to {out} ({len(drop)} dropped)")
+    if result["blocking"]:
+        print(f"blocking: {', '.join(result['blocking'])}")
+        return 1
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    import json
+
+    from tunelab.doctor import diagnose
+
+    result = diagnose(Path(args.run_dir))
+    for f in result["findings"]:
+        print(f"[{f['severity']}] {f['what']}\n  evidence: {f['evidence']}\n  why: {f['why']}\n  fix: {f['fix']}")
+    print(result["summary"])
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from tunelab.config import load_config
+    from tunelab.plan.run import plan, write_plan
+
+    cfg = load_config(args.config, args.overrides)
+    compare_json = Path(cfg.output_dir).with_name(Path(cfg.output_dir).name + "-compare") / "compare.json"
+    for gpu in args.gpu or ["cpu"]:
+        result = plan(cfg, gpu, args.pretraining_tokens, compare_json=compare_json)
+        print(f"device: {result.device.name}, {result.device.memory_bytes / 2**30:.0f} GiB, "
+              f"{result.device.peak_flops / 1e12:.3g} TFLOP/s peak, MFU {result.device.mfu:.0%} ({result.device.source})")
+        d = result.data
+        print(f"data: {d.num_examples:,} examples, {d.num_tokens:,} tokens, {d.num_label_tokens:,} target tokens "
+              f"(mean length {d.mean_length:.0f})")
+        head = f"{'strategy':<12}{'trainable':>14}{'share':>9}{'adapter MiB':>12}{'memory GiB':>11}{'fits':>6}" \
+               f"{'TFLOP':>10}{'time':>10}{'of pre-training':>17}"
+        print(head + "\n" + "-" * len(head))
+        for name, e in result.estimates.items():
+            mem = e.memory_bytes["total"] / 2**30
+            pre = f"{100 * e.flops / (6 * e.total_params * result.pretraining[0]):.2g}%" if result.pretraining else "-"
+            mark = "*" if name == result.config_strategy else " "
+            print(f"{mark}{name:<11}{e.trainable_params:>14,}{100 * e.trainable_params / e.total_params:>8.3g}%"
+                  f"{e.adapter_bytes / 2**20:>12.2f}{mem:>11.3f}{'yes' if e.memory_bytes['total'] <= result.device.memory_bytes else 'NO':>6}"
+                  f"{e.flops / 1e12:>10.3g}{e.seconds:>9.0f}s{pre:>17}")
+        parts = result.estimates[result.config_strategy].memory_bytes
+        print("memory of " + result.config_strategy + ": " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in parts.items()))
+        if result.pretraining:
+            e = result.estimates[result.config_strategy]
+            share = e.flops / (6 * e.total_params * result.pretraining[0])
+            print(f"this fine-tune ({result.config_strategy}) costs {100 * share:.2g}% of pre-training "
+                  f"({result.pretraining[0]:.3g} tokens: {result.pretraining[1]})")
+        from tunelab.plan.run import VALIDATED_ERROR
+
+        print(f"estimate error: {VALIDATED_ERROR}")
+        a = result.advice
+        print(f"recommendation: {a.strategy} {a.settings}\n  {a.reasons}")
+        if args.output:
+            write_plan(result, args.output if len(args.gpu or []) < 2 else f"{Path(args.output).stem}-{gpu}.json")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tunelab.strategies.export import export_run
+
+    print(f"{export_run(Path(args.run_dir), Path(args.out_dir), args.merge)}: {args.out_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunelab", description="Fine-tune a causal LM on labeled examples.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,7 +349,76 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.max_steps=50")
     p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its newest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete the run in output_dir and start again")
+    p.add_argument("--nproc", type=int, help="data-parallel processes (runs torchrun --nproc_per_node N)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a model (HF folder, adapter folder or run directory) on labeled data")
+    p.add_argument("model")
+    _add_eval_flags(p)
+    p.add_argument("--adapter", help="a peft adapter folder to load onto MODEL")
+    p.add_argument("--output", help="write the JSON summary here")
+    p.add_argument("--predictions", help="write one JSON line per example here")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("diff", help="the tuned model against its base: task gain, forgetting, drift")
+    p.add_argument("base")
+    p.add_argument("tuned")
+    p.add_argument("--data", help="eval data for the task metric")
+    _add_eval_flags(p, data_positional=False)
+    p.add_argument("--reference-text", help="general text for perplexity and KL (default: samples of the base)")
+    p.add_argument("--probes", help="JSONL of {prompt, answer} general-knowledge probes")
+    p.add_argument("--output", help="where diff.json goes (default: TUNED/diff.json)")
+    p.set_defaults(func=cmd_diff)
+
+    p = sub.add_parser("compare", help="train, evaluate and diff several strategies on the same budget")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--strategies", default="prompting,soft_prompt,lora,full")
+    p.add_argument("--set", action="append", help="STRATEGY:dotted.key=value for one strategy (repeatable)")
+    p.add_argument("--out", help="where the comparison goes (default: OUTPUT_DIR-compare)")
+    _add_eval_flags(p, data_positional=False)
+    p.add_argument("--reference-text")
+    p.add_argument("--probes")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("report", help="write report.html and report.md for a run directory")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("plan", help="estimate cost and memory per strategy, and recommend one")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--gpu", action="append", help="h100, a100, l4 or cpu (repeatable; default: this CPU)")
+    p.add_argument("--pretraining-tokens", type=float, help="tokens the base model was pre-trained on")
+    p.add_argument("--output", help="write the figures here (plan.json)")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("data", help="dataset tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    c = data_sub.add_parser("check", help="audit a dataset as training will read it")
+    c.add_argument("target", help="a training config (.yaml) or a data file (with --model)")
+    c.add_argument("overrides", nargs="*")
+    c.add_argument("--model", help="the model whose tokenizer is used (with a data file)")
+    c.add_argument("--eval", help="an eval file to check for leakage")
+    c.add_argument("--output", help="write every finding here (JSON)")
+    c.add_argument("--fix", help="write a cleaned copy here (dedup, drop conflicts and leaks)")
+    c.add_argument("--threshold", type=float, default=0.8, help="near-duplicate MinHash Jaccard threshold")
+    c.add_argument("--preview", type=int, default=3)
+    c.add_argument("--format", default="auto")
+    c.add_argument("--column", action="append")
+    c.add_argument("--max-length", type=int, default=512)
+    c.set_defaults(func=cmd_data_check)
+
+    p = sub.add_parser("doctor", help="diagnose a finished or failed run")
+    p.add_argument("run_dir")
+    p.add_argument("--output", help="write the diagnosis here (JSON)")
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("export", help="export a run's final model (--merge folds LoRA into the weights)")
+    p.add_argument("run_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--merge", action="store_true", help="merge LoRA/DoRA adapters into a standalone checkpoint")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="the built-in demo: fine-tune a real tiny model offline")
     p.add_argument("--out", default="runs/demo", help="where the demo writes its runs")
@@ -99,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except TunelabError as exc:
-        print(f"tunelab: error: {exc}", file=sys.stderr)
+        rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        print(f"tunelab: error{f' (rank {rank})' if rank else ''}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         print(f"tunelab: {exc or 'interrupted'}", file=sys.stderr)

@@ -54,15 +54,55 @@ class DataConfig(_Section):
     max_eval_examples: int | None = Field(default=None, ge=1)  # a seeded random sample of the eval data
 
 
+class LoraSettings(_Section):
+    rank: int = Field(default=8, ge=1)
+    alpha: float = Field(default=16.0, gt=0.0)
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"  # module name suffixes, e.g. [q_proj, v_proj]
+    variant: Literal["lora", "dora", "rslora"] = "lora"
+
+
+class SoftPromptSettings(_Section):
+    method: Literal["prompt_tuning", "prefix_tuning", "p_tuning"] = "prompt_tuning"
+    num_virtual_tokens: int = Field(default=20, ge=1)
+    init_text: str | None = None  # e.g. the task description; None: embeddings of sampled vocabulary tokens
+    encoder_hidden_size: int | None = Field(default=None, ge=1)  # p_tuning's MLP width (default: the model's)
+    prefix_projection: bool = False  # prefix_tuning through an MLP (then initialised at random)
+
+
+class FreezeSettings(_Section):
+    trainable_layers: int | None = Field(default=None, ge=1)  # the top k decoder layers train
+    modules: list[str] | None = None  # or parameter-name patterns (fnmatch), e.g. ["model.layers.*.mlp.*"]
+
+
+class FixedPromptSettings(_Section):
+    tune: Literal["all", "lora"] = "all"  # with lora, strategy.lora sets the adapters
+
+
 class StrategyConfig(_Section):
-    name: Literal["full"] = "full"
+    name: Literal["prompting", "full", "fixed_prompt", "soft_prompt", "prompt_lm", "lora", "freeze"] = "full"
     template: Template | None = None  # a plain string is taken as the template's `prompt`
     num_shots: int = Field(default=0, ge=0)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    soft_prompt: SoftPromptSettings = Field(default_factory=SoftPromptSettings)
+    freeze: FreezeSettings = Field(default_factory=FreezeSettings)
+    fixed_prompt: FixedPromptSettings = Field(default_factory=FixedPromptSettings)
 
     @field_validator("template", mode="before")
     @classmethod
     def _template_from_string(cls, value: Any) -> Any:
         return {"prompt": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _complete(self) -> "StrategyConfig":
+        if self.name == "fixed_prompt" and self.template is None:
+            raise ValueError("strategy fixed_prompt tunes the LM under a fixed discrete prompt: set strategy.template")
+        if self.name == "freeze":
+            chosen = [k for k in ("trainable_layers", "modules") if getattr(self.freeze, k)]
+            if len(chosen) != 1:
+                raise ValueError("strategy freeze needs exactly one of strategy.freeze.trainable_layers (top k layers) "
+                                 "and strategy.freeze.modules (parameter-name patterns)")
+        return self
 
 
 class TrainConfig(_Section):
@@ -75,6 +115,7 @@ class TrainConfig(_Section):
     tokens_per_step: int | None = Field(default=None, ge=1)
     tokens_per_micro_batch: int | None = Field(default=None, ge=1)  # default: tokens_per_step
     compile: Literal["auto", "on", "off"] = "auto"  # auto: on for CUDA, off on the CPU
+    stop_after: int | None = Field(default=None, ge=1)  # stop at this step with a checkpoint (a time-sliced job)
     activation_checkpointing: bool = False
     weight_decay: float = Field(default=0.0, ge=0.0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -93,26 +134,34 @@ class TrainConfig(_Section):
     fused_adamw: bool | None = None  # None: fused where the device supports it
     progress: bool = True
 
-    @model_validator(mode="after")
-    def _one_length(self) -> "TrainConfig":
-        if self.max_steps is None and self.epochs is None:
-            raise ValueError("set train.max_steps or train.epochs")
-        if self.max_steps is not None and self.epochs is not None:
-            raise ValueError("set only one of train.max_steps and train.epochs (both are set)")
-        return self
+
+
+class DistributedConfig(_Section):
+    strategy: Literal["fsdp2", "ddp"] = "fsdp2"  # used when launched with torchrun (or tunelab train --nproc N)
+
+
+class PlanConfig(_Section):
+    retention: Literal["low", "medium", "high"] = "medium"  # how much keeping general knowledge matters
 
 
 class Config(_Section):
     model: ModelConfig
     data: DataConfig
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
-    train: TrainConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    plan: PlanConfig = Field(default_factory=PlanConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     output_dir: str
     resume: bool = False
     overwrite: bool = False
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
+        if self.strategy.name != "prompting":  # tuning-free prompting trains nothing
+            if self.train.max_steps is None and self.train.epochs is None:
+                raise ValueError("set train.max_steps or train.epochs")
+        if self.train.max_steps is not None and self.train.epochs is not None:
+            raise ValueError("set only one of train.max_steps and train.epochs (both are set)")
         if self.data.eval is not None and self.data.eval_fraction is not None:
             raise ValueError("set only one of data.eval (a file) and data.eval_fraction (a split of data.train)")
         if self.train.eval_every is not None and self.data.eval is None and self.data.eval_fraction is None:

@@ -8,7 +8,6 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from tests.data.test_encode_labels import _encode
 from tunelab.data.batching import count_label_tokens, pad_collate
-from tunelab.train import loss as loss_mod
 from tunelab.train.loss import causal_lm_loss, linear_cross_entropy_sum
 
 ROWS = [
@@ -29,12 +28,7 @@ def _grads(model, loss):
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("path", ["chunked", "logits"])
-def test_loss_and_gradients_equal_transformers(stories260k, tokenizer, monkeypatch, path):
-    if path == "logits":  # the fallback for heads that are not a plain linear map (e.g. soft-capped logits)
-        monkeypatch.setattr(loss_mod, "_head", lambda model: None)
-    model = AutoModelForCausalLM.from_pretrained(stories260k, dtype=torch.float32)
-    batch = _batch(tokenizer)
+def _check_against_transformers(model, batch):
     reference = model(**batch).loss  # transformers: mean over labeled, shifted positions
     ref_grads = _grads(model, reference)
     out = causal_lm_loss(model, batch, chunk_size=7)
@@ -43,6 +37,20 @@ def test_loss_and_gradients_equal_transformers(stories260k, tokenizer, monkeypat
     torch.testing.assert_close(ours, reference)
     for name, grad in _grads(model, ours).items():
         torch.testing.assert_close(grad, ref_grads[name], msg=name)
+
+
+def test_soft_capped_logits_equal_transformers(tokenizer):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=8, final_logit_softcapping=5.0, attn_implementation="eager")
+    _check_against_transformers(Gemma2ForCausalLM(cfg), _batch(tokenizer))
+
+
+def test_loss_and_gradients_equal_transformers(stories260k, tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(stories260k, dtype=torch.float32)
+    _check_against_transformers(model, _batch(tokenizer))
 
 
 def test_untied_head_gets_its_own_gradient(tokenizer):

@@ -19,41 +19,58 @@ from tunelab.data.encode import IGNORE, Encoded
 Unit = list[int]  # the example indices of one batch row: one example (padded) or several (packed)
 
 
-def pad_collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch. Returns input_ids, labels, attention_mask, each (batch, seq)."""
-    width = max(len(e.input_ids) for e in examples)
+def pad_collate(examples: list[Encoded], pad_id: int, virtual_tokens: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch. Returns input_ids, labels, attention_mask, each (batch, seq).
+
+    With `virtual_tokens` > 0 every row starts with that many slots for a soft prompt, marked
+    in `virtual_mask` (their ids are padding; the model puts the prompt's embeddings there).
+    """
+    v = virtual_tokens
+    width = v + max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     for i, e in enumerate(examples):
         n = len(e.input_ids)
-        ids[i, :n] = torch.tensor(e.input_ids)
-        labels[i, :n] = torch.tensor(e.labels)
-        mask[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        ids[i, v : v + n] = torch.tensor(e.input_ids)
+        labels[i, v : v + n] = torch.tensor(e.labels)
+        mask[i, : v + n] = 1
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    if v:
+        batch["virtual_mask"] = torch.zeros((len(examples), width), dtype=torch.bool)
+        batch["virtual_mask"][:, :v] = True
+    return batch
 
 
-def packed_collate(rows: list[list[Encoded]], pad_id: int, row_length: int) -> dict[str, torch.Tensor]:
+def packed_collate(rows: list[list[Encoded]], pad_id: int, row_length: int,
+                   virtual_tokens: int = 0) -> dict[str, torch.Tensor]:
     """Rows of packed examples, each padded to `row_length`. Returns input_ids, labels, position_ids.
 
     Positions restart at 0 for every example (and for the padding at the end of a row), which is
     how transformers recognises packed sequences and builds a block-diagonal causal mask. An
-    example's first label is ignored: nothing of its own precedes it.
+    example's first label is ignored: nothing of its own precedes it. With `virtual_tokens`,
+    each example is preceded by that many soft-prompt slots (`virtual_mask`), as in `pad_collate`.
     """
+    v = virtual_tokens
     ids = torch.full((len(rows), row_length), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), row_length), IGNORE, dtype=torch.long)
     positions = torch.zeros((len(rows), row_length), dtype=torch.long)
+    slots = torch.zeros((len(rows), row_length), dtype=torch.bool)
     for r, row in enumerate(rows):
         start = 0
         for e in row:
             n = len(e.input_ids)
-            ids[r, start : start + n] = torch.tensor(e.input_ids)
-            labels[r, start + 1 : start + n] = torch.tensor(e.labels[1:])
-            positions[r, start : start + n] = torch.arange(n)
-            start += n
+            slots[r, start : start + v] = True
+            ids[r, start + v : start + v + n] = torch.tensor(e.input_ids)
+            labels[r, start + v + 1 : start + v + n] = torch.tensor(e.labels[1:])
+            positions[r, start : start + v + n] = torch.arange(v + n)
+            start += v + n
         assert start <= row_length, "a packed row overflows its length"
         positions[r, start:] = torch.arange(row_length - start)
-    return {"input_ids": ids, "labels": labels, "position_ids": positions}
+    batch = {"input_ids": ids, "labels": labels, "position_ids": positions}
+    if v:
+        batch["virtual_mask"] = slots
+    return batch
 
 
 def pack_best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -150,8 +167,9 @@ def packed_rows(lengths: list[int], capacity: int, seed: int) -> Callable[[int],
     return units
 
 
-def eval_batches(examples: list[Encoded], batch_size: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
+def eval_batches(examples: list[Encoded], batch_size: int, pad_id: int,
+                 virtual_tokens: int = 0) -> Iterator[dict[str, torch.Tensor]]:
     """Eval micro-batches in length order (less padding); the order does not change the token-summed loss."""
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     for s in range(0, len(order), batch_size):
-        yield pad_collate([examples[i] for i in order[s : s + batch_size]], pad_id)
+        yield pad_collate([examples[i] for i in order[s : s + batch_size]], pad_id, virtual_tokens)

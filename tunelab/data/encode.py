@@ -42,6 +42,10 @@ class EncodeStats:
     dropped: int = 0
     boundary_tokens: int = 0
     dropped_sources: list[str] = field(default_factory=list)
+    # 0-based file rows, for audits
+    prompt_cut_rows: list[int] = field(default_factory=list)
+    target_cut_rows: list[int] = field(default_factory=list)
+    untrainable_rows: list[int] = field(default_factory=list)  # no token of their own (lenient encoding)
 
     def summary(self) -> str:
         return (f"{self.num_examples} examples, {self.num_tokens} tokens ({self.num_label_tokens} trained); "
@@ -99,6 +103,10 @@ def fit_length(ids: list[int], trained: list[bool], source: str, row: int, max_l
             ids, trained, cut_prompt, cut_target = _truncate(ids, trained, max_length, keep_first)
         stats.prompts_truncated += cut_prompt
         stats.targets_truncated += cut_target
+        if cut_prompt:
+            stats.prompt_cut_rows.append(row)
+        if cut_target:
+            stats.target_cut_rows.append(row)
         if not any(trained[1:]):
             raise DataError(f"{source}: after truncation to data.max_length={max_length} ({truncation}) no target "
                             "token is left. Raise data.max_length, or set data.truncation: left (cut the prompt) "
@@ -113,8 +121,12 @@ def fit_length(ids: list[int], trained: list[bool], source: str, row: int, max_l
 
 
 def encode_examples(rendered: list[Rendered], tokenizer: Any, max_length: int, truncation: str = "left",
-                    stats: EncodeStats | None = None) -> list[Encoded]:
-    """Tokenize a list of rendered examples; `truncation` is 'left', 'right', 'drop' or 'error'."""
+                    stats: EncodeStats | None = None, lenient: bool = False) -> list[Encoded]:
+    """Tokenize a list of rendered examples; `truncation` is 'left', 'right', 'drop' or 'error'.
+
+    `lenient` (for audits): an example with no target token of its own is counted in
+    `stats.untrainable_rows` and left out instead of stopping.
+    """
     stats = stats if stats is not None else EncodeStats()
     bos = tokenizer.bos_token if adds_bos(tokenizer) else None
     texts = [r.text if bos is None or r.text.startswith(bos) else bos + r.text for r in rendered]
@@ -124,6 +136,9 @@ def encode_examples(rendered: list[Rendered], tokenizer: Any, max_length: int, t
     for r, ids, offsets, delta in zip(rendered, batch["input_ids"], batch["offset_mapping"], shift):
         trained, boundary = _label_tokens(offsets, [(s + delta, e + delta) for s, e in r.spans])
         stats.boundary_tokens += boundary
+        if not any(trained) and lenient:
+            stats.untrainable_rows.append(r.row)
+            continue
         if not any(trained):
             raise DataError(f"{r.source}: the target has no token of its own after tokenization (the prompt's last "
                             "token swallows it). End the template's prompt with a separator such as ':' or a newline.")

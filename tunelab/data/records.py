@@ -44,6 +44,21 @@ class Example:
         return self.fields[SHAPES[self.shape][2]]
 
 
+def _fields(shape: str, values: dict[str, Any], rec: Record, names: tuple[str, ...], target_field: str) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for name in names:
+        if name == "messages":
+            fields[name] = _messages(values[name], rec)
+        elif shape == "tokenized":
+            fields[name] = _token_ids(values[name], name, rec)
+        else:
+            fields[name] = _as_text(values.get(name), name, rec)
+    if shape != "chat" and not (fields[target_field].strip() if shape != "tokenized" else fields[target_field]):
+        raise EmptyTargetError(f"{rec.source}: the target field '{target_field}' is empty. Every example needs an "
+                               "output to train on: fill it in or remove the line.")
+    return fields
+
+
 def detect_shape(columns: set[str], where: str) -> str:
     """The first shape whose required fields are all present."""
     for shape, (required, _, _) in SHAPES.items():
@@ -84,12 +99,22 @@ def _messages(value: Any, record: Record) -> list[dict[str, str]]:
         raise DataError(f"{record.source}: the conversation has no assistant turn, so there is nothing to train on.")
     empty = [i for i, m in enumerate(out) if m["role"] == "assistant" and not m["content"].strip()]
     if empty:
-        raise DataError(f"{record.source}: messages[{empty[0]}] is an assistant turn with empty content (an empty target).")
+        raise EmptyTargetError(f"{record.source}: messages[{empty[0]}] is an assistant turn with empty content "
+                               "(an empty target).")
     return out
 
 
-def to_examples(records: list[Record], shape: str = "auto", columns: dict[str, str] | None = None) -> list[Example]:
-    """Map columns, detect (or check) the shape, and validate every record: no missing or empty target."""
+class EmptyTargetError(DataError):
+    """A record whose target is empty (an audit lists these instead of stopping)."""
+
+
+def to_examples(records: list[Record], shape: str = "auto", columns: dict[str, str] | None = None,
+                empty_targets: list[tuple[Record, str]] | None = None) -> list[Example]:
+    """Map columns, detect (or check) the shape, and validate every record: no missing or empty target.
+
+    With `empty_targets` given, records whose target is empty are collected there (with the reason)
+    and left out, instead of stopping at the first one.
+    """
     columns = columns or {}
     first = records[0]
     available = set(first.fields)
@@ -113,19 +138,13 @@ def to_examples(records: list[Record], shape: str = "auto", columns: dict[str, s
                 f"{rec.source}: the record has no '{absent[0]}' field, which the {shape} shape needs "
                 f"(fields present: {sorted(values)}). Add it, or map a column to it with data.columns."
             )
-        fields: dict[str, Any] = {}
-        for name in required + optional:
-            if name == "messages":
-                fields[name] = _messages(values[name], rec)
-            elif shape == "tokenized":
-                fields[name] = _token_ids(values[name], name, rec)
-            else:
-                fields[name] = _as_text(values.get(name), name, rec)
-        if shape != "chat" and not (fields[target_field].strip() if shape != "tokenized" else fields[target_field]):
-            raise DataError(
-                f"{rec.source}: the target field '{target_field}' is empty. Every example needs an output to "
-                "train on: fill it in or remove the line."
-            )
+        try:
+            fields = _fields(shape, values, rec, required + optional, target_field)
+        except EmptyTargetError as exc:
+            if empty_targets is None:
+                raise
+            empty_targets.append((rec, str(exc)))
+            continue
         extra = {k: v for k, v in values.items() if k not in fields}
         examples.append(Example(shape, fields, rec.source, rec.row, extra))
     return examples

@@ -72,6 +72,12 @@ class RenderSpec:
     chat_template: str | None = None
 
 
+def spec_from_config(cfg: Any) -> RenderSpec:
+    """The rendering a run's config describes (data and strategy sections)."""
+    return RenderSpec(mode=cfg.data.render, template=cfg.strategy.template, num_shots=cfg.strategy.num_shots,
+                      seed=cfg.train.seed, last_turn_only=cfg.data.last_turn_only, chat_template=cfg.data.chat_template)
+
+
 def _fields(ex: Example) -> dict[str, Any]:
     values = {**ex.extra, **ex.fields}
     values.setdefault("target", ex.target)

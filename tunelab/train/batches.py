@@ -26,26 +26,51 @@ class BatchPlan:
     collate: Callable[[list[Unit]], dict[str, torch.Tensor]]
     packed: bool
     lengths: list[int]  # tokens of each example
+    rank: int = 0
+    world: int = 1
 
     def next_step(self) -> list[tuple[dict[str, torch.Tensor], int]]:
-        """The micro-batches of the next optimizer step, each with its number of real (non-pad) tokens."""
+        """This rank's micro-batches of the next optimizer step, each with its number of real (non-pad) tokens.
+
+        Every rank draws the same global micro-batch from the same seeded stream and keeps its own
+        contiguous slice, so N processes see exactly the examples of one process with N times the batch.
+        """
         out = []
         for _ in range(self.micro_batches_per_step):
-            units = self.stream.take(self.rows_per_micro_batch)
+            units = self.stream.take(self.rows_per_micro_batch * self.world)
+            units = units[self.rank * self.rows_per_micro_batch : (self.rank + 1) * self.rows_per_micro_batch]
             out.append((self.collate(units), sum(self.lengths[i] for unit in units for i in unit)))
         return out
 
     def steps_per_epoch(self) -> float:
-        return len(self.stream.units(0)) / (self.rows_per_micro_batch * self.micro_batches_per_step)
+        return len(self.stream.units(0)) / (self.rows_per_micro_batch * self.micro_batches_per_step * self.world)
 
 
-def make_batch_plan(cfg: Config, examples: list[Encoded], pad_id: int, can_pack: bool = True) -> BatchPlan:
-    """Padded batches of `train.batch_size`, or packed rows when `train.tokens_per_step` is set."""
-    t, row_length = cfg.train, cfg.data.max_length
+def make_batch_plan(cfg: Config, examples: list[Encoded], pad_id: int, can_pack: bool = True,
+                    virtual_tokens: int = 0, rank: int = 0, world: int = 1) -> BatchPlan:
+    """Padded batches of `train.batch_size`, or packed rows when `train.tokens_per_step` is set.
+
+    `virtual_tokens` soft-prompt slots precede every example (they count against a row's length).
+    """
+    plan = _plan(cfg, examples, pad_id, can_pack, virtual_tokens)
+    plan.rank, plan.world = rank, world
+    per_step = plan.rows_per_micro_batch * world
+    if per_step > len(plan.stream.units(0)):
+        from tunelab.errors import ConfigError
+
+        raise ConfigError(f"{world} processes x {plan.rows_per_micro_batch} rows per micro-batch need {per_step} rows "
+                          f"per micro-batch, but the training data make only {len(plan.stream.units(0))} per epoch: "
+                          "there is not enough work. Use fewer processes or a smaller batch.")
+    return plan
+
+
+def _plan(cfg: Config, examples: list[Encoded], pad_id: int, can_pack: bool, virtual_tokens: int) -> BatchPlan:
+    t, v = cfg.train, virtual_tokens
+    row_length = cfg.data.max_length + v
     lengths = [len(e.input_ids) for e in examples]
 
     def padded(units: list[Unit]) -> dict[str, torch.Tensor]:
-        return pad_collate([examples[i] for u in units for i in u], pad_id)
+        return pad_collate([examples[i] for u in units for i in u], pad_id, v)
 
     if t.tokens_per_step is None:
         return BatchPlan(UnitStream(shuffled_examples(len(examples), t.seed)), t.batch_size, t.grad_accum,
@@ -57,9 +82,9 @@ def make_batch_plan(cfg: Config, examples: list[Encoded], pad_id: int, can_pack:
                  "%d / the mean example length)", per_micro, micro)
         return BatchPlan(UnitStream(shuffled_examples(len(examples), t.seed)), per_micro, t.tokens_per_step // micro,
                          padded, False, lengths)
-    return BatchPlan(UnitStream(packed_rows(lengths, row_length, t.seed)), micro // row_length,
-                     t.tokens_per_step // micro,
-                     lambda units: packed_collate([[examples[i] for i in u] for u in units], pad_id, row_length),
+    return BatchPlan(UnitStream(packed_rows([n + v for n in lengths], row_length, t.seed)),
+                     max(1, micro // row_length), t.tokens_per_step // micro,
+                     lambda units: packed_collate([[examples[i] for i in u] for u in units], pad_id, row_length, v),
                      True, lengths)
 
 

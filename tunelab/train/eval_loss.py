@@ -15,11 +15,11 @@ from tunelab.train.loss import causal_lm_loss
 
 @torch.no_grad()
 def evaluate_loss(model: Any, examples: list[Encoded], batch_size: int, pad_id: int, device: torch.device,
-                  autocast: contextlib.AbstractContextManager | None = None) -> dict[str, float]:
+                  autocast: contextlib.AbstractContextManager | None = None, virtual_tokens: int = 0) -> dict[str, float]:
     was_training = model.training
     model.eval()
     loss_sum, n_tokens, n_correct = 0.0, 0, 0
-    for batch in eval_batches(examples, batch_size, pad_id):
+    for batch in eval_batches(examples, batch_size, pad_id, virtual_tokens):
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast or contextlib.nullcontext():
             out = causal_lm_loss(model, batch, count_correct=True)

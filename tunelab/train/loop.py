@@ -20,11 +20,14 @@ import torch
 from tunelab.config import Config, TrainConfig
 from tunelab.data.batching import DataPosition, count_label_tokens
 from tunelab.data.dataset import load_datasets
-from tunelab.data.render import RenderSpec
+from tunelab.data.render import spec_from_config
 from tunelab.models.load import load_model, load_tokenizer, pad_token_id
-from tunelab.strategies import apply_strategy, count_parameters
+from tunelab.strategies import count_parameters, prepare_strategy
+from tunelab.strategies.export import save_final
 from tunelab.train.batches import make_batch_plan, total_steps
-from tunelab.train.checkpoint import atomic_dir, list_checkpoints, load_checkpoint, save_checkpoint
+from tunelab.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from tunelab.train.distributed import (DistInfo, all_reduce_sum, barrier, full_state_dict, gradient_sync,
+                                       init_distributed, load_sharded, save_sharded, wrap)
 from tunelab.train.eval_loss import evaluate_loss
 from tunelab.train.loss import causal_lm_loss
 from tunelab.train.metrics import MetricsWriter
@@ -41,18 +44,30 @@ class TrainResult:
     steps: int
     final_loss: float
     eval: dict[str, float] | None
-    final_dir: Path
+    final_dir: Path | None  # None for tuning-free prompting: nothing was trained
+    model: Any = None  # the trained TrainModel, still in memory
 
 
-def resolve_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype | None]:
-    """The device, and the autocast dtype (None: full float32)."""
+def resolve_device(cfg: TrainConfig, info: DistInfo = DistInfo()) -> tuple[torch.device, torch.dtype | None]:
+    """The device (this rank's GPU under torchrun), and the autocast dtype (None: full float32)."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("train.device is 'cuda' but no CUDA device is available; use train.device: auto or cpu")
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           cfg.device if cfg.device != "auto" else "cpu")
+    if device.type == "cuda" and info.enabled:
+        device = torch.device("cuda", info.local_rank)
     if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
         return device, torch.bfloat16
     return device, None
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak accelerator memory, or on the CPU the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def seed_everything(seed: int) -> None:
@@ -60,73 +75,96 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def render_spec(cfg: Config) -> RenderSpec:
-    return RenderSpec(mode=cfg.data.render, template=cfg.strategy.template, num_shots=cfg.strategy.num_shots,
-                      seed=cfg.train.seed, last_turn_only=cfg.data.last_turn_only, chat_template=cfg.data.chat_template)
-
-
-def save_final(run_dir: Path, model: Any, tokenizer: Any) -> Path:
-    """final/: a Hugging Face folder that plain `from_pretrained` loads (written atomically)."""
-    def write(tmp: Path) -> None:
-        model.config.use_cache = True
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        model.config.use_cache = False
-
-    return atomic_dir(run_dir / "final", write)
+def evaluate_only(cfg: Config, run_dir: Path, model: Any, params: Any, eval_set: Any, pad_id: int,
+                  device: torch.device, autocast: Any, file_log: logging.Handler) -> TrainResult:
+    """Tuning-free prompting: nothing trains; the run holds its parameter count and eval figures."""
+    metrics = MetricsWriter(run_dir / "metrics.jsonl")
+    metrics.write({"type": "params", "step": 0, "trainable_params": 0, "total_params": params.total,
+                   "trainable_share": 0.0})
+    result = None
+    if eval_set:
+        result = evaluate_loss(model, eval_set, cfg.train.batch_size, pad_id, device, autocast(), 0)
+        metrics.write({"type": "eval", "step": 0, **result})
+        log.info("prompting (nothing trained): eval loss %.4f", result["eval_loss"])
+    metrics.close()
+    logging.getLogger("tunelab").removeHandler(file_log)
+    file_log.close()
+    return TrainResult(run_dir, 0, float("nan"), result, None, model)
 
 
 def train(cfg: Config) -> TrainResult:
-    """Run (or resume) the training run that `cfg` describes; returns where its results are."""
+    """Run (or resume) the training run that `cfg` describes; returns where its results are.
+
+    Under torchrun every rank runs this same recipe on its slice of each step.
+    """
     # 1. check everything that can be wrong before writing anything: output_dir, device, data, model
+    info = init_distributed()
     check_run_dir(cfg)
     seed_everything(cfg.train.seed)
-    device, amp_dtype = resolve_device(cfg.train)
+    device, amp_dtype = resolve_device(cfg.train, info)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     tokenizer = load_tokenizer(cfg.model)
-    train_split, eval_split = load_datasets(cfg.data, render_spec(cfg), tokenizer, cfg.train.seed)
+    train_split, eval_split = load_datasets(cfg.data, spec_from_config(cfg), tokenizer, cfg.train.seed)
     train_set, eval_set = train_split.encoded, eval_split.encoded if eval_split else None
     pad_id = pad_token_id(tokenizer)
     model = load_model(cfg.model, device_type=device.type)
 
-    # 2. the run directory
-    run_dir = open_run_dir(cfg)
-    file_log = logging.FileHandler(run_dir / "train.log")
+    # 2. the run directory (rank 0 writes; the others follow)
+    run_dir = open_run_dir(cfg) if info.is_main else Path(cfg.output_dir)
+    barrier()
+    file_log = logging.FileHandler(run_dir / (f"train-rank{info.rank}.log" if info.rank else "train.log"))
     file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("tunelab").addHandler(file_log)
+    if not info.is_main:
+        logging.getLogger("tunelab").setLevel(logging.WARNING)
     log.info("train data: %s", train_split.stats.summary())
 
-    # 3. strategy: decide what trains; speed options
-    model = apply_strategy(model, cfg.strategy).to(device)
+    # 3. strategy: decide what trains and what is added; speed options; data parallelism
+    model = prepare_strategy(model, cfg.strategy, tokenizer, cfg.train.seed).to(device)
     model.train()
     if cfg.train.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda"):
-        model.get_decoder().compile()  # in place: parameter names (and checkpoints) stay the same
+        model.base.get_decoder().compile()  # in place: parameter names (and checkpoints) stay the same
     params = count_parameters(model)
-    log.info("%s on %s (%s)", params.summary(), device, "bf16 autocast" if amp_dtype else "fp32")
+    log.info("strategy %s: %s on %s (%s)%s", cfg.strategy.name, params.summary(), device,
+             "bf16 autocast" if amp_dtype else "fp32",
+             f", {info.world} processes ({cfg.distributed.strategy})" if info.enabled else "")
+    if cfg.strategy.name == "prompting":
+        return evaluate_only(cfg, run_dir, model, params, eval_set, pad_id, device, autocast, file_log)
+    tm = model
+    if info.enabled:
+        model = wrap(model, cfg.distributed.strategy, device, amp_dtype is not None)
 
     # 4. batches, optimizer, schedule; restore all of them when resuming
-    plan = make_batch_plan(cfg, train_set, pad_id)
+    plan = make_batch_plan(cfg, train_set, pad_id, can_pack=tm.can_pack, virtual_tokens=tm.virtual_tokens,
+                           rank=info.rank, world=info.world)
     steps = total_steps(cfg, plan)
     optimizer = build_optimizer(model, cfg.train, device)
     scheduler = build_scheduler(optimizer, steps, cfg.train)
     start_step = 0
     checkpoints = list_checkpoints(run_dir) if cfg.resume else []
     if checkpoints:
-        state = load_checkpoint(checkpoints[-1], model, optimizer, scheduler)
+        if info.enabled:
+            state = load_sharded(checkpoints[-1], model, optimizer, scheduler, info)
+        else:
+            state = load_checkpoint(checkpoints[-1], model, optimizer, scheduler)
         start_step, plan.stream.position = state["step"], DataPosition(**state["data_position"])
         log.info("resumed from %s (step %d)", checkpoints[-1], start_step)
     elif cfg.resume:
         log.info("no complete checkpoint in %s: starting from step 0", run_dir)
-    metrics = MetricsWriter(run_dir / "metrics.jsonl", resume_step=start_step if checkpoints else None)
+    metrics = MetricsWriter(run_dir / "metrics.jsonl", resume_step=start_step if checkpoints else None,
+                            enabled=info.is_main)
     if not checkpoints:
         metrics.write({"type": "params", "step": 0, "trainable_params": params.trainable,
                        "total_params": params.total, "trainable_share": params.share})
+        st = train_split.stats
+        metrics.write({"type": "data", "step": 0, "num_examples": st.num_examples, "num_tokens": st.num_tokens,
+                       "num_label_tokens": st.num_label_tokens, "prompts_truncated": st.prompts_truncated,
+                       "targets_truncated": st.targets_truncated, "dropped": st.dropped})
 
     def run_eval(step: int) -> dict[str, float]:
-        result = evaluate_loss(model, eval_set, cfg.train.batch_size, pad_id, device, autocast())
+        result = evaluate_loss(model, eval_set, cfg.train.batch_size, pad_id, device, autocast(), tm.virtual_tokens)
         metrics.write({"type": "eval", "step": step, **result})
         log.info("step %d: eval loss %.4f, token accuracy %.3f", step, result["eval_loss"], result["eval_token_accuracy"])
         return result
@@ -134,28 +172,36 @@ def train(cfg: Config) -> TrainResult:
     eval_result = run_eval(0) if eval_set and cfg.train.eval_every and start_step == 0 else None
 
     # 5. the loop
-    progress = Progress(steps, start_step, enabled=cfg.train.progress)
+    progress = Progress(steps, start_step, enabled=cfg.train.progress and info.is_main)
     loss = float("nan")
     loop_start = time.perf_counter()
+    trainable = [p for p in model.parameters() if p.requires_grad]
     try:
         for step in range(start_step + 1, steps + 1):
             t0 = time.perf_counter()
-            micro_batches = plan.next_step()
+            micro_batches = plan.next_step()  # this rank's slice of the step
             num_label_tokens = sum(count_label_tokens(mb["labels"]) for mb, _ in micro_batches)
             num_tokens = sum(n for _, n in micro_batches)
+            if info.enabled:  # the loss is normalised by the target tokens of every rank
+                num_label_tokens = int(all_reduce_sum(num_label_tokens, device))
+                num_tokens = int(all_reduce_sum(num_tokens, device))
+            scale = info.world / num_label_tokens  # DDP and FSDP average gradients over ranks: undo it
             loss_sum = torch.zeros((), device=device)
-            for mb, _ in micro_batches:
+            for i, (mb, _) in enumerate(micro_batches):
                 mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
-                with autocast():
+                with gradient_sync(model, i == len(micro_batches) - 1), autocast():
                     out = causal_lm_loss(model, mb)
-                (out.loss_sum / num_label_tokens).backward()
+                    (out.loss_sum * scale).backward()
                 loss_sum += out.loss_sum.detach()
             max_norm = cfg.train.max_grad_norm or float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if info.enabled:
+                loss_sum = torch.tensor(all_reduce_sum(float(loss_sum), device))
+                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             loss, grad_norm = float(loss_sum) / num_label_tokens, float(grad_norm)  # the host syncs once per step
             seconds = time.perf_counter() - t0
             row = {"type": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
@@ -167,9 +213,19 @@ def train(cfg: Config) -> TrainResult:
             progress.update(row)
             if eval_set and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == steps):
                 eval_result = run_eval(step)
-            if cfg.train.save_every and step % cfg.train.save_every == 0:
+            stopping = cfg.train.stop_after == step and step < steps
+            if (cfg.train.save_every and step % cfg.train.save_every == 0) or stopping:
                 state = {"data_position": vars(plan.stream.position), "loss": loss}
-                save_checkpoint(run_dir, step, model, optimizer, scheduler, state, cfg.train.keep_checkpoints)
+                if info.enabled:
+                    save_sharded(run_dir / "checkpoints" / f"step-{step}", model, optimizer, scheduler, state, info,
+                                 cfg.train.keep_checkpoints)
+                else:
+                    save_checkpoint(run_dir, step, model, optimizer, scheduler, state, cfg.train.keep_checkpoints)
+            if stopping:
+                log.info("stopped at step %d of %d (train.stop_after); continue with --resume", step, steps)
+                return TrainResult(run_dir, step, loss, eval_result, None, model)
+        metrics.write({"type": "summary", "step": steps, "peak_memory_bytes": peak_memory_bytes(device),
+                       "loop_seconds": time.perf_counter() - loop_start, "processes": info.world})
     except KeyboardInterrupt:
         done = list_checkpoints(run_dir)
         raise KeyboardInterrupt(f"interrupted; the newest checkpoint is {done[-1] if done else 'none'}; "
@@ -180,7 +236,17 @@ def train(cfg: Config) -> TrainResult:
         logging.getLogger("tunelab").removeHandler(file_log)
         file_log.close()
 
-    # 6. the result, in Hugging Face format
-    final_dir = save_final(run_dir, model, tokenizer)
+    # 6. the result, in Hugging Face (or peft) format, consolidated on rank 0
+    if info.enabled:
+        full = full_state_dict(model)
+        final_dir = None
+        if info.is_main:
+            single = prepare_strategy(load_model(cfg.model), cfg.strategy, tokenizer, cfg.train.seed)
+            single.load_state_dict(full)
+            final_dir = save_final(run_dir, single, tokenizer, cfg.model.path)
+        barrier()
+        final_dir = run_dir / "final"
+    else:
+        final_dir = save_final(run_dir, model, tokenizer, cfg.model.path)
     log.info("done: %d steps, final train loss %.4f; model in %s", steps, loss, final_dir)
-    return TrainResult(run_dir, steps, loss, eval_result, final_dir)
+    return TrainResult(run_dir, steps, loss, eval_result, final_dir, model)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.data.encode import IGNORE
-from tunelab.models.attention import packed_inputs
+from tunelab.strategies.model import TrainModel
 
 DEFAULT_CHUNK = 1024
 
@@ -84,38 +84,48 @@ class LossOutput:
     num_correct: int | None = None  # argmax hits, when asked for (evaluation)
 
 
-def _head(model: Any) -> torch.nn.Module | None:
-    """The output projection when logits are a plain linear map of the last hidden state, else None."""
-    cfg = getattr(model, "config", None)
-    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1.0):
-        return None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return head if isinstance(head, torch.nn.Linear) else None
+def _logit_transform(config: Any) -> tuple[float | None, float]:
+    """(soft cap, scale) that some architectures apply to the head's output (Gemma 2, Cohere)."""
+    cap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None)
+    return cap, 1.0 if scale is None else float(scale)
+
+
+def loss_from_hidden(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, config: Any,
+                     chunk_size: int = DEFAULT_CHUNK, count_correct: bool = False
+                     ) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+    """(summed loss, target tokens, argmax hits or None) from hidden states (batch, seq, d) and their
+    aligned labels (batch, seq): the projection runs only at target positions."""
+    labels = labels[:, 1:]
+    mask = labels != IGNORE
+    targets = labels[mask]
+    selected = hidden[:, :-1][mask]  # (n, d)
+    cap, scale = _logit_transform(config)
+    correct = None
+    if isinstance(head, torch.nn.Linear) and cap is None and scale == 1.0:
+        loss = linear_cross_entropy_sum(selected, head.weight, head.bias, targets, chunk_size)
+        if count_correct:
+            with torch.no_grad():
+                correct = sum((F.linear(selected[s : s + chunk_size], head.weight, head.bias).argmax(-1)
+                               == targets[s : s + chunk_size]).sum() for s in range(0, targets.shape[0], chunk_size))
+        return loss, int(targets.shape[0]), correct
+    # any other head (LoRA on the head, soft-capped or scaled logits): logits at the target positions only
+    logits = head(selected).float() * scale  # (n, vocab)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    if count_correct:
+        correct = (logits.argmax(-1) == targets).sum()
+    return F.cross_entropy(logits, targets, reduction="sum"), int(targets.shape[0]), correct
 
 
 def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor], chunk_size: int = DEFAULT_CHUNK,
                    count_correct: bool = False) -> LossOutput:
-    """Summed next-token loss over the batch's target tokens (labels != -100, shifted by one)."""
-    if "position_ids" in batch:  # packed rows: the attention keeps the examples apart
-        inputs = packed_inputs(batch, model.config._attn_implementation)
-        labels = batch["labels"].reshape(inputs["input_ids"].shape)[:, 1:]
-    else:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        labels = batch["labels"][:, 1:]  # (batch, seq-1)
-    mask = labels != IGNORE
-    targets = labels[mask]
-    head = _head(model)
-    if head is not None:
-        hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state  # (batch, seq, d)
-        selected = hidden[:, :-1][mask]  # (n, d)
-        loss = linear_cross_entropy_sum(selected, head.weight, head.bias, targets, chunk_size)
-        correct = None
-        if count_correct:
-            with torch.no_grad():
-                correct = sum(int((F.linear(selected[s : s + chunk_size], head.weight, head.bias).argmax(-1)
-                                   == targets[s : s + chunk_size]).sum()) for s in range(0, targets.shape[0], chunk_size))
-        return LossOutput(loss, int(targets.shape[0]), correct)
-    logits = model(**inputs, use_cache=False).logits[:, :-1][mask].float()  # (n, vocab)
-    loss = F.cross_entropy(logits, targets, reduction="sum")
-    correct = int((logits.argmax(-1) == targets).sum()) if count_correct else None
-    return LossOutput(loss, int(targets.shape[0]), correct)
+    """Summed next-token loss over the batch's target tokens (labels != -100, shifted by one).
+
+    `model` is a `TrainModel` (possibly wrapped by DDP or FSDP, whose forward computes the loss) or a
+    plain transformers causal LM, which is wrapped as one.
+    """
+    wrapped = isinstance(model, TrainModel) or isinstance(getattr(model, "module", None), TrainModel)  # DDP
+    tm = model if wrapped else TrainModel(model, "full")
+    loss, n, correct = tm(batch, chunk_size=chunk_size, count_correct=count_correct)
+    return LossOutput(loss, n, int(correct) if correct is not None else None)

@@ -17,8 +17,12 @@ def _clean(value: Any) -> Any:
 class MetricsWriter:
     """Appends rows to metrics.jsonl. On resume, rows after the resumed step are dropped first."""
 
-    def __init__(self, path: Path, resume_step: int | None = None):
+    def __init__(self, path: Path, resume_step: int | None = None, enabled: bool = True):
         self.path = Path(path)
+        self.enabled = enabled  # under torchrun only rank 0 writes
+        self._file = None
+        if not enabled:
+            return
         if resume_step is not None and self.path.is_file():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
@@ -30,11 +34,13 @@ class MetricsWriter:
         self._file = self.path.open("a")
 
     def write(self, row: dict[str, Any]) -> None:
-        self._file.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
-        self._file.flush()
+        if self._file is not None:
+            self._file.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+            self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -15,7 +15,8 @@ from tunelab.errors import ConfigError
 log = logging.getLogger(__name__)
 # keys that may change between a run and its resumption without changing what is trained
 RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.eval_every", "train.save_every",
-                     "train.keep_checkpoints", "train.log_every", "train.progress", "resume", "overwrite"}
+                     "train.keep_checkpoints", "train.log_every", "train.progress", "resume", "overwrite",
+                     "plan.retention", "train.stop_after"}
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -1,0 +1,87 @@
+"""`tunelab eval` and `tunelab diff` end to end on small runs of the real stories260K model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import config_tree, write_jsonl
+from tunelab.cli import main
+from tunelab.config import validate_config
+from tunelab.evaluate.diff import DiffSettings, diff
+from tunelab.evaluate.loaders import load_for_eval
+from tunelab.evaluate.run import EvalSettings, eval_data_from_config, evaluate
+from tunelab.train.loop import train
+
+ROWS = [{"text": f"Tom saw a {c} {a}.", "label": c} for c in ("red", "blue", "green") for a in
+        ("ball", "car", "dog", "cat", "box", "hat", "cup", "bird")]
+
+
+@pytest.fixture(scope="module")
+def colour_run(tmp_path_factory, stories260k):
+    tmp = tmp_path_factory.mktemp("colour")
+    tree = config_tree(stories260k, write_jsonl(tmp / "train.jsonl", ROWS), tmp / "run",
+                       data={"eval_fraction": 0.25},
+                       strategy={"name": "full", "template": {"prompt": "{text}\nColour:", "target": " {label}"}},
+                       train={"max_steps": 30, "learning_rate": 3e-3, "batch_size": 6})
+    cfg = validate_config(tree)
+    train(cfg)
+    return cfg, tmp
+
+
+def test_eval_of_a_run_directory_scores_the_labels(colour_run, capsys):
+    cfg, tmp = colour_run
+    write_jsonl(tmp / "eval.jsonl", ROWS[::4])
+    code = main(["eval", cfg.output_dir, str(tmp / "eval.jsonl"), "--output", str(tmp / "r.json"),
+                 "--predictions", str(tmp / "p.jsonl")])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((tmp / "r.json").read_text())
+    assert summary["mode"] == "score" and summary["num_options"] == 3 and summary["num_examples"] == 6
+    assert summary["rendering"]["template"]["prompt"] == "{text}\nColour:"
+    assert summary["metrics"]["accuracy"] == 1.0  # the colour is in the input: the tuned model reads it off
+    preds = [json.loads(line) for line in (tmp / "p.jsonl").read_text().splitlines()]
+    assert len(preds) == 6 and preds[0]["input"].endswith("\nColour:") and preds[0]["prediction"] in {"red", "blue", "green"}
+
+
+def test_generation_mode_reports_eos_and_lengths(colour_run):
+    cfg, _ = colour_run
+    em = load_for_eval(cfg.output_dir)
+    summary, rows = evaluate(em, eval_data_from_config(cfg), EvalSettings(mode="generate", max_new_tokens=8))
+    assert summary["mode"] == "generate" and summary["eos_rate"] > 0.5
+    assert {"exact_match", "token_f1", "rouge_l"} == set(summary["metrics"])
+    assert summary["metrics"]["exact_match"] == sum(r["correct"] for r in rows) / len(rows)
+
+
+def test_prompting_baseline_goes_through_the_same_path(colour_run, stories260k, tmp_path):
+    cfg, tmp = colour_run
+    tree = cfg.model_dump(mode="json")
+    tree["strategy"] = {"name": "prompting", "template": tree["strategy"]["template"], "num_shots": 2}
+    tree["output_dir"] = str(tmp_path / "prompting")
+    prompting = validate_config(tree)
+    train(prompting)
+    em = load_for_eval(prompting.output_dir)
+    summary, rows = evaluate(em, eval_data_from_config(prompting), EvalSettings())
+    assert summary["rendering"]["num_shots"] == 2
+    assert all(r["input"].count("Colour:") == 3 for r in rows)  # two demonstrations, then the question
+    assert 0.0 <= summary["metrics"]["accuracy"] <= 1.0
+
+
+def test_diff_against_itself_is_zero_and_against_the_tuned_model_is_not(colour_run, stories260k, tmp_path):
+    cfg, _ = colour_run
+    base, tuned = load_for_eval(str(stories260k)), load_for_eval(cfg.output_dir)
+    settings = DiffSettings(num_samples=4, sample_tokens=48, max_new_tokens=16)
+    same = diff(base, base, None, settings, EvalSettings())
+    assert same["forgetting"]["kl_base_to_tuned"] == pytest.approx(0.0, abs=1e-6)
+    assert same["forgetting"]["perplexity_ratio"] == pytest.approx(1.0)
+    assert same["forgetting"]["perplexity_verdict"].startswith("no measurable forgetting")
+    probes = write_jsonl(tmp_path / "probes.jsonl", [{"prompt": "Once upon a time, there was a little girl named",
+                                                      "answer": "Lily"}])
+    d = diff(base, tuned, eval_data_from_config(cfg), DiffSettings(probes=str(probes), num_samples=4, sample_tokens=48,
+                                                                   max_new_tokens=16), EvalSettings())
+    f = d["forgetting"]
+    assert f["kl_base_to_tuned"] > 0.01 and f["perplexity_tuned"] != f["perplexity_base"]
+    assert d["task"]["tuned"]["accuracy"] >= d["task"]["base"]["accuracy"]
+    assert d["probes"]["right_base"] == 1  # the base model knows its heroine
+    for key in ("length_verdict", "eos_verdict", "collapse_verdict"):
+        assert "threshold" in d["drift"][key]

@@ -1,0 +1,79 @@
+"""`tunelab doctor` on runs engineered to show each pathology, and on a healthy run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import config_tree, write_jsonl
+from tunelab.cli import main
+from tunelab.config import validate_config
+from tunelab.doctor import diagnose
+from tunelab.train.loop import train
+
+COLOURS = [{"text": f"Tom saw a {c} {a}.", "label": c} for c in ("red", "blue", "green") for a in
+           ("ball", "car", "dog", "cat", "box", "hat", "cup", "bird")]
+TEMPLATE = {"prompt": "{text}\nColour:", "target": " {label}"}
+
+
+def _run(tmp_path, stories260k, name, rows=COLOURS, **train_settings):
+    tree = config_tree(stories260k, write_jsonl(tmp_path / f"{name}.jsonl", rows), tmp_path / name,
+                       data={"eval_fraction": 0.25}, strategy={"name": "full", "template": TEMPLATE},
+                       train={"batch_size": 6, "eval_every": 5, **train_settings})
+    return train(validate_config(tree)).run_dir
+
+
+def _whats(result):
+    return [f["what"] for f in result["findings"]]
+
+
+def test_learning_rate_of_10_diverges(tmp_path, stories260k):
+    result = diagnose(_run(tmp_path, stories260k, "lr10", max_steps=20, learning_rate=10.0))
+    assert any("diverged" in w or "too high" in w for w in _whats(result)), _whats(result)
+    assert not result["healthy"]
+
+
+def test_learning_rate_of_1e_9_stays_flat(tmp_path, stories260k):
+    result = diagnose(_run(tmp_path, stories260k, "lr1e-9", max_steps=25, learning_rate=1e-9))
+    assert _whats(result) == ["learning rate too low: the loss stayed flat"]
+
+
+def test_tiny_train_set_overfits(tmp_path, stories260k):
+    # labels that the input does not predict: the only way down for the train loss is memorising
+    words = ["apple", "river", "lamp", "stone", "cloud", "paper", "garden", "window", "candle", "bridge", "forest",
+             "mirror", "button", "basket", "ladder", "pepper"]
+    rows = [{"text": f"Story number {i} is about a small {a}.", "label": words[i]}
+            for i, a in enumerate(["dog", "cat", "bird", "fish", "frog", "duck", "bear", "fox", "owl", "cow", "pig",
+                                   "hen", "bee", "ant", "rat", "elk"])]
+    run_dir = _run(tmp_path, stories260k, "overfit", rows=rows, max_steps=120, learning_rate=1e-2, batch_size=12,
+                   save_every=10, keep_checkpoints=20, schedule="constant")
+    result = diagnose(run_dir)
+    over = [f for f in result["findings"] if f["what"].startswith("overfitting")]
+    assert over, _whats(result)
+    assert "checkpoints/step-" in over[0]["fix"]
+
+
+def test_healthy_run_gets_a_clean_bill(tmp_path, stories260k, capsys):
+    run_dir = _run(tmp_path, stories260k, "healthy", max_steps=40, learning_rate=3e-3, warmup_steps=3)
+    result = diagnose(run_dir)
+    assert result["healthy"], _whats(result)
+    assert main(["doctor", str(run_dir), "--output", str(tmp_path / "doctor.json")]) == 0
+    assert "clean bill of health" in capsys.readouterr().out
+    assert json.loads((tmp_path / "doctor.json").read_text())["healthy"] is True
+
+
+def test_never_emits_eos_and_forgetting_from_diff(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"type": "train", "step": 1, "loss": 1.0, "grad_norm": 1.0,
+                                                        "num_tokens": 100, "num_label_tokens": 40}) + "\n")
+    (tmp_path / "diff.json").write_text(json.dumps({
+        "forgetting": {"perplexity_verdict": "strong forgetting (1.6x)", "kl_verdict": "large shift (0.9)",
+                       "perplexity_ratio": 1.6},
+        "drift": {"eos_share_tuned": 0.0, "collapse_verdict": "collapsed into the task format: 0% -> 80%"}}))
+    whats = _whats(diagnose(tmp_path))
+    assert whats == ["the tuned model never emits EOS", "format collapse", "forgetting above the threshold"]
+
+
+def test_not_a_run_directory(tmp_path):
+    with pytest.raises(Exception, match="no metrics.jsonl"):
+        diagnose(tmp_path)

@@ -1,0 +1,116 @@
+"""`tunelab compare`: the same data, step budget and seed under several strategies, each trained,
+evaluated and diffed against the base model, in one table."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tunelab.config import Config, dump_config, validate_config
+from tunelab.errors import TunelabError
+from tunelab.evaluate.diff import DiffSettings, diff, reference_texts
+from tunelab.evaluate.loaders import load_for_eval
+from tunelab.evaluate.run import EvalSettings, eval_data_from_config, evaluate
+from tunelab.train.metrics import read_metrics
+
+log = logging.getLogger(__name__)
+
+
+def strategy_configs(cfg: Config, strategies: list[str], out_dir: Path,
+                     overrides: dict[str, list[str]] | None = None) -> dict[str, Config]:
+    """One validated config per strategy (all checked before anything trains). `overrides` holds
+    dotted.key=value settings for single strategies (e.g. a learning rate that suits adapters)."""
+    from tunelab.config import _set_dotted, parse_override
+
+    configs = {}
+    for name in strategies:
+        tree = cfg.model_dump(mode="json")
+        tree["strategy"]["name"] = name
+        tree["output_dir"] = str(out_dir / name)
+        tree["overwrite"], tree["resume"] = True, False
+        for text in (overrides or {}).get(name, []):
+            _set_dotted(tree, *parse_override(text))
+        configs[name] = validate_config(tree, f"compare, strategy {name}")
+    return configs
+
+
+def _train_in_subprocess(cfg: Config, work: Path) -> float:
+    """Train in a child process, so that its peak memory is its own; returns the wall time."""
+    path = work / f"{Path(cfg.output_dir).name}.yaml"
+    path.write_text(dump_config(cfg))
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "tunelab", "train", str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise TunelabError(f"strategy {cfg.strategy.name} failed: {proc.stderr.strip().splitlines()[-1]}")
+    return time.perf_counter() - t0
+
+
+def run_row(name: str, cfg: Config, seconds: float) -> dict[str, Any]:
+    rows = read_metrics(Path(cfg.output_dir) / "metrics.jsonl")
+    params = rows[0]
+    train = [r for r in rows if r["type"] == "train"]
+    evals = [r for r in rows if r["type"] == "eval"]
+    summary = next((r for r in rows if r["type"] == "summary"), {})
+    return {"strategy": name, "trainable params": params["trainable_params"],
+            "share trained": params["trainable_share"], "wall time s": seconds,
+            "peak memory MiB": summary.get("peak_memory_bytes", 0) / 2**20,
+            "tokens/s": (sum(r["num_tokens"] for r in train) / sum(r["seconds"] for r in train)) if train else None,
+            "train loss": train[-1]["loss"] if train else None, "eval loss": evals[-1]["eval_loss"] if evals else None}
+
+
+def compare(cfg: Config, strategies: list[str], out_dir: Path, eval_settings: EvalSettings,
+            diff_settings: DiffSettings, overrides: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """Train, evaluate and diff each strategy; write out_dir/compare.json and the report."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    configs = strategy_configs(cfg, strategies, out_dir, overrides)
+    data = eval_data_from_config(cfg, eval_settings.max_examples)
+    base = load_for_eval(cfg.model.path)
+    reference = reference_texts(base, diff_settings)
+    base_eval = None
+    table = []
+    for name, scfg in configs.items():
+        log.info("compare: strategy %s", name)
+        seconds = _train_in_subprocess(scfg, out_dir)
+        row = run_row(name, scfg, seconds)
+        row["learning rate"] = scfg.train.learning_rate
+        tuned = load_for_eval(scfg.output_dir)
+        if base_eval is None:
+            base_eval = evaluate(base, data, eval_settings)[0]
+        d = diff(base, tuned, data, diff_settings, eval_settings, reference=reference, base_eval=base_eval)
+        (Path(scfg.output_dir) / "diff.json").write_text(json.dumps(d, indent=2))
+        row.update(d["task"]["tuned"])
+        f = d["forgetting"]
+        row.update({"perplexity ratio": f["perplexity_ratio"], "KL base->tuned": f["kl_base_to_tuned"],
+                    "EOS share": d["drift"]["eos_share_tuned"], "task-format share": d["drift"]["format_collapse_tuned"]})
+        if "probes" in d:
+            row["probes right"] = d["probes"]["right_tuned"]
+        table.append(row)
+    metric = next(iter(base_eval["metrics"])) if base_eval else None
+    result = {"metric": metric, "base_metrics": base_eval["metrics"] if base_eval else None, "table": table,
+              "eval_data": data.path, "num_eval_examples": len(data.examples), "reference": reference[1],
+              "note": f"same data, seed and step budget for every strategy; task metric on {len(data.examples)} "
+                      f"held-out examples of {data.path}; forgetting on {reference[1]}",
+              "recommendation": measured_recommendation(table, metric)}
+    (out_dir / "compare.json").write_text(json.dumps(result, indent=2))
+    (out_dir / "config.yaml").write_text(yaml.safe_dump({"compare": strategies, **cfg.model_dump(mode="json")}))
+    return result
+
+
+def measured_recommendation(table: list[dict[str, Any]], metric: str | None, tolerance: float = 0.02) -> str:
+    """Among the strategies within `tolerance` of the best task score, the one that forgot least."""
+    if not metric or not table:
+        return ""
+    best = max(r[metric] for r in table)
+    close = [r for r in table if r[metric] >= best - tolerance]
+    pick = min(close, key=lambda r: (r["perplexity ratio"], -r[metric]))
+    return (f"measured: {pick['strategy']} — {metric} {pick[metric]:.3f} (best {best:.3f}; strategies within "
+            f"{tolerance} of the best count as tied) with the least forgetting among them (general-text perplexity "
+            f"x{pick['perplexity ratio']:.3f}).")

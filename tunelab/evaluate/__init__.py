@@ -1,0 +1,1 @@
+"""Evaluation: generation, scoring of label options, task metrics, and the base-vs-tuned diff."""

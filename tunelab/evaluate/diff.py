@@ -1,0 +1,191 @@
+"""`tunelab diff`: the tuned model against its base, on the same inputs: what the tuning bought on the
+task and what it changed elsewhere (forgetting, probe answers, output length, EOS, format collapse).
+Every figure comes with a plain-language verdict and the threshold that produced it."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunelab.data.encode import EncodeStats, encode_examples
+from tunelab.data.read import read_records
+from tunelab.data.records import Example
+from tunelab.data.render import RenderSpec, render_example
+from tunelab.errors import DataError
+from tunelab.evaluate.generate import generate
+from tunelab.evaluate.loaders import EvalModel
+from tunelab.evaluate.metrics import normalize
+from tunelab.evaluate.run import EvalData, EvalSettings, evaluate, label_options
+from tunelab.evaluate.score import label_log_probs, sequence_log_probs
+from tunelab.data.batching import pad_collate
+
+# thresholds of the verdicts (stated in every verdict)
+PPL_MILD, PPL_STRONG = 1.05, 1.25  # tuned / base perplexity on general text
+KL_SMALL, KL_LARGE = 0.05, 0.5  # nats per token
+LENGTH_RATIO = 2.0  # mean output length changed by more than this factor
+EOS_DROP = 0.5  # EOS share fell below half of the base's
+COLLAPSE = 0.2  # share of outputs on unrelated prompts that look like task outputs
+
+
+@dataclass
+class DiffSettings:
+    reference_text: str | None = None  # a file of general text; default: samples of the base model itself
+    probes: str | None = None  # JSONL of {prompt, answer}
+    num_samples: int = 8
+    sample_tokens: int = 128
+    max_new_tokens: int = 48
+    seed: int = 0
+
+
+def reference_texts(base: EvalModel, settings: DiffSettings) -> tuple[list[str], str]:
+    """General text to measure forgetting on, and where it came from."""
+    if settings.reference_text:
+        path = Path(settings.reference_text)
+        if not path.is_file():
+            raise DataError(f"reference text file '{path}' does not exist.")
+        parts = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+        if not parts:
+            raise DataError(f"reference text file '{path}' is empty.")
+        return parts, str(path)
+    tok = base.tokenizer
+    start = "" if tok.bos_token_id is not None else tok.eos_token
+    gens = generate(base, [start] * settings.num_samples, settings.sample_tokens, do_sample=True,
+                    batch_size=settings.num_samples, seed=settings.seed)
+    return [g.text for g in gens if g.text.strip()], f"{settings.num_samples} samples of the base model (temperature 1)"
+
+
+def _encode_texts(em: EvalModel, texts: list[str], max_length: int) -> list[Any]:
+    examples = [Example("text", {"text": t}, f"reference:{i + 1}", i) for i, t in enumerate(texts)]
+    rendered = [render_example(e, RenderSpec(mode="template"), em.tokenizer) for e in examples]
+    return encode_examples(rendered, em.tokenizer, max_length, "right", EncodeStats())
+
+
+def perplexity(em: EvalModel, texts: list[str], max_length: int = 512) -> float:
+    pad = em.tokenizer.pad_token_id if em.tokenizer.pad_token_id is not None else em.tokenizer.eos_token_id
+    scored = sequence_log_probs(em.model, _encode_texts(em, texts, max_length), pad)
+    return math.exp(-sum(s for s, _ in scored) / max(1, sum(n for _, n in scored)))
+
+
+@torch.no_grad()
+def mean_kl(base: EvalModel, tuned: EvalModel, texts: list[str], max_length: int = 512, batch_size: int = 8) -> float:
+    """Mean per-token KL(base || tuned) of the next-token distributions along the reference text."""
+    encoded = _encode_texts(base, texts, max_length)
+    pad = base.tokenizer.eos_token_id
+    total, count = 0.0, 0
+    dev_b, dev_t = next(base.model.parameters()).device, next(tuned.model.parameters()).device
+    for s in range(0, len(encoded), batch_size):
+        part = encoded[s : s + batch_size]
+        bb = {k: v.to(dev_b) for k, v in pad_collate(part, pad, base.model.virtual_tokens).items()}
+        tb = {k: v.to(dev_t) for k, v in pad_collate(part, pad, tuned.model.virtual_tokens).items()}
+        for (lp_b, _, _), (lp_t, _, _) in zip(label_log_probs(base.model, bb), label_log_probs(tuned.model, tb)):
+            lp_t = lp_t.to(lp_b.device)
+            total += float((lp_b.exp() * (lp_b - lp_t)).sum())
+            count += lp_b.shape[0]
+    return total / max(1, count)
+
+
+def read_probes(path: str) -> list[dict[str, str]]:
+    probes = []
+    for rec in read_records(path):
+        prompt = rec.fields.get("prompt", rec.fields.get("question"))
+        answer = rec.fields.get("answer", rec.fields.get("completion"))
+        if prompt is None or answer is None:
+            raise DataError(f"{rec.source}: a probe needs 'prompt' (or 'question') and 'answer' fields.")
+        probes.append({"prompt": str(prompt), "answer": str(answer)})
+    return probes
+
+
+def _verdict(value: float, cuts: tuple[float, float], words: tuple[str, str, str], unit: str) -> str:
+    low, high = cuts
+    word = words[0] if value < low else words[1] if value < high else words[2]
+    return f"{word} ({value:.3g}{unit}; thresholds {low} and {high})"
+
+
+def _lengths(gens: list[Any]) -> dict[str, float]:
+    n = sorted(g.num_tokens for g in gens)
+    return {"mean": statistics.fmean(n), "median": statistics.median(n), "p90": n[min(len(n) - 1, int(0.9 * len(n)))]}
+
+
+def _task_like(text: str, labels: set[str], template_prefix: str) -> bool:
+    stripped = text.strip()
+    return normalize(stripped) in labels or (bool(template_prefix) and stripped.startswith(template_prefix))
+
+
+def diff(base: EvalModel, tuned: EvalModel, data: EvalData | None, settings: DiffSettings,
+         eval_settings: EvalSettings, reference: tuple[list[str], str] | None = None,
+         base_eval: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every figure of the diff, each with its verdict. `reference` and `base_eval` reuse figures of the
+    base model that a comparison of several tuned models shares."""
+    out: dict[str, Any] = {"base": base.name, "tuned": tuned.name}
+    labels: set[str] = set()
+    template_prefix = ""
+    if data is not None:
+        sb = base_eval or evaluate(base, data, eval_settings)[0]
+        st = evaluate(tuned, data, eval_settings)[0]
+        metric = next(iter(st["metrics"]))
+        gain = st["metrics"][metric] - sb["metrics"][metric]
+        out["task"] = {"metric": metric, "base": sb["metrics"], "tuned": st["metrics"], "gain": gain,
+                       "mode": st["mode"], "num_examples": st["num_examples"],
+                       "verdict": f"{'better' if gain > 0 else 'not better'} on the task: {metric} "
+                                  f"{sb['metrics'][metric]:.3f} -> {st['metrics'][metric]:.3f} (threshold: any gain > 0)"}
+        if st["mode"] == "score":
+            labels = {normalize(o) for o in label_options(data)}
+        if data.spec.template is not None:
+            template_prefix = data.spec.template.target.split("{")[0].strip()
+
+    texts, source = reference or reference_texts(base, settings)
+    ppl_b, ppl_t = perplexity(base, texts), perplexity(tuned, texts)
+    kl = mean_kl(base, tuned, texts)
+    out["forgetting"] = {
+        "reference": source, "num_texts": len(texts), "perplexity_base": ppl_b, "perplexity_tuned": ppl_t,
+        "perplexity_ratio": ppl_t / ppl_b, "kl_base_to_tuned": kl,
+        "perplexity_verdict": _verdict(ppl_t / ppl_b, (PPL_MILD, PPL_STRONG),
+                                       ("no measurable forgetting", "mild forgetting", "strong forgetting"), "x"),
+        "kl_verdict": _verdict(kl, (KL_SMALL, KL_LARGE), ("close to the base", "moderate shift", "large shift"),
+                               " nats/token"),
+    }
+
+    if settings.probes:
+        probes = read_probes(settings.probes)
+        prompts = [p["prompt"] for p in probes]
+        before = generate(base, prompts, settings.max_new_tokens)
+        after = generate(tuned, prompts, settings.max_new_tokens)
+        right_b = [normalize(p["answer"]) in normalize(g.text) for p, g in zip(probes, before)]
+        right_t = [normalize(p["answer"]) in normalize(g.text) for p, g in zip(probes, after)]
+        lost = [p["prompt"] for p, b, t in zip(probes, right_b, right_t) if b and not t]
+        gained = [p["prompt"] for p, b, t in zip(probes, right_b, right_t) if t and not b]
+        out["probes"] = {"num": len(probes), "right_base": sum(right_b), "right_tuned": sum(right_t), "lost": lost,
+                         "gained": gained, "rule": "right when the normalised answer appears in the normalised output",
+                         "verdict": f"{'forgot' if lost else 'kept'} probe answers: {sum(right_b)} -> {sum(right_t)} of "
+                                    f"{len(probes)} right, {len(lost)} lost, {len(gained)} gained "
+                                    "(threshold: any lost answer is forgetting)"}
+    else:
+        prompts = [base.tokenizer.decode(base.tokenizer(t, add_special_tokens=False)["input_ids"][:8]) for t in texts]
+
+    gens_b = generate(base, prompts, settings.max_new_tokens)
+    gens_t = generate(tuned, prompts, settings.max_new_tokens)
+    len_b, len_t = _lengths(gens_b), _lengths(gens_t)
+    eos_b = sum(g.ended_with_eos for g in gens_b) / len(gens_b)
+    eos_t = sum(g.ended_with_eos for g in gens_t) / len(gens_t)
+    collapse_b = sum(_task_like(g.text, labels, template_prefix) for g in gens_b) / len(gens_b)
+    collapse_t = sum(_task_like(g.text, labels, template_prefix) for g in gens_t) / len(gens_t)
+    ratio = (len_t["mean"] + 1) / (len_b["mean"] + 1)
+    out["drift"] = {
+        "prompts": "probe prompts" if settings.probes else "the first 8 tokens of each reference text",
+        "length_base": len_b, "length_tuned": len_t, "eos_share_base": eos_b, "eos_share_tuned": eos_t,
+        "format_collapse_base": collapse_b, "format_collapse_tuned": collapse_t,
+        "length_verdict": (f"output length {'drifted' if not 1 / LENGTH_RATIO <= ratio <= LENGTH_RATIO else 'kept'}: "
+                           f"mean {len_b['mean']:.1f} -> {len_t['mean']:.1f} tokens (threshold: a factor of {LENGTH_RATIO})"),
+        "eos_verdict": (f"{'stops less often' if eos_t < EOS_DROP * eos_b else 'still stops'}: EOS in "
+                        f"{100 * eos_b:.0f}% -> {100 * eos_t:.0f}% of outputs (threshold: below {EOS_DROP:.0%} of the base's)"),
+        "collapse_verdict": (f"{'collapsed into the task format' if collapse_t > COLLAPSE and collapse_t > collapse_b else 'no format collapse'}: "
+                             f"{100 * collapse_b:.0f}% -> {100 * collapse_t:.0f}% of unrelated prompts answered in the task's "
+                             f"label set or output template (threshold: {COLLAPSE:.0%})"),
+        "examples": [{"prompt": p, "base": b.text, "tuned": t.text} for p, b, t in list(zip(prompts, gens_b, gens_t))[:5]],
+    }
+    return out

@@ -1,0 +1,80 @@
+"""The model under evaluation: a Hugging Face folder, a peft adapter folder (or base + adapter),
+or a tunelab run directory (whose config also says how the data was rendered in training)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tunelab.config import Config, ModelConfig, validate_config
+from tunelab.errors import ModelError
+from tunelab.models.load import check_model_folder, load_tokenizer
+from tunelab.strategies.model import TrainModel
+
+PROMPT_SLOT_TYPES = ("PROMPT_TUNING", "P_TUNING")
+
+
+@dataclass
+class EvalModel:
+    model: TrainModel
+    tokenizer: Any
+    name: str  # what was loaded, for reports
+    run_config: Config | None = None  # the training run's config, when a run directory was given
+
+
+def _wrap(lm: Any, strategy: str) -> TrainModel:
+    if hasattr(lm, "peft_config"):
+        cfg = lm.peft_config[lm.active_adapter]
+        peft_type = str(getattr(cfg.peft_type, "value", cfg.peft_type))
+        virtual = cfg.num_virtual_tokens if peft_type in PROMPT_SLOT_TYPES else 0
+        return TrainModel(lm, strategy, virtual_tokens=virtual, prefix=peft_type == "PREFIX_TUNING")
+    return TrainModel(lm, strategy)
+
+
+def _load_hf(path: str, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.models.load import load_model
+
+    return load_model(ModelConfig(path=path, trust_remote_code=trust_remote_code))
+
+
+def load_for_eval(path: str, adapter: str | None = None, device: str = "cpu") -> EvalModel:
+    """Load what `path` names, ready for evaluation (eval mode, KV cache on)."""
+    from peft import PeftModel
+
+    from tunelab.strategies.export import load_final
+
+    p = Path(path)
+    run_config = None
+    if (p / "config.yaml").is_file() and adapter is None:  # a tunelab run directory
+        run_config = validate_config(yaml.safe_load((p / "config.yaml").read_text()), str(p / "config.yaml"))
+        strategy = run_config.strategy.name
+        if (p / "final").is_dir():
+            lm = load_final(p / "final")
+            tok_dir = p / "final" / ("adapter" if (p / "final" / "adapter").is_dir() else "")
+        elif strategy == "prompting":
+            lm, tok_dir = _load_hf(run_config.model.path, run_config.model.trust_remote_code), run_config.model.path
+        else:
+            raise ModelError(f"run directory '{p}' has no final/ model: the run did not finish. Resume it, or "
+                             "evaluate one of its checkpoints' base model.")
+        name = f"{p} ({strategy})"
+    elif adapter is not None or (p / "adapter_config.json").is_file():
+        adapter_dir = Path(adapter) if adapter else p
+        if not (adapter_dir / "adapter_config.json").is_file():
+            raise ModelError(f"'{adapter_dir}' has no adapter_config.json, so it is not a peft adapter folder.")
+        base = path if adapter else json.loads((p / "adapter_config.json").read_text())["base_model_name_or_path"]
+        check_model_folder(base)
+        lm = PeftModel.from_pretrained(_load_hf(base), adapter_dir)
+        tok_dir, strategy, name = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base, \
+            "adapter", f"{base} + {adapter_dir}"
+    else:
+        lm, tok_dir, strategy, name = _load_hf(path), path, "model", path
+    tokenizer = load_tokenizer(ModelConfig(path=str(tok_dir)))
+    model = _wrap(lm, strategy).to(device).eval()
+    model.base.config.use_cache = True
+    return EvalModel(model, tokenizer, name, run_config)

@@ -1,0 +1,138 @@
+"""`tunelab eval`: render the data as training did, predict (generate or rank label options), score."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunelab.config import DataConfig
+from tunelab.data.dataset import load_examples, sample
+from tunelab.data.records import Example
+from tunelab.data.render import RenderSpec, render_example
+from tunelab.errors import DataError
+from tunelab.evaluate.generate import generate
+from tunelab.evaluate.loaders import EvalModel
+from tunelab.evaluate.metrics import compute, normalize
+from tunelab.evaluate.score import rank_options
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalSettings:
+    mode: str = "auto"  # auto: rank label options for text/label data, else generate
+    metrics: list[str] | None = None  # default: chosen from the mode and the references
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop_strings: list[str] = field(default_factory=list)
+    batch_size: int = 16
+    max_examples: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class EvalData:
+    """Eval examples with the rendering that training used, and the training examples (demonstrations, labels)."""
+
+    examples: list[Example]
+    data_cfg: DataConfig
+    spec: RenderSpec
+    pool: list[Example]
+    path: str
+
+
+def default_metrics(mode: str, references: list[str]) -> list[str]:
+    if mode == "score":
+        return ["accuracy", "macro_f1"]
+    names = ["exact_match", "token_f1", "rouge_l"]
+    if any("####" in r for r in references):
+        names.append("numeric_match")
+    return names
+
+
+def label_options(data: EvalData) -> list[str]:
+    return sorted({ex.target for ex in data.examples} | {ex.target for ex in data.pool})
+
+
+def predict(em: EvalModel, data: EvalData, settings: EvalSettings) -> tuple[str, list[dict[str, Any]]]:
+    """(mode used, one row per example: input, reference, prediction, and for generation whether it stopped)."""
+    shape = data.examples[0].shape
+    if shape in ("text", "tokenized"):
+        raise DataError(f"'{data.path}' holds {shape} records, which have no prompt/target to predict; "
+                        "eval loss is reported by training (train.eval_every).")
+    mode = settings.mode if settings.mode != "auto" else ("score" if shape == "text_label" else "generate")
+    rendered = [render_example(ex, data.spec, em.tokenizer, data.pool) for ex in data.examples]
+    rows = [{"index": ex.row, "source": ex.source, "input": r.prompt} for ex, r in zip(data.examples, rendered)]
+    if mode == "score":
+        options = label_options(data)
+        ranked = rank_options(em.model, em.tokenizer, data.examples, options, data.spec, data.pool,
+                              data.data_cfg.max_length, batch_size=4 * settings.batch_size)
+        for row, ex, (best, _) in zip(rows, data.examples, ranked):
+            row.update(reference=ex.target, prediction=best)
+        return mode, rows
+    eos = em.tokenizer.eos_token
+    gens = generate(em, [r.prompt for r in rendered], settings.max_new_tokens, settings.do_sample,
+                    settings.temperature, settings.top_p, settings.stop_strings, settings.batch_size, settings.seed)
+    for row, r, g in zip(rows, rendered, gens):
+        row.update(reference=r.target.removesuffix(eos).strip(), prediction=g.text.strip(),
+                   ended_with_eos=g.ended_with_eos, num_tokens=g.num_tokens)
+    return mode, rows
+
+
+def evaluate(em: EvalModel, data: EvalData, settings: EvalSettings) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The JSON summary and the per-example predictions."""
+    mode, rows = predict(em, data, settings)
+    preds, refs = [r["prediction"] for r in rows], [r["reference"] for r in rows]
+    names = settings.metrics or default_metrics(mode, refs)
+    scores = compute(names, preds, refs)
+    for r in rows:
+        r["correct"] = normalize(r["prediction"]) == normalize(r["reference"])
+    summary: dict[str, Any] = {
+        "model": em.name, "data": data.path, "num_examples": len(rows), "mode": mode, "metrics": scores,
+        "rendering": {"render": data.spec.mode, "template": data.spec.template.model_dump() if data.spec.template else None,
+                      "num_shots": data.spec.num_shots, "chat_template": data.spec.chat_template is not None,
+                      "max_length": data.data_cfg.max_length},
+    }
+    if mode == "generate":
+        summary["eos_rate"] = sum(r["ended_with_eos"] for r in rows) / len(rows)
+        summary["mean_output_tokens"] = sum(r["num_tokens"] for r in rows) / len(rows)
+    else:
+        summary["num_options"] = len(label_options(data))
+    return summary, rows
+
+
+def load_eval_data(path: str, data_cfg: DataConfig, spec: RenderSpec, train_path: str | None,
+                   max_examples: int | None, seed: int) -> EvalData:
+    examples = sample(load_examples(path, data_cfg), max_examples, seed)
+    pool = load_examples(train_path, data_cfg) if train_path else []
+    return EvalData(examples, data_cfg, spec, pool, path)
+
+
+def write_outputs(summary: dict[str, Any], rows: list[dict[str, Any]], output: str | None,
+                  predictions: str | None) -> None:
+    if output:
+        Path(output).write_text(json.dumps(summary, indent=2))
+    if predictions:
+        Path(predictions).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def eval_data_from_config(cfg: Any, max_examples: int | None = None) -> EvalData:
+    """The held-out examples of a training config (data.eval, or the seeded data.eval_fraction split)."""
+    from tunelab.data.dataset import split_eval
+    from tunelab.data.render import spec_from_config
+
+    train = sample(load_examples(cfg.data.train, cfg.data), cfg.data.max_examples, cfg.train.seed)
+    if cfg.data.eval is not None:
+        evals, path = load_examples(cfg.data.eval, cfg.data), cfg.data.eval
+    elif cfg.data.eval_fraction is not None:
+        train, evals = split_eval(train, cfg.data.eval_fraction, cfg.train.seed)
+        path = f"{cfg.data.train} (held-out {cfg.data.eval_fraction:g})"
+    else:
+        raise DataError("the config has no eval data: set data.eval or data.eval_fraction.")
+    limit = max_examples or cfg.data.max_eval_examples
+    return EvalData(sample(evals, limit, cfg.train.seed), cfg.data, spec_from_config(cfg), train, path)

@@ -1,0 +1,1 @@
+"""Before anything runs: parameter, memory, FLOPs and time estimates, and the strategy advisor."""

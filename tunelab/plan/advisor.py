@@ -1,0 +1,109 @@
+"""The strategy advisor: which strategy, with which key settings, and why (citing the figures).
+
+Rules (each with its source; the documented table of situations is in tests/plan/test_advisor.py):
+1. No labeled data to speak of (< 8 examples): tuning-free prompting, the examples as few-shot
+   demonstrations (Brown et al. 2020; Liu et al. 2021, sec. 7).
+2. Full fine-tuning does not fit the device's memory: LoRA if it fits (Hu et al. 2021), else a soft
+   prompt with activation checkpointing (Lester et al. 2021: only the prompt trains).
+3. Under ~100 examples: high retention -> fixed-LM prompt tuning (soft prompt; the LM is untouched,
+   Lester et al. 2021); otherwise low-rank LoRA (rank 4-8).
+4. ~100 to 10,000 examples: LoRA (rank 8 for high retention, 16 otherwise): it learns less but
+   forgets less than full tuning (Biderman et al. 2024); low retention and room for it -> full.
+5. 10,000 examples or more and a large budget: full fine-tuning (or prompt+LM tuning when a task
+   prompt helps), unless retention is high -> LoRA of rank 64.
+6. Where `tunelab compare` results for similar data exist, the measured comparison outranks the rules.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Situation:
+    num_examples: int
+    target_tokens: int
+    task: str  # "classification" (few labels), "short_answer", "long_generation"
+    retention: str  # "low" | "medium" | "high"
+    fits: dict[str, bool]  # strategy -> whether its peak memory fits the device
+    trainable_share: dict[str, float] = field(default_factory=dict)
+    memory_gib: dict[str, float] = field(default_factory=dict)
+    device_gib: float = 0.0
+    large_budget: bool = True  # the full-tuning time is within the user's compute budget
+
+
+@dataclass
+class Advice:
+    strategy: str
+    settings: dict[str, Any]
+    reasons: str
+    rule: str
+
+
+def _lr(strategy: str) -> str:
+    return {"full": "1e-5 to 5e-5 (larger for tiny models)", "lora": "1e-4 to 1e-3",
+            "soft_prompt": "1e-3 to 3e-2", "prompt_lm": "1e-5 to 5e-5 (prompt: 1e-3)", "prompting": "n/a"}[strategy]
+
+
+def _epochs(n: int) -> int:
+    return 5 if n < 100 else 3 if n < 10_000 else 1
+
+
+def advise(s: Situation, compare_json: Path | None = None) -> Advice:
+    """The recommendation for a situation; measured comparison results outrank the rules."""
+    if compare_json is not None and compare_json.is_file():
+        measured = json.loads(compare_json.read_text())
+        if measured.get("recommendation"):
+            pick = measured["recommendation"].split(":", 1)[1].split("—")[0].strip()
+            return Advice(pick, {}, f"{measured['recommendation']} (from {compare_json}, on similar data; a "
+                          "measured comparison outranks the rules)", "measured")
+    n, retention = s.num_examples, s.retention
+    figures = f"{n:,} examples ({s.target_tokens:,} target tokens), {s.task.replace('_', ' ')}"
+    if n < 8:
+        return Advice("prompting", {"num_shots": min(n, 4)},
+                      f"With {figures}, there is too little labeled data to train on: use the examples as few-shot "
+                      "demonstrations of a discrete template (tuning-free prompting).", "1")
+    if not s.fits.get("full", True):
+        mem = f"full tuning needs {s.memory_gib.get('full', 0):.1f} GiB, the device has {s.device_gib:.0f} GiB"
+        if s.fits.get("lora", True):
+            return Advice("lora", {"rank": 16, "alpha": 32, "learning_rate": _lr("lora"), "epochs": _epochs(n)},
+                          f"{mem}; LoRA needs {s.memory_gib.get('lora', 0):.1f} GiB and trains "
+                          f"{100 * s.trainable_share.get('lora', 0):.2g}% of the parameters. {figures}.", "2")
+        return Advice("soft_prompt", {"num_virtual_tokens": 20, "activation_checkpointing": True,
+                                      "learning_rate": _lr("soft_prompt")},
+                      f"{mem}, and LoRA does not fit either; a soft prompt trains only the prompt "
+                      "(turn on train.activation_checkpointing).", "2")
+    if n < 100:
+        if retention == "high":
+            length = 8 if s.task == "classification" else 20
+            return Advice("soft_prompt", {"method": "prompt_tuning", "num_virtual_tokens": length,
+                                          "init_text": "the task description", "learning_rate": _lr("soft_prompt"),
+                                          "epochs": _epochs(n)},
+                          f"With {figures} and high retention, keep the LM frozen and learn a {length}-token prompt "
+                          f"({100 * s.trainable_share.get('soft_prompt', 0):.2g}% of the parameters): nothing the "
+                          "model knew can be overwritten, and few examples cannot fit many parameters.", "3")
+        return Advice("lora", {"rank": 4, "alpha": 8, "learning_rate": _lr("lora"), "epochs": _epochs(n)},
+                      f"With {figures}, a low-rank adapter (rank 4) has enough capacity without overfitting; "
+                      f"it trains {100 * s.trainable_share.get('lora', 0):.2g}% of the parameters.", "3")
+    if n < 10_000 or not s.large_budget:
+        if retention == "low" and s.fits.get("full", True) and s.large_budget:
+            return Advice("full", {"learning_rate": _lr("full"), "epochs": _epochs(n)},
+                          f"With {figures}, low retention and room for it ({s.memory_gib.get('full', 0):.1f} GiB of "
+                          f"{s.device_gib:.0f}), full fine-tuning learns the most.", "4")
+        rank = 8 if retention == "high" else 16
+        return Advice("lora", {"rank": rank, "alpha": 2 * rank, "learning_rate": _lr("lora"), "epochs": _epochs(n)},
+                      f"With {figures} and {retention} retention, LoRA rank {rank} "
+                      f"({100 * s.trainable_share.get('lora', 0):.2g}% of the parameters) learns the task while "
+                      "forgetting less than full tuning.", "4")
+    if retention == "high":
+        return Advice("lora", {"rank": 64, "alpha": 128, "learning_rate": _lr("lora"), "epochs": _epochs(n)},
+                      f"With {figures} but high retention, a high-rank LoRA (64) uses the data while leaving the "
+                      "base weights untouched.", "5")
+    pick = "prompt_lm" if s.task == "long_generation" else "full"
+    return Advice(pick, {"learning_rate": _lr(pick), "epochs": _epochs(n)},
+                  f"With {figures} and a large budget (full tuning fits: {s.memory_gib.get('full', 0):.1f} GiB of "
+                  f"{s.device_gib:.0f}), {'prompt+LM' if pick == 'prompt_lm' else 'full'} tuning uses all of the data.",
+                  "5")

@@ -1,0 +1,210 @@
+"""Estimates from the model's config and the real tokenized data: parameters, memory, FLOPs, time.
+
+Parameter counts are exact (the model is built on the meta device; adapters are counted by peft's
+own layer shapes). Memory and time are models with stated terms; tests/plan measures their error.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from tunelab.config import Config, StrategyConfig
+
+BYTES_FP32 = 4
+ADAMW_STATES = 2  # exp_avg and exp_avg_sq, fp32
+
+
+@dataclass
+class ModelShape:
+    """What the estimates need to know about the model, read from a meta-device build of its config."""
+
+    total_params: int
+    layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    layer_params: list[int]
+    param_names: dict[str, int]  # name -> numel (unique parameters)
+    linears: list[tuple[str, int, int]]  # (module name, in_features, out_features) of the decoder's Linear layers
+    head_trainable_in_full: bool = True
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @property
+    def body_matmul_params(self) -> int:
+        """Parameters used in matrix products per token, except the output head."""
+        return sum(i * o for _, i, o in self.linears)
+
+
+def model_shape(model_path: str, trust_remote_code: bool = False) -> ModelShape:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    head = model.get_output_embeddings()
+    linears = [(n, m.in_features, m.out_features) for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and m is not head]
+    layers = model.get_decoder().layers
+    return ModelShape(
+        total_params=sum(p.numel() for p in model.parameters()), layers=len(layers), hidden=text.hidden_size,
+        intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size), vocab=text.vocab_size, heads=heads,
+        kv_heads=getattr(text, "num_key_value_heads", None) or heads, head_dim=head_dim,
+        layer_params=[sum(p.numel() for p in layer.parameters()) for layer in layers],
+        param_names={n: p.numel() for n, p in model.named_parameters()}, linears=linears)
+
+
+def _lora_targets(shape: ModelShape, targets: list[str] | str) -> list[tuple[str, int, int]]:
+    if targets == "all-linear":
+        return shape.linears
+    return [(n, i, o) for n, i, o in shape.linears if n.rsplit(".", 1)[-1] in targets]
+
+
+def prompt_params(shape: ModelShape, cfg: StrategyConfig) -> int:
+    """Parameters a soft prompt adds (peft's PromptEmbedding, PromptEncoder MLP, PrefixEncoder)."""
+    s, d = cfg.soft_prompt, shape.hidden
+    n = s.num_virtual_tokens
+    if s.method == "prompt_tuning":
+        return n * d
+    if s.method == "p_tuning":
+        h = s.encoder_hidden_size or d
+        return n * d + (d * h + h) + (h * h + h) + (h * d + d)
+    kv = shape.layers * 2 * shape.kv_dim
+    if s.prefix_projection:
+        h = d  # peft's default encoder_hidden_size is the token dimension
+        return n * shape.hidden + (shape.hidden * h + h) + (h * kv + kv)
+    return n * kv
+
+
+def parameter_counts(shape: ModelShape, cfg: StrategyConfig) -> tuple[int, int]:
+    """(trainable, total) parameters of the model as the strategy prepares it."""
+    name, total = cfg.name, shape.total_params
+    if name == "prompting":
+        return 0, total
+    if name == "full" or (name == "fixed_prompt" and cfg.fixed_prompt.tune == "all"):
+        return total, total
+    if name == "freeze":
+        if cfg.freeze.trainable_layers:
+            return sum(shape.layer_params[-cfg.freeze.trainable_layers :]), total
+        hit = {n for n in shape.param_names for pat in cfg.freeze.modules
+               if fnmatch.fnmatch(n, pat) or fnmatch.fnmatch(n, pat + ".*")}
+        return sum(shape.param_names[n] for n in hit), total
+    if name in ("lora", "fixed_prompt"):
+        lora = cfg.lora
+        added = sum(lora.rank * (i + o) + (o if lora.variant == "dora" else 0)
+                    for _, i, o in _lora_targets(shape, lora.target_modules))
+        return added, total + added
+    added = prompt_params(shape, cfg)
+    return (added + total if name == "prompt_lm" else added), total + added
+
+
+@dataclass
+class DataShape:
+    """The real tokenized data: counts and the lengths that set FLOPs and activation sizes."""
+
+    num_examples: int
+    num_tokens: int
+    num_label_tokens: int
+    mean_length: float
+    mean_square_length: float  # E[len^2], for the attention term
+    mean_label_tokens: float
+    distinct_targets: int
+    shape: str
+
+
+@dataclass
+class Workload:
+    steps: int
+    tokens_per_step: float
+    label_tokens_per_step: float
+    tokens_per_micro_batch: float  # the activation-size driver
+    micro_batches_per_step: int
+
+
+def workload(cfg: Config, data: DataShape) -> Workload:
+    t = cfg.train
+    if t.tokens_per_step is not None:
+        micro = t.tokens_per_micro_batch or t.tokens_per_step
+        per_step, micro_tokens, n_micro = t.tokens_per_step, micro, t.tokens_per_step // micro
+    else:
+        per_step = t.batch_size * t.grad_accum * data.mean_length
+        micro_tokens, n_micro = t.batch_size * data.mean_length, t.grad_accum
+    steps = t.max_steps or max(1, round((t.epochs or 1) * data.num_tokens / per_step))
+    return Workload(steps, per_step, per_step * data.num_label_tokens / max(1, data.num_tokens), micro_tokens, n_micro)
+
+
+@dataclass
+class Estimate:
+    strategy: str
+    total_params: int
+    trainable_params: int
+    adapter_bytes: int
+    memory_bytes: dict[str, float] = field(default_factory=dict)
+    flops: float = 0.0
+    seconds: float = 0.0
+    step_seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# Activations autograd keeps per token of one decoder layer, in units of 4 bytes: the norm inputs and
+# outputs, q/k/v (before and after RoPE), the attention output, and the MLP's gate, up, activation and
+# product (LLaMA-style block; counted from PyTorch's saved tensors, see tests/plan).
+def activation_floats_per_token_layer(s: ModelShape) -> float:
+    return 6 * s.hidden + 4 * s.kv_dim + 4 * s.intermediate
+
+
+def memory(shape: ModelShape, w: Workload, cfg: Config, trainable: int, total: int, checkpointing: bool,
+           chunk: int = 1024) -> dict[str, float]:
+    """Peak memory on one device, by part (bytes)."""
+    name = cfg.strategy.name
+    frozen_below = name == "freeze" and cfg.strategy.freeze.trainable_layers
+    layers_saved = (cfg.strategy.freeze.trainable_layers if frozen_below else shape.layers) if name != "prompting" else 0
+    per_token_layer = activation_floats_per_token_layer(shape) * BYTES_FP32
+    tokens = w.tokens_per_micro_batch
+    if checkpointing:
+        activations = layers_saved * tokens * shape.hidden * BYTES_FP32 + tokens * per_token_layer
+    else:
+        activations = layers_saved * tokens * per_token_layer
+    head_trains = name in ("full", "prompt_lm") or (name == "fixed_prompt" and cfg.strategy.fixed_prompt.tune == "all")
+    label_tokens = min(chunk, w.label_tokens_per_step / w.micro_batches_per_step)
+    loss = 2 * label_tokens * shape.vocab * BYTES_FP32 + (shape.vocab * shape.hidden * BYTES_FP32 if head_trains else 0)
+    parts = {"weights": total * BYTES_FP32, "gradients": trainable * BYTES_FP32,
+             "optimizer": trainable * ADAMW_STATES * BYTES_FP32, "activations": activations, "loss_buffer": loss}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def flops(shape: ModelShape, w: Workload, data: DataShape, cfg: Config) -> float:
+    """FLOPs of the run: forward 2N per token (the head only at target tokens) plus causal attention;
+    backward 2x forward where weights train, 1x where only gradients pass through."""
+    name = cfg.strategy.name
+    if name == "prompting":
+        return 0.0
+    layer_fwd = 2 * shape.body_matmul_params / shape.layers  # per token per layer
+    attention_fwd = 2 * 2 * shape.heads * shape.head_dim * data.mean_square_length / data.mean_length / 2
+    per_layer = layer_fwd + attention_fwd
+    head_fwd = 2 * shape.hidden * shape.vocab * w.label_tokens_per_step
+    body_fwd = shape.layers * per_layer * w.tokens_per_step
+    weights_train = name in ("full", "prompt_lm") or (name == "fixed_prompt" and cfg.strategy.fixed_prompt.tune == "all")
+    if weights_train:
+        backward = 2 * (body_fwd + head_fwd)
+    elif name == "freeze" and cfg.strategy.freeze.trainable_layers:
+        k = cfg.strategy.freeze.trainable_layers
+        backward = head_fwd + 2 * k * per_layer * w.tokens_per_step  # no gradient below the lowest trained layer
+    else:  # LoRA and soft prompts: activation gradients through every layer, weight gradients only for adapters
+        backward = head_fwd + body_fwd
+    return w.steps * (body_fwd + head_fwd + backward)

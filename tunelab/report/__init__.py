@@ -1,0 +1,1 @@
+"""Reports: turn metrics and results into one self-contained HTML page (plots embedded) and markdown."""

@@ -1,0 +1,126 @@
+"""`tunelab report RUN_DIR`: the training curves, and the eval, diff and compare results found there."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tunelab.report import plots
+from tunelab.report.page import Section, write_report
+
+
+def training_sections(rows: list[dict[str, Any]]) -> list[Section]:
+    train = [r for r in rows if r.get("type") == "train"]
+    evals = [r for r in rows if r.get("type") == "eval"]
+    params = next((r for r in rows if r.get("type") == "params"), None)
+    sections = []
+    if params:
+        sections.append(Section("Parameters", text=[
+            f"{params['trainable_params']:,} of {params['total_params']:,} parameters trained "
+            f"({100 * params['trainable_share']:.4g}%)."]))
+    if not train and not evals:
+        return sections
+    s = Section("Training")
+    series = {}
+    if train:
+        series["train loss"] = ([r["step"] for r in train], [r["loss"] for r in train])
+    if evals:
+        series["eval loss"] = ([r["step"] for r in evals], [r["eval_loss"] for r in evals])
+    s.images.append(("loss per step (train: the step's target tokens; eval: the whole eval set)",
+                     plots.line_plot(series, "loss", "step", "cross-entropy (nats/token)")))
+    if train:
+        steps = [r["step"] for r in train]
+        s.images.append(("learning rate", plots.line_plot({"lr": (steps, [r["lr"] for r in train])},
+                                                          "learning rate", "step", "lr")))
+        s.images.append(("gradient norm before clipping",
+                         plots.line_plot({"grad norm": (steps, [r["grad_norm"] for r in train])},
+                                         "gradient norm", "step", "L2 norm", log_y=True)))
+        last = train[-1]
+        tps = sum(r["num_tokens"] for r in train) / max(1e-9, sum(r["seconds"] for r in train))
+        s.text.append(f"{last['step']} steps; final train loss {last['loss']:.4f}; {tps:,.0f} tokens/s on average.")
+    if evals:
+        s.table = [{"step": r["step"], "eval loss": r["eval_loss"], "eval perplexity": r["eval_perplexity"],
+                    "token accuracy": r["eval_token_accuracy"]} for r in evals]
+    sections.append(s)
+    return sections
+
+
+def eval_section(summary: dict[str, Any]) -> Section:
+    s = Section(f"Evaluation: {summary['data']}", text=[
+        f"{summary['num_examples']} examples, mode {summary['mode']}, model {summary['model']}."])
+    s.table = [{"metric": k, "value": v} for k, v in summary["metrics"].items()]
+    return s
+
+
+def diff_sections(d: dict[str, Any]) -> list[Section]:
+    out = []
+    if "task" in d:
+        t = d["task"]
+        names = list(t["tuned"])
+        s = Section("Task: base vs tuned", verdicts=[t["verdict"]])
+        s.table = [{"metric": n, "base": t["base"][n], "tuned": t["tuned"][n]} for n in names]
+        s.images.append(("task metrics before and after",
+                         plots.bar_plot(names, {"base": [t["base"][n] for n in names],
+                                                "tuned": [t["tuned"][n] for n in names]}, "task", "score")))
+        out.append(s)
+    f = d["forgetting"]
+    out.append(Section("Forgetting", text=[f"Reference text: {f['reference']}."],
+                       verdicts=[f["perplexity_verdict"], f["kl_verdict"]],
+                       table=[{"figure": "perplexity", "base": f["perplexity_base"], "tuned": f["perplexity_tuned"]},
+                              {"figure": "KL(base || tuned) per token", "base": 0.0, "tuned": f["kl_base_to_tuned"]}]))
+    if "probes" in d:
+        p = d["probes"]
+        out.append(Section("Probe questions", text=[p["rule"]], verdicts=[p["verdict"]],
+                           table=[{"probes": p["num"], "right before": p["right_base"], "right after": p["right_tuned"]}]))
+    dr = d["drift"]
+    s = Section("Drift on unrelated prompts", text=[f"Prompts: {dr['prompts']}."],
+                verdicts=[dr["length_verdict"], dr["eos_verdict"], dr["collapse_verdict"]])
+    s.table = [{"": "mean length", "base": dr["length_base"]["mean"], "tuned": dr["length_tuned"]["mean"]},
+               {"": "ends with EOS", "base": dr["eos_share_base"], "tuned": dr["eos_share_tuned"]},
+               {"": "task-format outputs", "base": dr["format_collapse_base"], "tuned": dr["format_collapse_tuned"]}]
+    s.images.append(("output length and EOS before and after",
+                     plots.bar_plot(["mean length / 10", "EOS share", "task format"],
+                                    {"base": [dr["length_base"]["mean"] / 10, dr["eos_share_base"], dr["format_collapse_base"]],
+                                     "tuned": [dr["length_tuned"]["mean"] / 10, dr["eos_share_tuned"],
+                                               dr["format_collapse_tuned"]]}, "drift", "value")))
+    out.append(s)
+    out.append(Section("Examples", table=[{"prompt": e["prompt"], "base": e["base"][:80], "tuned": e["tuned"][:80]}
+                                          for e in dr["examples"]]))
+    return out
+
+
+def compare_sections(c: dict[str, Any]) -> list[Section]:
+    rows = c["table"]
+    s = Section("Strategy comparison", text=[c.get("note", "")], table=rows)
+    metric = c.get("metric")
+    names = [r["strategy"] for r in rows]
+    if metric:
+        s.images.append((f"task {metric} per strategy",
+                         plots.bar_plot(names, {metric: [r.get(metric) or 0.0 for r in rows]}, metric, metric)))
+    if any(r.get("perplexity ratio") for r in rows):
+        s.images.append(("forgetting per strategy (tuned / base perplexity on general text; 1 = none)",
+                         plots.bar_plot(names, {"perplexity ratio": [r.get("perplexity ratio") or 0.0 for r in rows]},
+                                        "forgetting", "ratio")))
+    if c.get("recommendation"):
+        s.verdicts.append(c["recommendation"])
+    return [s]
+
+
+def report_run(run_dir: Path, title: str | None = None) -> Path:
+    """Write report.html and report.md into run_dir from whatever results it holds."""
+    from tunelab.train.metrics import read_metrics
+
+    run_dir = Path(run_dir)
+    sections: list[Section] = []
+    if (run_dir / "metrics.jsonl").is_file():
+        sections += training_sections(read_metrics(run_dir / "metrics.jsonl"))
+    for name, build in (("eval.json", lambda d: [eval_section(d)]), ("diff.json", diff_sections),
+                        ("compare.json", compare_sections)):
+        if (run_dir / name).is_file():
+            sections += build(json.loads((run_dir / name).read_text()))
+    if not sections:
+        from tunelab.errors import TunelabError
+
+        raise TunelabError(f"'{run_dir}' holds no metrics.jsonl, eval.json, diff.json or compare.json to report.")
+    return write_report(run_dir, title or f"tunelab report: {run_dir.name}", sections)

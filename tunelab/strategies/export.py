@@ -1,0 +1,101 @@
+"""What a run leaves in final/, in the formats the rest of the ecosystem loads, and `tunelab export`.
+
+- full, freeze, fixed_prompt (all weights): a Hugging Face checkpoint.
+- lora, fixed_prompt with LoRA, soft_prompt: a peft adapter folder (adapter_config.json,
+  adapter_model.safetensors) that `peft.PeftModel.from_pretrained` loads onto the base model.
+- prompt_lm: final/base (the tuned LM, a Hugging Face checkpoint) and final/adapter (the soft
+  prompt, whose adapter_config.json points at final/base).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import TunelabError
+from tunelab.strategies.model import TrainModel
+from tunelab.train.checkpoint import atomic_dir
+
+
+def _save_hf(model: Any, tokenizer: Any, out: Path) -> None:
+    use_cache = model.config.use_cache
+    model.config.use_cache = True  # generation wants the KV cache; training had turned it off
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out)
+    model.config.use_cache = use_cache
+    tokenizer.save_pretrained(out)
+
+
+def save_final(run_dir: Path, model: TrainModel, tokenizer: Any, base_path: str) -> Path:
+    """Write final/ atomically in the format of the strategy (see the module docstring)."""
+    final = Path(run_dir) / "final"
+
+    def write(tmp: Path) -> None:
+        if not model.is_peft:
+            _save_hf(model.lm, tokenizer, tmp)
+            return
+        peft_config = model.lm.peft_config[model.lm.active_adapter]
+        if model.strategy == "prompt_lm":
+            _save_hf(model.base, tokenizer, tmp / "base")
+            peft_config.base_model_name_or_path = str((final / "base").resolve())
+            model.lm.save_pretrained(tmp / "adapter")
+            tokenizer.save_pretrained(tmp / "adapter")
+        else:
+            peft_config.base_model_name_or_path = str(Path(base_path).resolve()) if Path(base_path).exists() else base_path
+            model.lm.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+
+    return atomic_dir(final, write)
+
+
+def load_final(final: Path) -> Any:
+    """Load final/ (any strategy) with plain transformers and peft, as a user would."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    final = Path(final)
+    if (final / "adapter" / "adapter_config.json").is_file():  # prompt_lm
+        return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(final / "base"), final / "adapter")
+    if (final / "adapter_config.json").is_file():
+        return PeftModel.from_pretrained(_load_base_of(final), final)
+    return AutoModelForCausalLM.from_pretrained(final)
+
+
+def _load_base_of(adapter_dir: Path) -> Any:
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    base = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+    return AutoModelForCausalLM.from_pretrained(base)
+
+
+def export_run(run_dir: Path, out_dir: Path, merge: bool) -> str:
+    """Copy (or, with merge, fold LoRA into the weights of) a run's final/ into a standalone folder."""
+    final = Path(run_dir) / "final"
+    if not final.is_dir():
+        raise TunelabError(f"'{run_dir}' has no final/ folder: it is not a finished tunelab run "
+                           "(tuning-free prompting has nothing to export).")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise TunelabError(f"'{out_dir}' is not empty; choose a new folder for the export.")
+    adapter = final / "adapter_config.json"
+    if not merge or not (adapter.is_file() or (final / "adapter").is_dir()):
+        shutil.copytree(final, out_dir, dirs_exist_ok=True)
+        return "copied final/ (nothing to merge)" if merge else "copied final/"
+    import json
+
+    from transformers import AutoTokenizer
+
+    peft_type = json.loads((adapter if adapter.is_file() else final / "adapter" / "adapter_config.json").read_text())["peft_type"]
+    if peft_type != "LORA":
+        shutil.copytree(final, out_dir, dirs_exist_ok=True)
+        return (f"a {peft_type.lower().replace('_', ' ')} adapter cannot be merged: its learned prompt is extra input "
+                "(virtual tokens or prefix keys and values) computed at every call, not a change to any weight, so "
+                "there is no weight to fold it into. The adapter was exported as is; load it with "
+                "peft.PeftModel.from_pretrained onto the base model.")
+    merged = load_final(final).merge_and_unload()
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    atomic_dir(out_dir, lambda tmp: _save_hf(merged, tokenizer, tmp))
+    return "merged the LoRA adapter into a standalone Hugging Face checkpoint"

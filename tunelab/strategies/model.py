@@ -1,0 +1,111 @@
+"""The model as training sees it: a causal LM, possibly wrapped by peft, that yields hidden states.
+
+Training never needs full logits, only the decoder's last hidden states at target positions and
+the output head. Soft prompts (prompt tuning, P-tuning) are inserted here, at the virtual-token
+slots that batching reserves in front of every example, so that they work in packed rows too
+(peft would prepend them to each row only). Prefix tuning goes through peft's own forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tunelab.models.attention import packed_inputs
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    trainable: int
+    total: int
+
+    @property
+    def share(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+    def summary(self) -> str:
+        return f"trainable parameters: {self.trainable:,} of {self.total:,} ({100 * self.share:.4g}%)"
+
+
+def count_parameters(model: torch.nn.Module) -> ParamCount:
+    params = list(model.parameters())  # shared (tied) tensors appear once
+    return ParamCount(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+
+
+class TrainModel(torch.nn.Module):
+    """Wraps the (possibly peft) model: `hidden_states(batch)` and `head` are all the loss needs."""
+
+    def __init__(self, lm: Any, strategy: str, virtual_tokens: int = 0, prefix: bool = False):
+        super().__init__()
+        self.lm = lm  # a transformers causal LM or a peft.PeftModel around one
+        self.strategy = strategy
+        self.virtual_tokens = virtual_tokens  # slots reserved per example (prompt tuning, P-tuning)
+        self.prefix = prefix  # prefix tuning: peft's forward supplies the prefix keys and values
+
+    @property
+    def is_peft(self) -> bool:
+        return hasattr(self.lm, "peft_config")
+
+    @property
+    def base(self) -> Any:
+        """The transformers model (with LoRA layers injected, for LoRA)."""
+        return self.lm.get_base_model() if self.is_peft else self.lm
+
+    @property
+    def config(self) -> Any:
+        return self.base.config
+
+    @property
+    def head(self) -> torch.nn.Module:
+        return self.base.get_output_embeddings()
+
+    @property
+    def can_pack(self) -> bool:
+        return not self.prefix
+
+    def forward(self, batch: dict[str, torch.Tensor], chunk_size: int = 1024,
+                count_correct: bool = False) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+        """(summed next-token loss over the target tokens, their number, argmax hits or None).
+
+        The whole loss runs inside this forward, so that DDP and FSDP see every parameter use.
+        """
+        from tunelab.train.loss import loss_from_hidden
+
+        hidden, labels = self.hidden_states(batch)
+        return loss_from_hidden(hidden, labels, self.head, self.config, chunk_size, count_correct)
+
+    def soft_prompt(self) -> torch.Tensor:
+        """The virtual-token embeddings, (virtual_tokens, hidden)."""
+        return self.lm.get_prompt(batch_size=1)[0]
+
+    def hidden_states(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder's last hidden states (batch, seq, d) and the labels aligned with them (batch, seq)."""
+        labels = batch["labels"]
+        if self.prefix:
+            return self._peft_forward_hidden(batch), labels
+        if "position_ids" in batch:
+            inputs = packed_inputs(batch, self.config._attn_implementation)
+            labels = labels.reshape(inputs["input_ids"].shape)
+        else:
+            inputs = {k: v for k, v in batch.items() if k not in ("labels", "virtual_mask")}
+        if self.virtual_tokens:
+            ids = inputs.pop("input_ids")
+            slots = batch["virtual_mask"].reshape(ids.shape)
+            embeds = self.base.get_input_embeddings()(ids)
+            prompts = self.soft_prompt().to(embeds.dtype)
+            n_examples = int(slots.sum()) // self.virtual_tokens
+            inputs["inputs_embeds"] = embeds.masked_scatter(slots[..., None], prompts.repeat(n_examples, 1))
+        hidden = self.base.get_decoder()(**inputs, use_cache=False).last_hidden_state
+        return hidden, labels
+
+    def _peft_forward_hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        captured: dict[str, torch.Tensor] = {}
+        hook = self.base.get_decoder().register_forward_hook(
+            lambda module, args, output: captured.__setitem__("hidden", output.last_hidden_state))
+        try:  # logits_to_keep=1: the head runs on one position only; the loss uses the hidden states
+            self.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1)
+        finally:
+            hook.remove()
+        return captured["hidden"]

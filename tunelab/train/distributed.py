@@ -1,0 +1,157 @@
+"""Data parallelism through PyTorch's own launcher: torchrun sets the environment, tunelab wraps the
+model (FSDP2 `fully_shard` per decoder layer then the root, or DDP), gives each rank its slice of
+every step, and checkpoints with torch.distributed.checkpoint."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group torchrun describes (gloo on the CPU, NCCL on CUDA); a no-op for one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and os.environ.get("TUNELAB_DEVICE", "auto") != "cpu" else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(info.local_rank)
+        dist.init_process_group(backend)
+    return info
+
+
+def all_reduce_sum(value: float | int, device: torch.device) -> float:
+    t = torch.tensor(float(value), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def wrap(model: Any, strategy: str, device: torch.device, bf16: bool) -> Any:
+    """FSDP2 (shard each decoder layer, then the root) or DDP. The TrainModel's forward holds the whole
+    loss, so the root's parameters (embeddings, head) are gathered for exactly that call."""
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    for layer in model.base.get_decoder().layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def unwrap(model: Any) -> Any:
+    """The TrainModel inside a DDP wrapper (FSDP2 keeps the module itself)."""
+    return getattr(model, "module", model)
+
+
+@contextlib.contextmanager
+def gradient_sync(model: Any, sync: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce on all but the last micro-batch of a step."""
+    if hasattr(model, "no_sync") and not sync:
+        with model.no_sync():
+            yield
+        return
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(sync)
+    yield
+
+
+def _options(full: bool = False) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=not full, full_state_dict=full, cpu_offload=full)
+
+
+def save_sharded(path: Path, model: Any, optimizer: Any, scheduler: Any, state: dict[str, Any], info: DistInfo,
+                 keep: int) -> Path:
+    """Every rank writes its shard into a temporary folder; rank 0 renames it once all are done."""
+    import json
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from tunelab.train.checkpoint import list_checkpoints, rng_state
+
+    tmp = path.parent / f".tmp-{path.name}"
+    if info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    torch.save(rng_state(), tmp / f"rng-{info.rank}.pt")
+    if info.is_main:
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": int(path.name.split("-")[1]), "world": info.world,
+                                                             **state}, indent=2))
+    barrier()
+    if info.is_main:
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+        for old in list_checkpoints(path.parent.parent)[:-keep]:
+            shutil.rmtree(old)
+    barrier()
+    return path
+
+
+def load_sharded(path: Path, model: Any, optimizer: Any, scheduler: Any, info: DistInfo) -> dict[str, Any]:
+    import json
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from tunelab.errors import ConfigError
+    from tunelab.train.checkpoint import set_rng_state
+
+    meta = json.loads((path / "trainer_state.json").read_text())
+    if meta.get("world") != info.world:
+        raise ConfigError(f"checkpoint '{path}' was written by {meta.get('world', 1)} processes; resume it with the "
+                          f"same number (this run has {info.world}).")
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=_options())
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    set_rng_state(torch.load(path / f"rng-{info.rank}.pt", weights_only=True))
+    return meta
+
+
+def full_state_dict(model: Any) -> dict[str, torch.Tensor]:
+    """The whole model, gathered to CPU tensors (a collective: every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_options(full=True))
