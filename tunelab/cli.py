@@ -99,7 +99,7 @@ def cmd_convert_llama2c(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from tunelab.demo import run_demo
 
-    run_demo(Path(args.out), steps=args.steps)
+    run_demo(Path(args.out), quick=args.quick)
     return 0
 
 
@@ -420,9 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", action="store_true", help="merge LoRA/DoRA adapters into a standalone checkpoint")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("demo", help="the built-in demo: fine-tune a real tiny model offline")
+    p = sub.add_parser("demo", help="the built-in demo: adapt a small model to support tickets, offline")
     p.add_argument("--out", default="runs/demo", help="where the demo writes its runs")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--quick", action="store_true", help="a one-minute version (fewer steps and strategies)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("convert", help="convert a foreign checkpoint to a Hugging Face folder")

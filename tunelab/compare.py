@@ -30,14 +30,16 @@ def strategy_configs(cfg: Config, strategies: list[str], out_dir: Path,
     from tunelab.config import _set_dotted, parse_override
 
     configs = {}
-    for name in strategies:
+    for entry in strategies:
+        label, _, name = entry.rpartition("=")  # "few-shot=prompting": a labelled variant of a strategy
+        label = label or name
         tree = cfg.model_dump(mode="json")
         tree["strategy"]["name"] = name
-        tree["output_dir"] = str(out_dir / name)
+        tree["output_dir"] = str(out_dir / label)
         tree["overwrite"], tree["resume"] = True, False
-        for text in (overrides or {}).get(name, []):
+        for text in (overrides or {}).get(label, []):
             _set_dotted(tree, *parse_override(text))
-        configs[name] = validate_config(tree, f"compare, strategy {name}")
+        configs[label] = validate_config(tree, f"compare, strategy {label}")
     return configs
 
 
@@ -84,6 +86,12 @@ def compare(cfg: Config, strategies: list[str], out_dir: Path, eval_settings: Ev
         tuned = load_for_eval(scfg.output_dir)
         if base_eval is None:
             base_eval = evaluate(base, data, eval_settings)[0]
+        if scfg.strategy.name == "prompting":  # nothing trained: the weights are the base's, nothing to forget
+            task_data = eval_data_from_config(scfg, eval_settings.max_examples)
+            row.update(evaluate(tuned, task_data, eval_settings)[0]["metrics"])
+            row.update({"perplexity ratio": 1.0, "KL base->tuned": 0.0})
+            table.append(row)
+            continue
         d = diff(base, tuned, data, diff_settings, eval_settings, reference=reference, base_eval=base_eval)
         (Path(scfg.output_dir) / "diff.json").write_text(json.dumps(d, indent=2))
         row.update(d["task"]["tuned"])
@@ -92,6 +100,7 @@ def compare(cfg: Config, strategies: list[str], out_dir: Path, eval_settings: Ev
                     "EOS share": d["drift"]["eos_share_tuned"], "task-format share": d["drift"]["format_collapse_tuned"]})
         if "probes" in d:
             row["probes right"] = d["probes"]["right_tuned"]
+            row.setdefault("probes right (base)", d["probes"]["right_base"])
         table.append(row)
     metric = next(iter(base_eval["metrics"])) if base_eval else None
     result = {"metric": metric, "base_metrics": base_eval["metrics"] if base_eval else None, "table": table,

@@ -52,6 +52,64 @@ def sequence_log_probs(model: TrainModel, encoded: list[Encoded], pad_id: int, b
     return out
 
 
+def _cache_kwarg(lm: Any) -> str:
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+
+
+def _shared_prompt(model: TrainModel, group: list[Encoded]) -> tuple[list[int], list[list[int]]] | None:
+    """The prompt ids all options of one example share, and each option's own ids; None when they differ."""
+    if model.virtual_tokens or model.prefix:
+        return None
+    firsts = [next(i for i, t in enumerate(e.labels) if t != IGNORE) for e in group]
+    prompt = group[0].input_ids[: firsts[0]]
+    if not prompt or any(e.input_ids[:f] != prompt for e, f in zip(group, firsts)):
+        return None
+    return prompt, [e.input_ids[f:] for e, f in zip(group, firsts)]
+
+
+@torch.no_grad()
+def shared_prompt_log_probs(model: TrainModel, groups: list[tuple[list[int], list[list[int]]]], pad_id: int
+                            ) -> list[list[tuple[float, int]]]:
+    """Score the options of several examples: each prompt runs once (left-padded together), and its KV
+    cache serves all of that example's options. Returns (summed log-probability, tokens) per option."""
+    lm, device = model.base, next(model.parameters()).device
+    n_opt = len(groups[0][1])
+    plen = max(len(p) for p, _ in groups)
+    ids = torch.full((len(groups), plen), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(groups), plen), dtype=torch.long, device=device)
+    for i, (prompt, _) in enumerate(groups):  # left padding: every prompt ends at the last column
+        ids[i, plen - len(prompt) :] = torch.tensor(prompt)
+        mask[i, plen - len(prompt) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = lm(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    first_logp = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # (examples, vocab): each option's first token
+    cache.batch_repeat_interleave(n_opt)
+    width = max(len(o) for _, opts in groups for o in opts)
+    opt_ids = torch.full((len(groups) * n_opt, width), pad_id, dtype=torch.long, device=device)
+    opt_mask = torch.zeros((len(groups) * n_opt, plen + width), dtype=torch.long, device=device)
+    for i, (prompt, opts) in enumerate(groups):
+        for j, o in enumerate(opts):
+            r = i * n_opt + j
+            opt_ids[r, : len(o)] = torch.tensor(o)
+            opt_mask[r, plen - len(prompt) : plen + len(o)] = 1
+    opt_pos = torch.tensor([len(p) for p, _ in groups], device=device).repeat_interleave(n_opt)[:, None] + \
+        torch.arange(width, device=device)[None]
+    logits = lm(input_ids=opt_ids, attention_mask=opt_mask, position_ids=opt_pos, **{_cache_kwarg(lm): cache}).logits
+    logp = F.log_softmax(logits.float(), dim=-1)  # (examples * options, width, vocab)
+    results = []
+    for i, (_, opts) in enumerate(groups):
+        scores = []
+        for j, o in enumerate(opts):
+            r = i * n_opt + j
+            rest = float(logp[r, : len(o) - 1].gather(1, opt_ids[r, 1 : len(o), None]).sum()) if len(o) > 1 else 0.0
+            scores.append((float(first_logp[i, o[0]]) + rest, len(o)))
+        results.append(scores)
+    return results
+
+
 def with_target(ex: Example, target: str) -> Example:
     """A copy of `ex` whose target is `target` (for scoring the options of a classification)."""
     fields = dict(ex.fields)
@@ -67,10 +125,20 @@ def rank_options(model: TrainModel, tokenizer: Any, examples: list[Example], opt
     variants = [with_target(ex, opt) for ex in examples for opt in options]
     rendered = [render_example(v, spec, tokenizer, pool) for v in variants]
     encoded = encode_examples(rendered, tokenizer, max_length, "left", EncodeStats())
+    assert len(encoded) == len(variants), "left truncation never drops an example"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    scored = sequence_log_probs(model, encoded, pad_id, batch_size)
+    k = len(options)
+    groups = [encoded[i * k : (i + 1) * k] for i in range(len(examples))]
+    shared = [_shared_prompt(model, g) for g in groups]
+    scored: list[list[tuple[float, int]] | None] = [None] * len(groups)
+    ready = [i for i, sh in enumerate(shared) if sh is not None]
+    per_call = max(1, batch_size * 4 // k)  # examples whose options fit one forward call
+    for s in range(0, len(ready), per_call):
+        part = ready[s : s + per_call]
+        for i, result in zip(part, shared_prompt_log_probs(model, [shared[i] for i in part], pad_id)):
+            scored[i] = result
     results = []
     for i in range(len(examples)):
-        scores = [total / max(1, n) for total, n in scored[i * len(options) : (i + 1) * len(options)]]
+        scores = [total / max(1, n) for total, n in (scored[i] or sequence_log_probs(model, groups[i], pad_id, batch_size))]
         results.append((options[max(range(len(options)), key=scores.__getitem__)], scores))
     return results

@@ -46,7 +46,9 @@ def check_model_folder(path: str, allow_pickle: bool = False) -> bool:
 def load_tokenizer(cfg: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
-    check_model_folder(cfg.path, cfg.allow_pickle)
+    p = Path(cfg.path).expanduser()
+    if not (p.is_dir() and ((p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file())):
+        check_model_folder(cfg.path, cfg.allow_pickle)  # names what is wrong with the folder
     try:
         tok = AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:

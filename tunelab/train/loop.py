@@ -86,6 +86,7 @@ def evaluate_only(cfg: Config, run_dir: Path, model: Any, params: Any, eval_set:
         result = evaluate_loss(model, eval_set, cfg.train.batch_size, pad_id, device, autocast(), 0)
         metrics.write({"type": "eval", "step": 0, **result})
         log.info("prompting (nothing trained): eval loss %.4f", result["eval_loss"])
+    metrics.write({"type": "summary", "step": 0, "peak_memory_bytes": peak_memory_bytes(device), "loop_seconds": 0.0})
     metrics.close()
     logging.getLogger("tunelab").removeHandler(file_log)
     file_log.close()
