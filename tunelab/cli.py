@@ -14,10 +14,23 @@ from tunelab.errors import TunelabError
 log = logging.getLogger("tunelab")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at emit time (it may be replaced after set-up)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _setup_logging() -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("tunelab: %(message)s"))
-    log.addHandler(handler)
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("tunelab: %(message)s"))
+        log.addHandler(handler)
     log.setLevel(logging.INFO)
     for noisy in ("transformers", "torch", "huggingface_hub", "datasets"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -236,6 +249,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         cfg = load_config(args.target, args.overrides)
         data_cfg, spec, model_cfg = cfg.data, spec_from_config(cfg), cfg.model
         train_path, eval_path = cfg.data.train, args.eval or cfg.data.eval
+        report_dir = Path(cfg.output_dir)
     else:
         if not args.model:
             from tunelab.errors import ConfigError
@@ -246,6 +260,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         data_cfg = DataConfig(train=args.target, format=args.format, columns=columns, max_length=args.max_length)
         spec, model_cfg = RenderSpec(), ModelConfig(path=args.model)
         train_path, eval_path = args.target, args.eval
+        report_dir = Path(".")
     result = audit(train_path, data_cfg, spec, load_tokenizer(model_cfg), eval_path, args.threshold, args.preview)
     order = {"blocking": 0, "warning": 1, "info": 2}
     keys = [k for k, v in result.items() if isinstance(v, dict) and "severity" in v]
@@ -258,7 +273,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         print(f"--- row {item['row']} (trained tokens in green)\n{terminal_preview(item)}")
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2))
-    report = write_data_report(result, Path(args.output).parent if args.output else Path("."))
+    report = write_data_report(result, Path(args.output).parent if args.output else report_dir)
     print(f"report: {report}")
     if args.fix:
         from tunelab.data.audit import rows_to_drop

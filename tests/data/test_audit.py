@@ -56,8 +56,9 @@ def test_missing_eos_in_pretokenized_data(tmp_path, tokenizer):
     assert r["missing_eos"]["indices"] == [1]
 
 
-def test_cli_exit_codes_and_fix(files, stories260k, tmp_path, capsys):
+def test_cli_exit_codes_and_fix(files, stories260k, tmp_path, capsys, monkeypatch):
     train, evals = files
+    monkeypatch.chdir(tmp_path)  # without --output, a data file's report goes to the working directory
     before = train.read_text()
     out = tmp_path / "check.json"
     code = main(["data", "check", str(train), "--model", str(stories260k), "--eval", str(evals), "--max-length", "96",
@@ -74,7 +75,7 @@ def test_cli_exit_codes_and_fix(files, stories260k, tmp_path, capsys):
     assert main(["data", "check", str(tmp_path / "clean.jsonl"), "--model", str(stories260k), "--eval", str(evals),
                  "--max-length", "96"]) == 0
     html = (tmp_path / "data-check.html").read_text()
-    assert "<mark>" in html and "data:image/png;base64," in html
+    assert "clean.jsonl" in html and "<mark>" in html and "data:image/png;base64," in html
 
 
 def test_banking77_duplicates_and_balance(tokenizer):

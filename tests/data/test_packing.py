@@ -55,18 +55,21 @@ def _packed_and_padded(tokenizer):
     return encoded, bins, packed, padded
 
 
-ATTENTION = ["tunelab_varlen", "sdpa", "eager"]
+# tunelab_varlen has two paths: a block-diagonal mask for short rows, one SDPA call per example for long ones
+ATTENTION = ["tunelab_varlen", "tunelab_varlen-per-example", "sdpa", "eager"]
 
 
-def _model(path, attn):
-    import tunelab.models.attention  # noqa: F401  (registers tunelab_varlen)
+def _model(path, attn, monkeypatch):
+    import tunelab.models.attention as attention
 
-    return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn)
+    if attn.endswith("-per-example"):
+        monkeypatch.setattr(attention, "DENSE_MASK_MAX_ROW", 0)
+    return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn.split("-")[0])
 
 
 @pytest.mark.parametrize("attn", ATTENTION)
-def test_packed_and_padded_batches_give_the_same_loss_and_gradients(stories260k, tokenizer, attn):
-    model = _model(stories260k, attn)
+def test_packed_and_padded_batches_give_the_same_loss_and_gradients(stories260k, tokenizer, attn, monkeypatch):
+    model = _model(stories260k, attn, monkeypatch)
     _, _, packed, padded = _packed_and_padded(tokenizer)
     assert count_label_tokens(packed["labels"]) == count_label_tokens(padded["labels"])
     results = []
@@ -82,8 +85,8 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients(stories260k,
 
 
 @pytest.mark.parametrize("attn", ATTENTION)
-def test_changing_one_packed_example_leaves_the_others_unchanged(stories260k, tokenizer, attn):
-    model = _model(stories260k, attn)
+def test_changing_one_packed_example_leaves_the_others_unchanged(stories260k, tokenizer, attn, monkeypatch):
+    model = _model(stories260k, attn, monkeypatch)
     encoded, bins, packed, _ = _packed_and_padded(tokenizer)
     row = next(r for r, b in enumerate(bins) if len(b) >= 2)
     spans, start = [], 0
@@ -92,7 +95,7 @@ def test_changing_one_packed_example_leaves_the_others_unchanged(stories260k, to
         start += len(encoded[i].input_ids)
     # the model inputs exactly as the training loss builds them for this attention implementation
     # (use_cache=False: transformers reads packed position ids only when no KV cache is built)
-    inputs = {**packed_inputs({k: v[row : row + 1] for k, v in packed.items()}, attn), "use_cache": False}
+    inputs = {**packed_inputs({k: v[row : row + 1] for k, v in packed.items()}, attn.split("-")[0]), "use_cache": False}
     before = model(**inputs).logits
     changed = inputs["input_ids"].clone()
     s, e = spans[0]

@@ -44,11 +44,29 @@ AttentionInterface.register(VARLEN, varlen_attention)
 AttentionMaskInterface.register(VARLEN, sdpa_mask)
 
 
+# Up to this row length a block-diagonal mask through SDPA is cheaper than one SDPA call per example
+# (short rows hold many short examples, and per-call overhead dominates on the CPU).
+DENSE_MASK_MAX_ROW = 1024
+
+
+def block_causal_mask(positions: torch.Tensor) -> torch.Tensor:
+    """(rows, 1, L, L) boolean mask: causal within each packed example, nothing across examples."""
+    doc = (positions == 0).cumsum(-1)  # (rows, L): the example each token belongs to
+    same = doc[:, :, None] == doc[:, None, :]
+    causal = torch.ones(positions.shape[1], positions.shape[1], dtype=torch.bool, device=positions.device).tril()
+    return (same & causal)[:, None]
+
+
 def packed_inputs(batch: dict[str, torch.Tensor], attn_implementation: str) -> dict[str, Any]:
     """Model inputs for a packed batch (input_ids, position_ids), laid out for the attention in use.
 
-    Rows are flattened into one sequence: example bounds come from the restarting position ids.
+    For `tunelab_varlen`, short rows get a block-diagonal causal mask (built once, shared by all
+    layers); long rows are flattened into one sequence and attended one example at a time, the
+    example bounds read from the restarting position ids.
     """
+    if attn_implementation == VARLEN and batch["input_ids"].shape[1] <= DENSE_MASK_MAX_ROW:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
+                "attention_mask": block_causal_mask(batch["position_ids"])}
     ids = batch["input_ids"].reshape(1, -1)
     positions = batch["position_ids"].reshape(1, -1)
     inputs: dict[str, Any] = {"input_ids": ids, "position_ids": positions}

@@ -45,6 +45,18 @@ def cpu_device() -> Device:
                   "the step-time model adds per-operation overhead, calibrated in tests/plan")
 
 
+def runtime_bytes() -> float:
+    """Resident memory of a fresh process that has imported tunelab's training stack (Python, torch,
+    transformers, peft): the CPU's fixed cost, measured now in a child process."""
+    import subprocess
+    import sys
+
+    code = ("import resource, torch, transformers, peft, tunelab.train.loop; "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    return float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else 0.0
+
+
 def get_device(name: str) -> Device:
     if name == "cpu":
         return cpu_device()

@@ -83,8 +83,8 @@ def prompt_params(shape: ModelShape, cfg: StrategyConfig) -> int:
         return n * d + (d * h + h) + (h * h + h) + (h * d + d)
     kv = shape.layers * 2 * shape.kv_dim
     if s.prefix_projection:
-        h = d  # peft's default encoder_hidden_size is the token dimension
-        return n * shape.hidden + (shape.hidden * h + h) + (h * kv + kv)
+        t = shape.kv_dim  # peft's token_dim for a prefix is the key/value width; its MLP is that wide too
+        return n * t + (t * t + t) + (t * kv + kv)
     return n * kv
 
 
@@ -167,23 +167,45 @@ def activation_floats_per_token_layer(s: ModelShape) -> float:
     return 6 * s.hidden + 4 * s.kv_dim + 4 * s.intermediate
 
 
+# How much more than the saved-tensor count a training step really holds, by what trains (calibrated
+# against measured peak resident memory on a 2-core CPU, PyTorch 2.13; tests/plan checks them on another
+# workload): trained weights keep their layer inputs; LoRA adds dropout masks and adapter inputs per
+# module; a frozen model keeps only what input gradients need.
+ACTIVATION_FACTOR = {"weights": 1.5, "lora": 3.0, "frozen": 1.2}
+# The step time on a CPU: a share of the measured matmul rate for the FLOPs, plus per token and layer
+# a cost that grows with the layer's width (element-wise work: norms, activations, RoPE, residuals).
+CPU_STEP_MODEL = {"weights": (0.448, 9.31e-8), "lora": (0.319, 1.39e-7), "frozen": (0.329, 7.86e-8)}
+
+
+def trains_weights(cfg: StrategyConfig) -> str:
+    """'weights', 'lora' or 'frozen': the class of a strategy for memory and time."""
+    if cfg.name in ("lora",) or (cfg.name == "fixed_prompt" and cfg.fixed_prompt.tune == "lora"):
+        return "lora"
+    return "frozen" if cfg.name in ("soft_prompt", "prompting") else "weights"
+
+
 def memory(shape: ModelShape, w: Workload, cfg: Config, trainable: int, total: int, checkpointing: bool,
-           chunk: int = 1024) -> dict[str, float]:
-    """Peak memory on one device, by part (bytes)."""
+           chunk: int = 1024, cpu_runtime: float | None = None) -> dict[str, float]:
+    """Peak memory on one device, by part (bytes). On the CPU (`cpu_runtime` given: the measured
+    resident memory of the imported training stack) the loaded weights are counted twice: the
+    allocator keeps the load-time copy."""
     name = cfg.strategy.name
     frozen_below = name == "freeze" and cfg.strategy.freeze.trainable_layers
     layers_saved = (cfg.strategy.freeze.trainable_layers if frozen_below else shape.layers) if name != "prompting" else 0
     per_token_layer = activation_floats_per_token_layer(shape) * BYTES_FP32
     tokens = w.tokens_per_micro_batch
+    factor = ACTIVATION_FACTOR[trains_weights(cfg.strategy)]
     if checkpointing:
-        activations = layers_saved * tokens * shape.hidden * BYTES_FP32 + tokens * per_token_layer
+        activations = layers_saved * tokens * shape.hidden * BYTES_FP32 + tokens * per_token_layer * factor
     else:
-        activations = layers_saved * tokens * per_token_layer
+        activations = layers_saved * tokens * per_token_layer * factor
     head_trains = name in ("full", "prompt_lm") or (name == "fixed_prompt" and cfg.strategy.fixed_prompt.tune == "all")
     label_tokens = min(chunk, w.label_tokens_per_step / w.micro_batches_per_step)
     loss = 2 * label_tokens * shape.vocab * BYTES_FP32 + (shape.vocab * shape.hidden * BYTES_FP32 if head_trains else 0)
-    parts = {"weights": total * BYTES_FP32, "gradients": trainable * BYTES_FP32,
+    parts = {"weights": total * BYTES_FP32 * (2 if cpu_runtime is not None else 1), "gradients": trainable * BYTES_FP32,
              "optimizer": trainable * ADAMW_STATES * BYTES_FP32, "activations": activations, "loss_buffer": loss}
+    if cpu_runtime is not None:
+        parts["runtime"] = cpu_runtime
     parts["total"] = sum(parts.values())
     return parts
 

@@ -10,9 +10,9 @@ from typing import Any
 
 from tunelab.config import Config
 from tunelab.plan.advisor import Advice, Situation, advise
-from tunelab.plan.devices import Device, get_device
-from tunelab.plan.estimate import (DataShape, Estimate, ModelShape, flops, memory, model_shape, parameter_counts,
-                                   workload)
+from tunelab.plan.devices import Device, get_device, runtime_bytes
+from tunelab.plan.estimate import (CPU_STEP_MODEL, DataShape, Estimate, ModelShape, Workload, flops, memory, model_shape,
+                                   parameter_counts, trains_weights, workload)
 
 STRATEGIES = ["prompting", "soft_prompt", "lora", "freeze", "full", "prompt_lm"]
 # Published pre-training token counts of known families, keyed by (model_type, vocab size).
@@ -26,10 +26,6 @@ PRETRAINING_TOKENS: dict[tuple[str, int], tuple[float, str]] = {
 }
 # The error of the estimates, measured by tests/plan/test_validation.py on a 2-core CPU (see BENCHMARKS.md).
 VALIDATED_ERROR = "memory within 25% and step time within 25% of measurements on a 2-core CPU (tests/plan)"
-# Per-step overheads of the CPU step-time model, per decoder layer and micro-batch (dispatch of the
-# ~90 forward and backward operations of a block) and per optimizer step, measured on a 2-core CPU.
-CPU_SECONDS_PER_LAYER_MICRO = 2.5e-3
-CPU_SECONDS_PER_STEP = 5e-3
 
 
 @dataclass
@@ -73,11 +69,13 @@ def task_kind(data: DataShape) -> str:
     return "short_answer" if data.mean_label_tokens <= 32 else "long_generation"
 
 
-def step_seconds(shape: ModelShape, cfg: Config, device: Device, run_flops: float, steps: int, micro: int) -> float:
-    compute = run_flops / steps / (device.peak_flops * device.mfu)
-    if device.name.startswith("this CPU"):
-        compute += CPU_SECONDS_PER_STEP + CPU_SECONDS_PER_LAYER_MICRO * shape.layers * micro
-    return compute
+def step_seconds(shape: ModelShape, cfg: Config, device: Device, run_flops: float, w: Workload) -> float:
+    """FLOPs at the device's rate and MFU; on a CPU, the calibrated model of CPU_STEP_MODEL."""
+    if not device.name.startswith("this CPU"):
+        return run_flops / w.steps / (device.peak_flops * device.mfu)
+    share, per_width = CPU_STEP_MODEL[trains_weights(cfg.strategy)]
+    return run_flops / w.steps / (device.peak_flops * share) + \
+        per_width * shape.layers * w.tokens_per_step * (shape.hidden + shape.intermediate)
 
 
 def plan(cfg: Config, device_name: str = "cpu", pretraining_tokens: float | None = None,
@@ -85,6 +83,7 @@ def plan(cfg: Config, device_name: str = "cpu", pretraining_tokens: float | None
     shape = model_shape(cfg.model.path, cfg.model.trust_remote_code)
     data = data_shape(cfg)
     device = get_device(device_name)
+    runtime = runtime_bytes() if device_name == "cpu" else None
     estimates: dict[str, Estimate] = {}
     names = list(dict.fromkeys([cfg.strategy.name, *(strategies or STRATEGIES)]))
     for name in names:
@@ -98,11 +97,11 @@ def plan(cfg: Config, device_name: str = "cpu", pretraining_tokens: float | None
         trainable, total = parameter_counts(shape, scfg.strategy)
         w = workload(scfg, data)
         run_flops = flops(shape, w, data, scfg)
-        mem = memory(shape, w, scfg, trainable, total, cfg.train.activation_checkpointing)
-        mem_other = memory(shape, w, scfg, trainable, total, not cfg.train.activation_checkpointing)
+        mem = memory(shape, w, scfg, trainable, total, cfg.train.activation_checkpointing, cpu_runtime=runtime)
+        mem_other = memory(shape, w, scfg, trainable, total, not cfg.train.activation_checkpointing, cpu_runtime=runtime)
         mem["activations_with_checkpointing" if not cfg.train.activation_checkpointing else
             "activations_without_checkpointing"] = mem_other["activations"]
-        sec = step_seconds(shape, scfg, device, run_flops, w.steps, w.micro_batches_per_step) if run_flops else 0.0
+        sec = step_seconds(shape, scfg, device, run_flops, w) if run_flops else 0.0
         adapter = trainable * 4 if name not in ("full", "freeze", "prompting", "prompt_lm") else 0
         estimates[name] = Estimate(name, total, trainable, adapter, mem, run_flops, sec * w.steps, sec)
     pre = None

@@ -1,0 +1,76 @@
+"""The built-in demo: its generated data, `tunelab demo --quick` (CI) and the full demo (slow)."""
+
+import json
+
+import pytest
+
+from tunelab.cli import main
+from tunelab.demo_world.build import MODEL_DIR
+from tunelab.demo_world.corpus import corpus
+from tunelab.demo_world.data import WORLD_SEED, write_demo_data
+from tunelab.demo_world.world import build_world
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_demo_data_is_reproducible_varied_and_split(tmp_path):
+    a, b = write_demo_data(tmp_path / "a"), write_demo_data(tmp_path / "b")
+    for key, path in a.items():
+        assert path.read_bytes() == b[key].read_bytes(), key  # fixed seeds: the same files every time
+    train, evals = _rows(a["summary_train"]), _rows(a["summary_eval"])
+    assert (len(train), len(evals)) == (400, 100)
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in evals}  # held out means held out
+    assert len({r["prompt"] for r in train}) == len(train)
+    # varied: many distinct summaries and ticket openings, lengths spread over a wide range
+    assert len({r["completion"] for r in train}) > 150
+    lengths = sorted(len(r["prompt"].split()) for r in train)
+    assert lengths[-1] - lengths[0] >= 15
+    triage = _rows(a["triage_train"])
+    assert len({r["completion"] for r in triage}) == 12  # 4 intents x 3 urgencies
+    probes = _rows(a["probes"])
+    assert len(probes) == 60 and all(p["prompt"] and p["answer"] for p in probes)
+
+
+def test_pretraining_corpus_never_contains_the_task():
+    docs = corpus(build_world(WORLD_SEED), 1, n_stories=300, n_customer=300, n_arith=100, fact_repeats=1)
+    text = "\n".join(docs)
+    assert "Summary:" not in text and "wants a refund" not in text and "Ticket:" not in text
+
+
+def test_the_committed_model_is_small_and_complete():
+    weights = MODEL_DIR / "model.safetensors"
+    assert weights.exists() and (MODEL_DIR / "tokenizer.json").exists() and (MODEL_DIR / "RECIPE.json").exists()
+    assert weights.stat().st_size < 16 * 2**20
+
+
+def test_demo_quick(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "Task 1" in out and "Task 2" in out and "recommendation:" in out
+    result = json.loads((tmp_path / "demo.json").read_text())
+    rows = {r["strategy"]: r for r in result["summary"]["table"]}
+    assert set(rows) == {"zero-shot", "lora"}
+    assert rows["lora"]["trainable params"] > 0 and rows["zero-shot"]["trainable params"] == 0
+    assert 0 <= rows["lora"]["rouge_l"] <= 1 and rows["lora"]["perplexity ratio"] > 0
+    html = (tmp_path / "report.html").read_text()
+    assert "data:image/png;base64," in html and "recommendation" in html.lower()
+
+
+@pytest.mark.slow
+def test_full_demo_tuned_models_beat_prompting_widely(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "demo.json").read_text())
+    rows = {r["strategy"]: r for r in result["summary"]["table"]}
+    assert set(rows) == {"zero-shot", "few-shot", "soft_prompt", "lora", "full"}
+    baseline = max(rows["zero-shot"]["rouge_l"], rows["few-shot"]["rouge_l"])
+    for name in ("lora", "full"):
+        assert rows[name]["rouge_l"] > baseline + 0.3, (name, rows[name]["rouge_l"], baseline)
+    assert rows["soft_prompt"]["rouge_l"] > baseline
+    # forgetting is measured for every tuned strategy (whatever it is), and it differs between them
+    ratios = [rows[n]["perplexity ratio"] for n in ("soft_prompt", "lora", "full")]
+    assert all(r > 0 for r in ratios) and len({round(r, 3) for r in ratios}) == 3
+    triage = {r["strategy"]: r for r in result["triage"]["table"]}
+    assert triage["lora"]["accuracy"] > triage["few-shot"]["accuracy"] + 0.2
+    assert result["recommendation"] in rows
