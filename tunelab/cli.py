@@ -31,6 +31,7 @@ def _setup_logging() -> None:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("tunelab: %(message)s"))
         log.addHandler(handler)
+    log.propagate = False  # a library's logging.basicConfig must not print every line twice
     log.setLevel(logging.INFO)
     for noisy in ("transformers", "torch", "huggingface_hub", "datasets"):
         logging.getLogger(noisy).setLevel(logging.ERROR)

@@ -44,10 +44,16 @@ def strategy_configs(cfg: Config, strategies: list[str], out_dir: Path,
 
 
 def _train_in_subprocess(cfg: Config, work: Path) -> float:
-    """Train in a child process, so that its peak memory is its own; returns the wall time."""
+    """Train in a child process, so that its peak memory is its own; returns the wall time. Prompting
+    trains nothing (its run only records the rendering): that runs here, without a process's start-up."""
     path = work / f"{Path(cfg.output_dir).name}.yaml"
     path.write_text(dump_config(cfg))
     t0 = time.perf_counter()
+    if cfg.strategy.name == "prompting":
+        from tunelab.train.loop import train
+
+        train(cfg)
+        return time.perf_counter() - t0
     proc = subprocess.run([sys.executable, "-m", "tunelab", "train", str(path)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise TunelabError(f"strategy {cfg.strategy.name} failed: {proc.stderr.strip().splitlines()[-1]}")
@@ -77,6 +83,7 @@ def compare(cfg: Config, strategies: list[str], out_dir: Path, eval_settings: Ev
     base = load_for_eval(cfg.model.path)
     reference = reference_texts(base, diff_settings)
     base_eval = None
+    base_cache: dict[str, Any] = {}
     table = []
     for name, scfg in configs.items():
         log.info("compare: strategy %s", name)
@@ -87,12 +94,14 @@ def compare(cfg: Config, strategies: list[str], out_dir: Path, eval_settings: Ev
         if base_eval is None:
             base_eval = evaluate(base, data, eval_settings)[0]
         if scfg.strategy.name == "prompting":  # nothing trained: the weights are the base's, nothing to forget
+            row["peak memory MiB"] = None  # its run shared this process: no training memory of its own
             task_data = eval_data_from_config(scfg, eval_settings.max_examples)
             row.update(evaluate(tuned, task_data, eval_settings)[0]["metrics"])
             row.update({"perplexity ratio": 1.0, "KL base->tuned": 0.0})
             table.append(row)
             continue
-        d = diff(base, tuned, data, diff_settings, eval_settings, reference=reference, base_eval=base_eval)
+        d = diff(base, tuned, data, diff_settings, eval_settings, reference=reference, base_eval=base_eval,
+                 base_cache=base_cache)
         (Path(scfg.output_dir) / "diff.json").write_text(json.dumps(d, indent=2))
         row.update(d["task"]["tuned"])
         f = d["forgetting"]

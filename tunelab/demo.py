@@ -26,7 +26,7 @@ from tunelab.report.run_report import compare_sections
 
 SUMMARY_TEMPLATE = {"prompt": "Ticket: {prompt}\nSummary:", "target": " {completion}"}
 TRIAGE_TEMPLATE = {"prompt": "Ticket: {prompt}\nIntent and urgency:", "target": " {completion}"}
-LEARNING_RATES = {"soft_prompt": 3e-2, "lora": 1e-2, "full": 2e-3}
+LEARNING_RATES = {"soft_prompt": 1e-1, "lora": 1e-2, "full": 3e-3}
 
 
 def _config(data: dict[str, Path], task: str, out: Path, steps: int, max_eval: int) -> Any:
@@ -55,10 +55,11 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False) -> dict[str, An
     """Run the demo; returns the two comparisons and the report path."""
     t0 = time.perf_counter()
     data = write_demo_data(out / "data", n_train=400, n_eval=100)
-    steps, max_eval = (12, 16) if quick else (120, 60)
-    print(f"tunelab demo: base model {MODEL_DIR.name} (pre-trained by tunelab on a generated world; "
+    steps, max_eval = (8, 12) if quick else (50, 60)
+    print(f"tunelab demo: the built-in base model ({MODEL_DIR}, pre-trained by tunelab on a generated world; "
           f"`python -m tunelab.demo_world.build` rebuilds it); 400 labeled tickets, {max_eval} held out")
-    eval_settings = EvalSettings(max_new_tokens=40, batch_size=32, max_examples=max_eval)
+    eval_settings = EvalSettings(metrics=["rouge_l", "exact_match"], max_new_tokens=40, batch_size=32,
+                                 max_examples=max_eval)
     diff_settings = DiffSettings(reference_text=str(data["reference"]), probes=str(data["probes"]),
                                  max_new_tokens=12)
     strategies = ["zero-shot=prompting", "few-shot=prompting", "soft_prompt", "lora", "full"]

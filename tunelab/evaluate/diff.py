@@ -8,7 +8,7 @@ import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -71,8 +71,18 @@ def perplexity(em: EvalModel, texts: list[str], max_length: int = 512) -> float:
     return math.exp(-sum(s for s, _ in scored) / max(1, sum(n for _, n in scored)))
 
 
+def _memo(cache: dict[str, Any] | None, key: str, fn: Callable[[], Any]) -> Any:
+    """fn(), computed once per `cache` (figures of the base model that several diffs share)."""
+    if cache is None:
+        return fn()
+    if key not in cache:
+        cache[key] = fn()
+    return cache[key]
+
+
 @torch.no_grad()
-def mean_kl(base: EvalModel, tuned: EvalModel, texts: list[str], max_length: int = 512, batch_size: int = 8) -> float:
+def mean_kl(base: EvalModel, tuned: EvalModel, texts: list[str], max_length: int = 512, batch_size: int = 8,
+            cache: dict[str, Any] | None = None) -> float:
     """Mean per-token KL(base || tuned) of the next-token distributions along the reference text."""
     encoded = _encode_texts(base, texts, max_length)
     pad = base.tokenizer.eos_token_id
@@ -82,7 +92,8 @@ def mean_kl(base: EvalModel, tuned: EvalModel, texts: list[str], max_length: int
         part = encoded[s : s + batch_size]
         bb = {k: v.to(dev_b) for k, v in pad_collate(part, pad, base.model.virtual_tokens).items()}
         tb = {k: v.to(dev_t) for k, v in pad_collate(part, pad, tuned.model.virtual_tokens).items()}
-        for (lp_b, _, _), (lp_t, _, _) in zip(label_log_probs(base.model, bb), label_log_probs(tuned.model, tb)):
+        base_lps = _memo(cache, f"kl:{max_length}:{batch_size}:{s}", lambda: [lp for lp, _, _ in label_log_probs(base.model, bb)])
+        for lp_b, (lp_t, _, _) in zip(base_lps, label_log_probs(tuned.model, tb)):
             lp_t = lp_t.to(lp_b.device)
             total += float((lp_b.exp() * (lp_b - lp_t)).sum())
             count += lp_b.shape[0]
@@ -118,9 +129,9 @@ def _task_like(text: str, labels: set[str], template_prefix: str) -> bool:
 
 def diff(base: EvalModel, tuned: EvalModel, data: EvalData | None, settings: DiffSettings,
          eval_settings: EvalSettings, reference: tuple[list[str], str] | None = None,
-         base_eval: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Every figure of the diff, each with its verdict. `reference` and `base_eval` reuse figures of the
-    base model that a comparison of several tuned models shares."""
+         base_eval: dict[str, Any] | None = None, base_cache: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every figure of the diff, each with its verdict. `reference`, `base_eval` and `base_cache` (a dict
+    this fills) reuse figures of the base model that a comparison of several tuned models shares."""
     out: dict[str, Any] = {"base": base.name, "tuned": tuned.name}
     labels: set[str] = set()
     template_prefix = ""
@@ -139,8 +150,9 @@ def diff(base: EvalModel, tuned: EvalModel, data: EvalData | None, settings: Dif
             template_prefix = data.spec.template.target.split("{")[0].strip()
 
     texts, source = reference or reference_texts(base, settings)
-    ppl_b, ppl_t = perplexity(base, texts), perplexity(tuned, texts)
-    kl = mean_kl(base, tuned, texts)
+    ppl_b = _memo(base_cache, "perplexity", lambda: perplexity(base, texts))
+    ppl_t = perplexity(tuned, texts)
+    kl = mean_kl(base, tuned, texts, cache=base_cache)
     out["forgetting"] = {
         "reference": source, "num_texts": len(texts), "perplexity_base": ppl_b, "perplexity_tuned": ppl_t,
         "perplexity_ratio": ppl_t / ppl_b, "kl_base_to_tuned": kl,
@@ -153,7 +165,7 @@ def diff(base: EvalModel, tuned: EvalModel, data: EvalData | None, settings: Dif
     if settings.probes:
         probes = read_probes(settings.probes)
         prompts = [p["prompt"] for p in probes]
-        before = generate(base, prompts, settings.max_new_tokens)
+        before = _memo(base_cache, "probe generations", lambda: generate(base, prompts, settings.max_new_tokens))
         after = generate(tuned, prompts, settings.max_new_tokens)
         right_b = [normalize(p["answer"]) in normalize(g.text) for p, g in zip(probes, before)]
         right_t = [normalize(p["answer"]) in normalize(g.text) for p, g in zip(probes, after)]
@@ -164,11 +176,11 @@ def diff(base: EvalModel, tuned: EvalModel, data: EvalData | None, settings: Dif
                          "verdict": f"{'forgot' if lost else 'kept'} probe answers: {sum(right_b)} -> {sum(right_t)} of "
                                     f"{len(probes)} right, {len(lost)} lost, {len(gained)} gained "
                                     "(threshold: any lost answer is forgetting)"}
+        gens_b, gens_t = before, after  # drift is read on the same generations
     else:
         prompts = [base.tokenizer.decode(base.tokenizer(t, add_special_tokens=False)["input_ids"][:8]) for t in texts]
-
-    gens_b = generate(base, prompts, settings.max_new_tokens)
-    gens_t = generate(tuned, prompts, settings.max_new_tokens)
+        gens_b = _memo(base_cache, "drift generations", lambda: generate(base, prompts, settings.max_new_tokens))
+        gens_t = generate(tuned, prompts, settings.max_new_tokens)
     len_b, len_t = _lengths(gens_b), _lengths(gens_t)
     eos_b = sum(g.ended_with_eos for g in gens_b) / len(gens_b)
     eos_t = sum(g.ended_with_eos for g in gens_t) / len(gens_t)

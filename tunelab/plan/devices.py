@@ -13,6 +13,7 @@ class Device:
     peak_flops: float  # dense, in the training precision
     mfu: float  # the model-FLOPs utilisation the time estimate assumes
     source: str
+    elementwise_seconds: float = 0.0  # CPU only: measured seconds per float of an element-wise op
 
 
 DEVICES: dict[str, Device] = {
@@ -39,10 +40,20 @@ def cpu_device() -> Device:
         a @ b
         n += 1
     flops = 2 * 512**3 * n / (time.perf_counter() - t0)
+    x, y = torch.randn(1 << 20), torch.randn(1 << 20)
+    for _ in range(3):
+        torch.mul(x, y, out=x)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 0.2:
+        torch.mul(x, y, out=x)
+        x.clamp_(-1, 1)
+        n += 1
+    elementwise = (time.perf_counter() - t0) / (2 * n * x.numel())
     pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return Device(f"this CPU ({torch.get_num_threads()} threads)", float(pages), flops, 1.0,
                   "fp32 matmul rate measured by tunelab plan on this machine (512^3 products for 0.3 s); "
-                  "the step-time model adds per-operation overhead, calibrated in tests/plan")
+                  "the step-time model adds element-wise work at the rate measured here too, calibrated in tests/plan",
+                  elementwise)
 
 
 def runtime_bytes() -> float:

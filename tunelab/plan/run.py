@@ -73,9 +73,9 @@ def step_seconds(shape: ModelShape, cfg: Config, device: Device, run_flops: floa
     """FLOPs at the device's rate and MFU; on a CPU, the calibrated model of CPU_STEP_MODEL."""
     if not device.name.startswith("this CPU"):
         return run_flops / w.steps / (device.peak_flops * device.mfu)
-    share, per_width = CPU_STEP_MODEL[trains_weights(cfg.strategy)]
-    return run_flops / w.steps / (device.peak_flops * share) + \
-        per_width * shape.layers * w.tokens_per_step * (shape.hidden + shape.intermediate)
+    share, elementwise_ops = CPU_STEP_MODEL[trains_weights(cfg.strategy)]
+    return run_flops / w.steps / (device.peak_flops * share) + elementwise_ops * device.elementwise_seconds * \
+        shape.layers * w.tokens_per_step * (shape.hidden + shape.intermediate)
 
 
 def plan(cfg: Config, device_name: str = "cpu", pretraining_tokens: float | None = None,
