@@ -111,6 +111,10 @@ def compare(cfg: Config, strategies: list[str], out_dir: Path, eval_settings: Ev
             row["probes right"] = d["probes"]["right_tuned"]
             row.setdefault("probes right (base)", d["probes"]["right_base"])
         table.append(row)
+    base_probes = next((r["probes right (base)"] for r in table if "probes right (base)" in r), None)
+    for row in table:
+        if row["strategy"] in configs and configs[row["strategy"]].strategy.name == "prompting" and base_probes is not None:
+            row["probes right"] = base_probes  # prompting runs the base's weights
     metric = next(iter(base_eval["metrics"])) if base_eval else None
     result = {"metric": metric, "base_metrics": base_eval["metrics"] if base_eval else None, "table": table,
               "eval_data": data.path, "num_eval_examples": len(data.examples), "reference": reference[1],

@@ -79,7 +79,7 @@ def build(work: Path, steps: int) -> Path:
     return result.final_dir
 
 
-def install(final: Path, dest: Path = MODEL_DIR) -> None:
+def install(final: Path, steps: int, dest: Path = MODEL_DIR) -> None:
     """Copy the pre-trained model into the package, weights in bfloat16 (half the size)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -90,16 +90,16 @@ def install(final: Path, dest: Path = MODEL_DIR) -> None:
     model.save_pretrained(dest)
     AutoTokenizer.from_pretrained(final).save_pretrained(dest)
     (dest / "RECIPE.json").write_text(json.dumps({"built_by": "python -m tunelab.demo_world.build", "arch": ARCH,
-                                                  "vocab": VOCAB, "pretrain": PRETRAIN, "world_seed": SEED,
+                                                  "vocab": VOCAB, "pretrain": PRETRAIN, "steps": steps, "world_seed": SEED,
                                                   "corpus_seed": CORPUS_SEED}, indent=2))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="runs/demo-build")
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=600)
     args = parser.parse_args()
-    install(build(Path(args.work), args.steps))
+    install(build(Path(args.work), args.steps), args.steps)
     print(f"installed the demo model in {MODEL_DIR}")
     return 0
 
