@@ -56,16 +56,22 @@ def cpu_device() -> Device:
                   elementwise)
 
 
+# What a running CPU training process holds beyond its imports (allocator arenas, thread pools, the
+# tokenizer, the data): fitted on tests/plan's GSM8K cases (2-core CPU, torch 2.13), see BENCHMARKS.md.
+CPU_RUNNING_EXTRA_BYTES = 180 * 2**20
+
+
 def runtime_bytes() -> float:
-    """Resident memory of a fresh process that has imported tunelab's training stack (Python, torch,
-    transformers, peft): the CPU's fixed cost, measured now in a child process."""
+    """Resident memory of a training process before its model and activations: the peak of a fresh
+    process that has imported tunelab's training stack (Python, torch, transformers, peft), measured
+    now in a child process, plus CPU_RUNNING_EXTRA_BYTES."""
     import subprocess
     import sys
 
-    code = ("import resource, torch, transformers, peft, tunelab.train.loop; "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+    code = "import torch, transformers, peft, tunelab.train.loop as l; print(l.peak_rss_bytes())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    return float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else 0.0
+    imported = float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else 0.0
+    return imported + CPU_RUNNING_EXTRA_BYTES
 
 
 def get_device(name: str) -> Device:

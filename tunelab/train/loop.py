@@ -65,6 +65,20 @@ def peak_memory_bytes(device: torch.device) -> int:
     """Peak accelerator memory, or on the CPU the process's peak resident set size."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    return peak_rss_bytes()
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set. Linux's VmHWM belongs to the process's own address space;
+    getrusage's ru_maxrss is not used where VmHWM exists, because it carries over the parent's peak
+    through fork and exec (a child of a large process would report the parent's memory)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
