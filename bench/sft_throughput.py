@@ -18,7 +18,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -74,11 +73,9 @@ def peak_memory_bytes(device: str) -> int:
 
     if device == "cuda":
         return torch.cuda.max_memory_allocated()
-    # VmHWM: this process's own peak (ru_maxrss would carry the parent's peak over fork and exec)
-    status = Path("/proc/self/status")
-    if status.exists():
-        return int(next(ln for ln in status.read_text().splitlines() if ln.startswith("VmHWM:")).split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    from tunelab.train.metrics import peak_rss_bytes  # the process's own peak (VmHWM), as tunelab reports it
+
+    return peak_rss_bytes()
 
 
 # ---------------------------------------------------------------- workers (one system per process)

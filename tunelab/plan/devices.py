@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -27,28 +28,26 @@ DEVICES: dict[str, Device] = {
 }
 
 
+def _seconds_per_call(fn: Callable[[], object], seconds: float) -> float:
+    """The mean time of fn() over about `seconds`, after three warm-up calls."""
+    for _ in range(3):
+        fn()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        fn()
+        n += 1
+    return (time.perf_counter() - t0) / n
+
+
 def cpu_device() -> Device:
     import os
 
     import torch
 
     a, b = torch.randn(512, 512), torch.randn(512, 512)
-    for _ in range(3):
-        a @ b
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < 0.3:
-        a @ b
-        n += 1
-    flops = 2 * 512**3 * n / (time.perf_counter() - t0)
+    flops = 2 * 512**3 / _seconds_per_call(lambda: a @ b, 0.3)
     x, y = torch.randn(1 << 20), torch.randn(1 << 20)
-    for _ in range(3):
-        torch.mul(x, y, out=x)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < 0.2:
-        torch.mul(x, y, out=x)
-        x.clamp_(-1, 1)
-        n += 1
-    elementwise = (time.perf_counter() - t0) / (2 * n * x.numel())
+    elementwise = _seconds_per_call(lambda: torch.mul(x, y, out=x).clamp_(-1, 1), 0.2) / (2 * x.numel())
     pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return Device(f"this CPU ({torch.get_num_threads()} threads)", float(pages), flops, 1.0,
                   "fp32 matmul rate measured by tunelab plan on this machine (512^3 products for 0.3 s); "
@@ -68,7 +67,7 @@ def runtime_bytes() -> float:
     import subprocess
     import sys
 
-    code = "import torch, transformers, peft, tunelab.train.loop as l; print(l.peak_rss_bytes())"
+    code = "import torch, transformers, peft, tunelab.train.loop, tunelab.train.metrics as m; print(m.peak_rss_bytes())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     imported = float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else 0.0
     return imported + CPU_RUNNING_EXTRA_BYTES

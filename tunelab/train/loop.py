@@ -30,7 +30,7 @@ from tunelab.train.distributed import (DistInfo, all_reduce_sum, barrier, full_s
                                        init_distributed, load_sharded, save_sharded, wrap)
 from tunelab.train.eval_loss import evaluate_loss
 from tunelab.train.loss import causal_lm_loss
-from tunelab.train.metrics import MetricsWriter
+from tunelab.train.metrics import MetricsWriter, peak_rss_bytes
 from tunelab.train.optim import build_optimizer, build_scheduler
 from tunelab.train.progress import Progress
 from tunelab.train.rundir import check_run_dir, open_run_dir
@@ -66,22 +66,6 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return peak_rss_bytes()
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set. Linux's VmHWM belongs to the process's own address space;
-    getrusage's ru_maxrss is not used where VmHWM exists, because it carries over the parent's peak
-    through fork and exec (a child of a large process would report the parent's memory)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def seed_everything(seed: int) -> None:

@@ -45,3 +45,19 @@ class MetricsWriter:
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set. Linux's VmHWM belongs to the process's own address space;
+    getrusage's ru_maxrss is not used where VmHWM exists, because it carries over the parent's peak
+    through fork and exec (a child of a large process would report the parent's memory)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
