@@ -309,6 +309,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.2g}s" if seconds < 10 else f"{seconds:.0f}s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from tunelab.config import load_config
     from tunelab.plan.run import plan, write_plan
@@ -331,9 +337,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
             mark = "*" if name == result.config_strategy else " "
             print(f"{mark}{name:<11}{e.trainable_params:>14,}{100 * e.trainable_params / e.total_params:>8.3g}%"
                   f"{e.adapter_bytes / 2**20:>12.2f}{mem:>11.3f}{'yes' if e.memory_bytes['total'] <= result.device.memory_bytes else 'NO':>6}"
-                  f"{e.flops / 1e12:>10.3g}{e.seconds:>9.0f}s{pre:>17}")
-        parts = result.estimates[result.config_strategy].memory_bytes
-        print("memory of " + result.config_strategy + ": " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in parts.items()))
+                  f"{e.flops / 1e12:>10.3g}{_duration(e.seconds):>10}{pre:>17}")
+        chosen = result.estimates[result.config_strategy]
+        print("memory of " + result.config_strategy + ": " +
+              ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in chosen.memory_bytes.items()))
+        print(f"time of {result.config_strategy}: {chosen.step_seconds:.3g} s per step ({chosen.time_source})")
+        if chosen.fit_changes:
+            print(f"{result.config_strategy} does not fit {result.device.name} "
+                  f"({chosen.memory_bytes['total'] / 2**30:.1f} of {result.device.memory_bytes / 2**30:.0f} GiB); "
+                  "to fit, change one of:\n" + "\n".join(f"  - {c}" for c in chosen.fit_changes))
         if result.pretraining:
             e = result.estimates[result.config_strategy]
             share = e.flops / (6 * e.total_params * result.pretraining[0])
@@ -345,7 +357,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         a = result.advice
         print(f"recommendation: {a.strategy} {a.settings}\n  {a.reasons}")
         if args.output:
-            write_plan(result, args.output if len(args.gpu or []) < 2 else f"{Path(args.output).stem}-{gpu}.json")
+            out = Path(args.output)
+            write_plan(result, str(out if len(args.gpu or []) < 2 else out.with_name(f"{out.stem}-{gpu}{out.suffix}")))
     return 0
 
 
@@ -406,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.add_argument("--gpu", action="append", help="h100, a100, l4 or cpu (repeatable; default: this CPU)")
     p.add_argument("--pretraining-tokens", type=float, help="tokens the base model was pre-trained on")
-    p.add_argument("--output", help="write the figures here (plan.json)")
+    p.add_argument("--output", help="write the figures here (plan.json; with several --gpu, plan-GPU.json beside it)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("data", help="dataset tools")

@@ -1,10 +1,11 @@
 """The strategy advisor: which strategy, with which key settings, and why (citing the figures).
 
-Rules (each with its source; the documented table of situations is in tests/plan/test_advisor.py):
+Rules (each with its source; the documented table of situations is in tests/plan/test_counts_and_advisor.py):
 1. No labeled data to speak of (< 8 examples): tuning-free prompting, the examples as few-shot
    demonstrations (Brown et al. 2020; Liu et al. 2021, sec. 7).
 2. Full fine-tuning does not fit the device's memory: LoRA if it fits (Hu et al. 2021), else a soft
-   prompt with activation checkpointing (Lester et al. 2021: only the prompt trains).
+   prompt with activation checkpointing (Lester et al. 2021: only the prompt trains); when not even
+   that fits, LoRA with its model sharded over several GPUs by FSDP2.
 3. Under ~100 examples: high retention -> fixed-LM prompt tuning (soft prompt; the LM is untouched,
    Lester et al. 2021); otherwise low-rank LoRA (rank 4-8).
 4. ~100 to 10,000 examples: LoRA (rank 8 for high retention, 16 otherwise): it learns less but
@@ -72,6 +73,13 @@ def advise(s: Situation, compare_json: Path | None = None) -> Advice:
             return Advice("lora", {"rank": 16, "alpha": 32, "learning_rate": _lr("lora"), "epochs": _epochs(n)},
                           f"{mem}; LoRA needs {s.memory_gib.get('lora', 0):.1f} GiB and trains "
                           f"{100 * s.trainable_share.get('lora', 0):.2g}% of the parameters. {figures}.", "2")
+        if not s.fits.get("soft_prompt", True):
+            return Advice("lora", {"rank": 16, "alpha": 32, "distributed.strategy": "fsdp2",
+                                   "learning_rate": _lr("lora"), "epochs": _epochs(n)},
+                          f"{mem}, and no strategy fits one device (LoRA needs {s.memory_gib.get('lora', 0):.1f} GiB, "
+                          f"a soft prompt {s.memory_gib.get('soft_prompt', 0):.1f} GiB, mostly the frozen weights): "
+                          "shard LoRA's model over several GPUs with FSDP2 (the plan's 'to fit' lines give the "
+                          f"count). {figures}.", "2")
         return Advice("soft_prompt", {"num_virtual_tokens": 20, "activation_checkpointing": True,
                                       "learning_rate": _lr("soft_prompt")},
                       f"{mem}, and LoRA does not fit either; a soft prompt trains only the prompt "

@@ -14,7 +14,6 @@ class Device:
     peak_flops: float  # dense, in the training precision
     mfu: float  # the model-FLOPs utilisation the time estimate assumes
     source: str
-    elementwise_seconds: float = 0.0  # CPU only: measured seconds per float of an element-wise op
 
 
 DEVICES: dict[str, Device] = {
@@ -46,13 +45,10 @@ def cpu_device() -> Device:
 
     a, b = torch.randn(512, 512), torch.randn(512, 512)
     flops = 2 * 512**3 / _seconds_per_call(lambda: a @ b, 0.3)
-    x, y = torch.randn(1 << 20), torch.randn(1 << 20)
-    elementwise = _seconds_per_call(lambda: torch.mul(x, y, out=x).clamp_(-1, 1), 0.2) / (2 * x.numel())
     pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return Device(f"this CPU ({torch.get_num_threads()} threads)", float(pages), flops, 1.0,
-                  "fp32 matmul rate measured by tunelab plan on this machine (512^3 products for 0.3 s); "
-                  "the step-time model adds element-wise work at the rate measured here too, calibrated in tests/plan",
-                  elementwise)
+                  "fp32 matmul rate measured by tunelab plan on this machine (512^3 products for 0.3 s); step times "
+                  "are not derived from it but measured: real steps of cut copies of the model (tunelab.plan.probe)")
 
 
 # What a running CPU training process holds beyond its imports (allocator arenas, thread pools, the

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,7 +49,15 @@ class ModelShape:
 def model_shape(model_path: str, trust_remote_code: bool = False) -> ModelShape:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    from tunelab.errors import ModelError
+
+    try:
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        reason = "it does not exist" if not Path(model_path).expanduser().exists() else str(exc).splitlines()[0]
+        raise ModelError(f"cannot read the model's config.json from model.path '{model_path}': {reason}. Set model.path "
+                         "to a local Hugging Face model folder; to plan, config.json and the tokenizer files are "
+                         "enough (the weights are not read).") from None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -155,6 +164,8 @@ class Estimate:
     flops: float = 0.0
     seconds: float = 0.0
     step_seconds: float = 0.0
+    time_source: str = ""  # how the step time was obtained: measured on this CPU, or FLOPs at a device's rate
+    fit_changes: list[str] = field(default_factory=list)  # when it does not fit the device: what to change
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -172,11 +183,6 @@ def activation_floats_per_token_layer(s: ModelShape) -> float:
 # workload): trained weights keep their layer inputs; LoRA adds dropout masks and adapter inputs per
 # module; a frozen model keeps only what input gradients need.
 ACTIVATION_FACTOR = {"weights": 1.5, "lora": 3.0, "frozen": 1.2}
-# The step time on a CPU: a share of the measured matmul rate for the FLOPs, plus per token and layer
-# a cost that grows with the layer's width (element-wise work: norms, activations, RoPE, residuals),
-# as a multiple of the measured seconds per float of an element-wise op. Both rates are measured on
-# the machine that plans, so the model follows a faster or slower CPU.
-CPU_STEP_MODEL = {"weights": (0.448, 364.0), "lora": (0.319, 543.0), "frozen": (0.329, 307.0)}
 
 
 def trains_weights(cfg: StrategyConfig) -> str:

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from tunelab.config import Config
 from tunelab.plan.advisor import Advice, Situation, advise
 from tunelab.plan.devices import Device, get_device, runtime_bytes
-from tunelab.plan.estimate import (CPU_STEP_MODEL, DataShape, Estimate, ModelShape, Workload, flops, memory, model_shape,
-                                   parameter_counts, trains_weights, workload)
+from tunelab.plan.estimate import (DataShape, Estimate, ModelShape, Workload, flops, memory, model_shape, parameter_counts,
+                                   workload)
+from tunelab.plan.probe import measured_step_seconds
 
 STRATEGIES = ["prompting", "soft_prompt", "lora", "freeze", "full", "prompt_lm"]
 # Published pre-training token counts of known families, keyed by (model_type, vocab size).
@@ -24,9 +26,11 @@ PRETRAINING_TOKENS: dict[tuple[str, int], tuple[float, str]] = {
     ("qwen3", 151936): (36e12, "Qwen3 technical report: 36T tokens"),
     ("gemma2", 256000): (2e12, "Gemma 2 report: 2T tokens for the 2B model (8T for 9B, 13T for 27B)"),
 }
+MEASURED = "measured on this CPU: real optimizer steps of cut copies of the model (tunelab.plan.probe)"
 # The error of the estimates, measured by tests/plan/test_validation.py on a 2-core CPU (see BENCHMARKS.md).
-VALIDATED_ERROR = ("memory within 5% of measured peaks on a 2-core CPU (tests/plan); the CPU step time "
-                   "is off by up to 2x on a workload unlike its calibration's (see BENCHMARKS.md)")
+VALIDATED_ERROR = ("on a 2-core CPU (tests/plan, GSM8K rows of 512; see BENCHMARKS.md): memory within 17% of the "
+                   "measured peaks, step time within 19% (measured with cut copies of the model); GPU times are FLOPs "
+                   "at an assumed MFU, not yet checked against a GPU")
 
 
 @dataclass
@@ -51,17 +55,20 @@ class PlanResult:
                 "estimate_error": VALIDATED_ERROR}
 
 
-def data_shape(cfg: Config) -> DataShape:
-    """Token counts from the real tokenized training data (rendered and encoded as training will)."""
+def load_train_data(cfg: Config) -> tuple[DataShape, list[Any], Any]:
+    """Token counts from the real tokenized training data (rendered and encoded as training will), the
+    encoded examples and the tokenizer."""
     from tunelab.data.dataset import load_datasets
     from tunelab.data.render import spec_from_config
     from tunelab.models.load import load_tokenizer
 
-    train, _ = load_datasets(cfg.data, spec_from_config(cfg), load_tokenizer(cfg.model), cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    train, _ = load_datasets(cfg.data, spec_from_config(cfg), tokenizer, cfg.train.seed)
     lengths = [len(e.input_ids) for e in train.encoded]
-    return DataShape(len(lengths), sum(lengths), train.stats.num_label_tokens, statistics.fmean(lengths),
-                     statistics.fmean(n * n for n in lengths), train.stats.num_label_tokens / len(lengths),
-                     len({ex.target for ex in train.examples}), train.examples[0].shape)
+    shape = DataShape(len(lengths), sum(lengths), train.stats.num_label_tokens, statistics.fmean(lengths),
+                      statistics.fmean(n * n for n in lengths), train.stats.num_label_tokens / len(lengths),
+                      len({ex.target for ex in train.examples}), train.examples[0].shape)
+    return shape, train.encoded, tokenizer
 
 
 def task_kind(data: DataShape) -> str:
@@ -70,22 +77,61 @@ def task_kind(data: DataShape) -> str:
     return "short_answer" if data.mean_label_tokens <= 32 else "long_generation"
 
 
-def step_seconds(shape: ModelShape, cfg: Config, device: Device, run_flops: float, w: Workload) -> float:
-    """FLOPs at the device's rate and MFU; on a CPU, the calibrated model of CPU_STEP_MODEL."""
-    if not device.name.startswith("this CPU"):
-        return run_flops / w.steps / (device.peak_flops * device.mfu)
-    share, elementwise_ops = CPU_STEP_MODEL[trains_weights(cfg.strategy)]
-    return run_flops / w.steps / (device.peak_flops * share) + elementwise_ops * device.elementwise_seconds * \
-        shape.layers * w.tokens_per_step * (shape.hidden + shape.intermediate)
+def fit_changes(shape: ModelShape, w: Workload, cfg: Config, trainable: int, total: int, mem: dict[str, float],
+                device: Device, runtime: float | None, others: dict[str, float]) -> list[str]:
+    """What to change when a strategy's peak memory does not fit the device, each with the total it gives."""
+    cap = device.memory_bytes
+    if mem["total"] <= cap:
+        return []
+
+    def gib(b: float) -> str:
+        return f"{b / 2**30:.1f} GiB"
+
+    def total_with(work: Workload, checkpointing: bool) -> float:
+        return memory(shape, work, cfg, trainable, total, checkpointing, cpu_runtime=runtime)["total"]
+
+    checkpointing = cfg.train.activation_checkpointing
+    out = []
+    if not checkpointing:
+        out.append(f"train.activation_checkpointing: true (keeps one layer's activations: {gib(total_with(w, True))})")
+    row = cfg.data.max_length
+    n = 2
+    while w.tokens_per_micro_batch / n >= row / 2:
+        smaller = replace(w, tokens_per_micro_batch=w.tokens_per_micro_batch / n,
+                          micro_batches_per_step=w.micro_batches_per_step * n)
+        m = total_with(smaller, True)
+        if m <= cap:
+            t = cfg.train
+            change = (f"train.tokens_per_micro_batch: {int(t.tokens_per_micro_batch or t.tokens_per_step) // n}"
+                      if t.tokens_per_step else f"train.batch_size: {max(1, t.batch_size // n)} with train.grad_accum: "
+                      f"{t.grad_accum * n}")
+            out.append(f"{change} (micro-batches {n}x smaller, the same tokens per optimizer step"
+                       f"{', with activation checkpointing' if not checkpointing else ''}: {gib(m)})")
+            break
+        n *= 2
+    fitting = [f"{k} ({gib(v)})" for k, v in others.items() if v <= cap and k not in (cfg.strategy.name, "prompting")]
+    if fitting:
+        out.append("another strategy: " + ", ".join(fitting))
+    sharded = mem["weights"] + mem["gradients"] + mem["optimizer"]
+    rest = mem["total"] - sharded
+    if rest < cap and not device.name.startswith("this CPU"):
+        gpus = math.ceil(sharded / (cap - rest))
+        out.append(f"{gpus} GPUs with distributed.strategy: fsdp2 (weights, gradients and optimizer states sharded: "
+                   f"{gib(rest + sharded / gpus)} on each)")
+    if not out:
+        out.append(f"a device with more than {gib(mem['total'])} of memory")
+    return out
 
 
 def plan(cfg: Config, device_name: str = "cpu", pretraining_tokens: float | None = None,
          strategies: list[str] | None = None, compare_json: Path | None = None) -> PlanResult:
     shape = model_shape(cfg.model.path, cfg.model.trust_remote_code)
-    data = data_shape(cfg)
+    data, examples, tokenizer = load_train_data(cfg)
     device = get_device(device_name)
-    runtime = runtime_bytes() if device_name == "cpu" else None
+    on_cpu = device_name == "cpu"
+    runtime = runtime_bytes() if on_cpu else None
     estimates: dict[str, Estimate] = {}
+    prepared: dict[str, tuple[Config, Workload]] = {}
     names = list(dict.fromkeys([cfg.strategy.name, *(strategies or STRATEGIES)]))
     for name in names:
         tree = cfg.model_dump(mode="json")
@@ -102,9 +148,20 @@ def plan(cfg: Config, device_name: str = "cpu", pretraining_tokens: float | None
         mem_other = memory(shape, w, scfg, trainable, total, not cfg.train.activation_checkpointing, cpu_runtime=runtime)
         mem["activations_with_checkpointing" if not cfg.train.activation_checkpointing else
             "activations_without_checkpointing"] = mem_other["activations"]
-        sec = step_seconds(shape, scfg, device, run_flops, w) if run_flops else 0.0
+        sec, source = 0.0, "nothing trains"
+        if run_flops and on_cpu and mem["total"] <= device.memory_bytes:
+            sec, source = measured_step_seconds(scfg, shape.layers, examples, tokenizer), MEASURED
+        elif run_flops:
+            sec = run_flops / w.steps / (device.peak_flops * device.mfu)
+            source = f"FLOPs at {device.mfu:.0%} of {device.peak_flops / 1e12:.3g} TFLOP/s"
         adapter = trainable * 4 if name not in ("full", "freeze", "prompting", "prompt_lm") else 0
-        estimates[name] = Estimate(name, total, trainable, adapter, mem, run_flops, sec * w.steps, sec)
+        estimates[name] = Estimate(name, total, trainable, adapter, mem, run_flops, sec * w.steps, sec, source)
+        prepared[name] = (scfg, w)
+    totals = {k: e.memory_bytes["total"] for k, e in estimates.items()}
+    for name, e in estimates.items():
+        scfg, w = prepared[name]
+        e.fit_changes = fit_changes(shape, w, scfg, e.trainable_params, e.total_params, e.memory_bytes, device,
+                                    runtime, totals)
     pre = None
     if pretraining_tokens:
         pre = (pretraining_tokens, "--pretraining-tokens")
@@ -113,9 +170,9 @@ def plan(cfg: Config, device_name: str = "cpu", pretraining_tokens: float | None
 
         mt = transformers.AutoConfig.from_pretrained(cfg.model.path).model_type
         pre = PRETRAINING_TOKENS.get((mt, shape.vocab))
-    gib = {k: e.memory_bytes["total"] / 2**30 for k, e in estimates.items()}
+    gib = {k: v / 2**30 for k, v in totals.items()}
     situation = Situation(data.num_examples, data.num_label_tokens, task_kind(data), cfg.plan.retention,
-                          {k: e.memory_bytes["total"] <= device.memory_bytes for k, e in estimates.items()},
+                          {k: v <= device.memory_bytes for k, v in totals.items()},
                           {k: e.trainable_params / e.total_params for k, e in estimates.items()}, gib,
                           device.memory_bytes / 2**30)
     return PlanResult(estimates, advise(situation, compare_json), device, data, pre, cfg.strategy.name)

@@ -91,6 +91,27 @@ def evaluate_only(cfg: Config, run_dir: Path, model: Any, params: Any, eval_set:
     return TrainResult(run_dir, 0, float("nan"), result, None, model)
 
 
+def optimizer_step(model: Any, micro_batches: list[tuple[dict[str, torch.Tensor], int]], scale: float,
+                   device: torch.device, autocast: Any, trainable: list[torch.nn.Parameter], max_grad_norm: float | None,
+                   optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One optimizer step: forward and backward over the step's micro-batches (each loss sum times
+    `scale`), gradient clipping, the update and the schedule. Returns the summed loss and the gradient
+    norm (tensors: the caller decides when the host syncs) and the learning rate used."""
+    loss_sum = torch.zeros((), device=device)
+    for i, (mb, _) in enumerate(micro_batches):
+        mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
+        with gradient_sync(model, i == len(micro_batches) - 1), autocast():
+            out = causal_lm_loss(model, mb)
+            (out.loss_sum * scale).backward()
+        loss_sum += out.loss_sum.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm or float("inf"))
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm, lr
+
+
 def train(cfg: Config) -> TrainResult:
     """Run (or resume) the training run that `cfg` describes; returns where its results are.
 
@@ -185,19 +206,8 @@ def train(cfg: Config) -> TrainResult:
                 num_label_tokens = int(all_reduce_sum(num_label_tokens, device))
                 num_tokens = int(all_reduce_sum(num_tokens, device))
             scale = info.world / num_label_tokens  # DDP and FSDP average gradients over ranks: undo it
-            loss_sum = torch.zeros((), device=device)
-            for i, (mb, _) in enumerate(micro_batches):
-                mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
-                with gradient_sync(model, i == len(micro_batches) - 1), autocast():
-                    out = causal_lm_loss(model, mb)
-                    (out.loss_sum * scale).backward()
-                loss_sum += out.loss_sum.detach()
-            max_norm = cfg.train.max_grad_norm or float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss_sum, grad_norm, lr = optimizer_step(model, micro_batches, scale, device, autocast, trainable,
+                                                     cfg.train.max_grad_norm, optimizer, scheduler)
             if info.enabled:
                 loss_sum = torch.tensor(all_reduce_sum(float(loss_sum), device))
                 grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm

@@ -1,0 +1,124 @@
+"""The CPU step time, measured on the spot instead of modelled.
+
+A CPU's speed on a training step depends on the shapes of its matrix products, its caches and its
+element-wise work far more than on its peak FLOP rate: a fixed share of a measured matmul rate was
+off by 2x between short and long rows. So `tunelab plan` times real optimizer steps
+(`tunelab.train.loop.optimizer_step`, the training loop's own code) of the configured strategy, on
+the real batches of the user's data, with copies of the model cut to a few decoder layers (random
+weights: the speed of a step does not depend on their values). Decoder layers are identical, so the
+step of the whole model is the step of the cut copy plus the measured cost of one more layer times
+the missing layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+
+from tunelab.config import Config
+from tunelab.data.encode import Encoded
+
+log = logging.getLogger(__name__)
+WARMUP_STEPS = 1  # the first step allocates the optimizer's states and warms the allocator
+MIN_STEPS, MAX_STEPS, STEP_BUDGET_S = 3, 8, 2.0  # timed steps: at least 3, more while under 2 s
+
+
+def _cut_config(config: Any, layers: int) -> Any:
+    """The model's config with only its first `layers` decoder layers."""
+    cut = copy.deepcopy(config)
+    text = cut.get_text_config() if hasattr(cut, "get_text_config") else cut
+    text.num_hidden_layers = layers
+    if isinstance(getattr(text, "layer_types", None), list):
+        text.layer_types = text.layer_types[:layers]
+    cut.use_cache = False
+    return cut
+
+
+def _median_step_seconds(step: Callable[[], None]) -> float:
+    for _ in range(WARMUP_STEPS):
+        step()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < MIN_STEPS or (len(times) < MAX_STEPS and time.perf_counter() - start < STEP_BUDGET_S):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def time_cut_model(cfg: Config, model_config: Any, layers: int, examples: list[Encoded], tokenizer: Any) -> float:
+    """Median seconds of one optimizer step of `cfg`'s strategy and batches with a `layers`-layer copy of the model."""
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.data.batching import count_label_tokens
+    from tunelab.models.load import attention_implementation, pad_token_id
+    from tunelab.strategies import prepare_strategy
+    from tunelab.train.batches import make_batch_plan
+    from tunelab.train.loop import optimizer_step, resolve_device
+    from tunelab.train.optim import build_optimizer, build_scheduler
+
+    device, amp_dtype = resolve_device(cfg.train.model_copy(update={"device": "cpu"}))
+    autocast = (lambda: torch.autocast("cpu", dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    torch.manual_seed(cfg.train.seed)
+    base = AutoModelForCausalLM.from_config(_cut_config(model_config, layers), dtype=torch.float32,
+                                            trust_remote_code=cfg.model.trust_remote_code,
+                                            attn_implementation=attention_implementation(cfg.model.attn_implementation, "cpu"))
+    model = prepare_strategy(base, cfg.strategy, tokenizer, cfg.train.seed)
+    model.train()
+    if cfg.train.activation_checkpointing:
+        model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batches = make_batch_plan(cfg, examples, pad_token_id(tokenizer), can_pack=model.can_pack,
+                              virtual_tokens=model.virtual_tokens)
+    optimizer = build_optimizer(model, cfg.train, device)
+    scheduler = build_scheduler(optimizer, WARMUP_STEPS + MAX_STEPS, cfg.train)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def step() -> None:  # what the training loop times for a step: assembling the batches, the update, the sync
+        micro_batches = batches.next_step()
+        scale = 1.0 / max(1, sum(count_label_tokens(mb["labels"]) for mb, _ in micro_batches))
+        loss_sum, _, _ = optimizer_step(model, micro_batches, scale, device, autocast, trainable,
+                                        cfg.train.max_grad_norm, optimizer, scheduler)
+        float(loss_sum)
+
+    return _median_step_seconds(step)
+
+
+def measured_step_seconds(cfg: Config, layers: int, examples: list[Encoded], tokenizer: Any) -> float:
+    """The seconds of one optimizer step of the whole `layers`-layer model on this CPU, from cut copies.
+
+    One layer and up to three layers are timed: one more layer costs (t3 - t1) / 2, and the whole
+    model t3 + (layers - 3) of that. When only the top k layers train (`freeze.trainable_layers`),
+    a frozen layer below them (forward only: no gradient flows below the lowest trained layer) and
+    a trained layer cost differently, so a third copy separates them.
+    """
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+
+    def timed(n: int, trainable_layers: int | None = None) -> float:
+        c = cfg
+        if trainable_layers is not None:
+            tree = cfg.model_dump(mode="json")
+            tree["strategy"]["freeze"] = {"trainable_layers": trainable_layers}
+            c = Config.model_validate(tree)
+        return time_cut_model(c, model_config, n, examples, tokenizer)
+
+    log.info("timing %s steps on this CPU with cut copies of the model (%d layers)", cfg.strategy.name, layers)
+    k = cfg.strategy.freeze.trainable_layers if cfg.strategy.name == "freeze" else None
+    if k and k < layers and layers >= 2:
+        one = timed(1, 1)  # head + a trained layer
+        frozen = timed(2, 1) - one  # + a frozen layer below it
+        trained = timed(2, 2) - one  # + another trained layer
+        return one + (layers - k) * max(0.0, frozen) + (k - 1) * max(0.0, trained)
+    big = min(layers, 3)
+    t_big = timed(big, min(k, big) if k else None)
+    if big == 1:
+        return t_big
+    per_layer = max(0.0, (t_big - timed(1, 1 if k else None)) / (big - 1))
+    return t_big + (layers - big) * per_layer
