@@ -30,7 +30,7 @@ chromium:
 		echo "chromium not installed: the report's browser test will be skipped"
 
 test: $(VENV)/.installed chromium
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15
 
 test-fast: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"

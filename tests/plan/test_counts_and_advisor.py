@@ -7,7 +7,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from tests.conftest import VARIED_ROWS, config_tree, write_jsonl
-from tunelab.config import StrategyConfig, validate_config
+from tunelab.config import validate_config
 from tunelab.models.load import load_tokenizer
 from tunelab.plan.advisor import Situation, advise
 from tunelab.plan.estimate import model_shape, parameter_counts

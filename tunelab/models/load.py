@@ -99,6 +99,16 @@ def load_model(cfg: ModelConfig, dtype: Any = None, device_type: str = "cpu") ->
     return model
 
 
+def enable_activation_checkpointing(model: Any) -> None:
+    """Recompute each layer's activations in the backward pass (non-reentrant checkpointing), through the
+    name this transformers has (`activation_checkpointing_enable` since 5.x; the older name is deprecated)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def pad_token_id(tokenizer: Any) -> int:
     """The id used to pad batches (its positions are masked, so EOS serves when there is no pad token)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

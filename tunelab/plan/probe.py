@@ -17,7 +17,8 @@ import copy
 import logging
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -57,7 +58,7 @@ def time_cut_model(cfg: Config, model_config: Any, layers: int, examples: list[E
     from transformers import AutoModelForCausalLM
 
     from tunelab.data.batching import count_label_tokens
-    from tunelab.models.load import attention_implementation, pad_token_id
+    from tunelab.models.load import attention_implementation, enable_activation_checkpointing, pad_token_id
     from tunelab.strategies import prepare_strategy
     from tunelab.train.batches import make_batch_plan
     from tunelab.train.loop import optimizer_step, resolve_device
@@ -72,7 +73,7 @@ def time_cut_model(cfg: Config, model_config: Any, layers: int, examples: list[E
     model = prepare_strategy(base, cfg.strategy, tokenizer, cfg.train.seed)
     model.train()
     if cfg.train.activation_checkpointing:
-        model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model.base)
     batches = make_batch_plan(cfg, examples, pad_token_id(tokenizer), can_pack=model.can_pack,
                               virtual_tokens=model.virtual_tokens)
     optimizer = build_optimizer(model, cfg.train, device)

@@ -12,8 +12,8 @@ from typing import Any
 from tunelab.config import Config
 from tunelab.plan.advisor import Advice, Situation, advise
 from tunelab.plan.devices import Device, get_device, runtime_bytes
-from tunelab.plan.estimate import (DataShape, Estimate, ModelShape, Workload, flops, memory, model_shape, parameter_counts,
-                                   workload)
+from tunelab.plan.estimate import (DataShape, Estimate, ModelShape, Workload, flops, memory, model_shape,
+                                   parameter_counts, workload)
 from tunelab.plan.probe import measured_step_seconds
 
 STRATEGIES = ["prompting", "soft_prompt", "lora", "freeze", "full", "prompt_lm"]

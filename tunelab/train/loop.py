@@ -21,7 +21,7 @@ from tunelab.config import Config, TrainConfig
 from tunelab.data.batching import DataPosition, count_label_tokens
 from tunelab.data.dataset import load_datasets
 from tunelab.data.render import spec_from_config
-from tunelab.models.load import load_model, load_tokenizer, pad_token_id
+from tunelab.models.load import enable_activation_checkpointing, load_model, load_tokenizer, pad_token_id
 from tunelab.strategies import count_parameters, prepare_strategy
 from tunelab.strategies.export import save_final
 from tunelab.train.batches import make_batch_plan, total_steps
@@ -143,7 +143,7 @@ def train(cfg: Config) -> TrainResult:
     model = prepare_strategy(model, cfg.strategy, tokenizer, cfg.train.seed).to(device)
     model.train()
     if cfg.train.activation_checkpointing:
-        model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model.base)
     if cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda"):
         model.base.get_decoder().compile()  # in place: parameter names (and checkpoints) stay the same
     params = count_parameters(model)
