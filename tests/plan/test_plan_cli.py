@@ -70,3 +70,30 @@ def test_plan_without_a_model_folder(tmp_path, capsys):
     assert main(["plan", str(cfg), "--gpu", "h100"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "no-such-model" in err and "config.json" in err
+
+
+def test_smaller_micro_batches_when_activations_do_not_fit(tmp_path, stories260k):
+    """A ~1B model with 65,536 tokens per micro-batch: the activations, not the weights, overflow an L4."""
+    from tunelab.config import validate_config
+    from tunelab.plan.run import plan
+
+    folder = tmp_path / "one-b"
+    folder.mkdir()
+    LlamaConfig(hidden_size=2048, intermediate_size=5504, num_hidden_layers=16, num_attention_heads=16,
+                vocab_size=32000, tie_word_embeddings=True).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(stories260k / name, folder / name)
+    tree = config_tree(folder, write_jsonl(tmp_path / "d.jsonl", VARIED_ROWS), tmp_path / "run",
+                       train={"max_steps": 10, "tokens_per_step": 65536})
+    full = plan(validate_config(tree), "l4", strategies=["full"]).estimates["full"]
+    assert full.memory_bytes["total"] > 24e9 and full.memory_bytes["activations"] > 24e9
+    change = next(c for c in full.fit_changes if c.startswith("train.tokens_per_micro_batch: "))
+    micro = int(change.split()[1])
+    # the suggested micro-batch, planned again, fits (with the activation checkpointing it names)
+    tree["train"].update(tokens_per_micro_batch=micro, activation_checkpointing=True)
+    again = plan(validate_config(tree), "l4", strategies=["full"]).estimates["full"]
+    assert again.memory_bytes["total"] <= 24e9 and not again.fit_changes
+    assert f"{again.memory_bytes['total'] / 2**30:.1f} GiB" in change
+    assert 65536 % micro == 0 and micro < 65536
+    tree["train"]["tokens_per_micro_batch"] = micro * 2  # and it is the largest halving that fits
+    assert plan(validate_config(tree), "l4", strategies=["full"]).estimates["full"].memory_bytes["total"] > 24e9

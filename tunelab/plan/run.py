@@ -94,17 +94,22 @@ def fit_changes(shape: ModelShape, w: Workload, cfg: Config, trainable: int, tot
     out = []
     if not checkpointing:
         out.append(f"train.activation_checkpointing: true (keeps one layer's activations: {gib(total_with(w, True))})")
-    row = cfg.data.max_length
-    n = 2
-    while w.tokens_per_micro_batch / n >= row / 2:
-        smaller = replace(w, tokens_per_micro_batch=w.tokens_per_micro_batch / n,
-                          micro_batches_per_step=w.micro_batches_per_step * n)
+    t, n = cfg.train, 2
+    while True:  # micro-batches 2x, 4x, ... smaller, accumulated to the same optimizer step
+        if t.tokens_per_step:
+            micro = int(t.tokens_per_micro_batch or t.tokens_per_step) // n
+            if micro < cfg.data.max_length:  # a micro-batch holds at least one row
+                break
+            change, tokens = f"train.tokens_per_micro_batch: {micro}", float(micro)
+        else:
+            rows = t.batch_size // n
+            if rows < 1:
+                break
+            change = f"train.batch_size: {rows} with train.grad_accum: {t.grad_accum * n}"
+            tokens = w.tokens_per_micro_batch * rows / t.batch_size
+        smaller = replace(w, tokens_per_micro_batch=tokens, micro_batches_per_step=w.micro_batches_per_step * n)
         m = total_with(smaller, True)
         if m <= cap:
-            t = cfg.train
-            change = (f"train.tokens_per_micro_batch: {int(t.tokens_per_micro_batch or t.tokens_per_step) // n}"
-                      if t.tokens_per_step else f"train.batch_size: {max(1, t.batch_size // n)} with train.grad_accum: "
-                      f"{t.grad_accum * n}")
             out.append(f"{change} (micro-batches {n}x smaller, the same tokens per optimizer step"
                        f"{', with activation checkpointing' if not checkpointing else ''}: {gib(m)})")
             break
