@@ -85,7 +85,7 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False) -> dict[str, An
     from tunelab.plan.run import plan
 
     advice = plan(_config(data, "summary", out, steps, max_eval), "cpu",
-                  compare_json=out / "summary-compare" / "compare.json").advice
+                  compare_json=out / "summary-compare" / "compare.json", time_cpu_steps=False).advice
     print(f"\n4. recommendation: {advice.strategy}. {advice.reasons}")
     sections = [Section("The story", text=[__doc__.split("\n\n")[1].replace("\n", " ")])]
     sections += [Section(f"Task 1 ({s.title})", s.text, s.verdicts, s.table, s.images) for s in compare_sections(summary)]

@@ -129,7 +129,11 @@ def fit_changes(shape: ModelShape, w: Workload, cfg: Config, trainable: int, tot
 
 
 def plan(cfg: Config, device_name: str = "cpu", pretraining_tokens: float | None = None,
-         strategies: list[str] | None = None, compare_json: Path | None = None) -> PlanResult:
+         strategies: list[str] | None = None, compare_json: Path | None = None,
+         time_cpu_steps: bool = True) -> PlanResult:
+    """Estimate every strategy (or `strategies`) for `cfg` on a device, and advise. On the CPU each trained
+    strategy's step is timed (a few seconds each); `time_cpu_steps=False` skips that, for callers that only
+    want the advice, and the time is then FLOPs at the measured matmul rate."""
     shape = model_shape(cfg.model.path, cfg.model.trust_remote_code)
     data, examples, tokenizer = load_train_data(cfg)
     device = get_device(device_name)
@@ -154,7 +158,7 @@ def plan(cfg: Config, device_name: str = "cpu", pretraining_tokens: float | None
         mem["activations_with_checkpointing" if not cfg.train.activation_checkpointing else
             "activations_without_checkpointing"] = mem_other["activations"]
         sec, source = 0.0, "nothing trains"
-        if run_flops and on_cpu and mem["total"] <= device.memory_bytes:
+        if run_flops and on_cpu and time_cpu_steps and mem["total"] <= device.memory_bytes:
             sec, source = measured_step_seconds(scfg, shape.layers, examples, tokenizer), MEASURED
         elif run_flops:
             sec = run_flops / w.steps / (device.peak_flops * device.mfu)
