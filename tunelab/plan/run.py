@@ -163,6 +163,9 @@ def plan(cfg: Config, device_name: str = "cpu", pretraining_tokens: float | None
         elif run_flops:
             sec = run_flops / w.steps / (device.peak_flops * device.mfu)
             source = f"FLOPs at {device.mfu:.0%} of {device.peak_flops / 1e12:.3g} TFLOP/s"
+            if on_cpu:  # a rough bound: real steps run well below a 512^3 product's rate (BENCHMARKS.md)
+                source += (" (this CPU's 512^3 matmul rate; steps not timed: "
+                           f"{'it does not fit' if time_cpu_steps else 'time_cpu_steps=False'})")
         adapter = trainable * 4 if name not in ("full", "freeze", "prompting", "prompt_lm") else 0
         estimates[name] = Estimate(name, total, trainable, adapter, mem, run_flops, sec * w.steps, sec, source)
         prepared[name] = (scfg, w)
