@@ -7,7 +7,8 @@ resident memory and step times are measured. The memory constants were calibrate
 (short questions, rows of 128); this validation uses another workload: GSM8K (long questions and
 worked answers, rows of 512, 3,072 tokens per step). The step time is measured by the plan itself
 (real steps of cut copies of the model, tunelab.plan.probe), so this checks that a cut copy's
-steps, extrapolated to all layers, predict the whole model's.
+steps, extrapolated to all layers, predict the whole model's; the plan runs before and after the
+measured run, and their mean is compared (the machine's speed drifts over minutes).
 """
 
 from __future__ import annotations
@@ -75,10 +76,16 @@ def test_estimates_within_25_percent(models, tmp_path, size, strategy):
                        train={"max_steps": 8, "tokens_per_step": 3072, "learning_rate": 1e-3})
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(yaml.safe_dump(tree))
-    estimate = plan(validate_config(tree), "cpu", strategies=[strategy]).estimates[strategy]
+    before = plan(validate_config(tree), "cpu", strategies=[strategy]).estimates[strategy]
     peak, step = _measure(cfg_path)
-    record = {"size": size, "strategy": strategy, "memory_estimate": estimate.memory_bytes["total"],
-              "memory_measured": peak, "step_estimate": estimate.step_seconds, "step_measured": step}
+    # This shared 2-core machine's speed drifts over minutes (the same medium LoRA step measured 8.2, 9.7
+    # and 11.3 s in three runs), and the plan times real steps too: it is timed again right after the
+    # run, and the mean of the two is compared, so that a drift during the run falls on both sides.
+    after = plan(validate_config(tree), "cpu", strategies=[strategy]).estimates[strategy]
+    step_estimate = (before.step_seconds + after.step_seconds) / 2
+    record = {"size": size, "strategy": strategy, "memory_estimate": before.memory_bytes["total"],
+              "memory_measured": peak, "step_estimate": step_estimate, "step_measured": step,
+              "step_estimates": [before.step_seconds, after.step_seconds]}
     print(json.dumps(record))
-    assert abs(estimate.memory_bytes["total"] - peak) / peak < TOLERANCE, record
-    assert abs(estimate.step_seconds - step) / step < TOLERANCE, record
+    assert abs(before.memory_bytes["total"] - peak) / peak < TOLERANCE, record
+    assert abs(step_estimate - step) / step < TOLERANCE, record
