@@ -6,7 +6,7 @@ each is estimated by `tunelab plan`, then trained for a few steps in a fresh pro
 resident memory and step times are measured. The memory constants were calibrated on banking77
 (short questions, rows of 128); this validation uses another workload: GSM8K (long questions and
 worked answers, rows of 512, 3,072 tokens per step). The step time is measured by the plan itself
-(real steps of cut copies of the model, tunelab.plan.probe), so this checks that a cut copy's
+(real steps of cut copies of the model, tunelab.train.timing), so this checks that a cut copy's
 steps, extrapolated to all layers, predict the whole model's; the plan runs before and after the
 measured run, and their mean is compared (the machine's speed drifts over minutes).
 """

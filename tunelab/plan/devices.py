@@ -48,7 +48,7 @@ def cpu_device() -> Device:
     pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return Device(f"this CPU ({torch.get_num_threads()} threads)", float(pages), flops, 1.0,
                   "fp32 matmul rate measured by tunelab plan on this machine (512^3 products for 0.3 s); step times "
-                  "are not derived from it but measured: real steps of cut copies of the model (tunelab.plan.probe)")
+                  "are not derived from it but measured: real steps of cut copies of the model (tunelab.train.timing)")
 
 
 # What a running CPU training process holds beyond its imports (allocator arenas, thread pools, the

@@ -14,7 +14,7 @@ from tunelab.plan.advisor import Advice, Situation, advise
 from tunelab.plan.devices import Device, get_device, runtime_bytes
 from tunelab.plan.estimate import (DataShape, Estimate, ModelShape, Workload, flops, memory, model_shape,
                                    parameter_counts, workload)
-from tunelab.plan.probe import measured_step_seconds
+from tunelab.train.timing import measured_step_seconds
 
 STRATEGIES = ["prompting", "soft_prompt", "lora", "freeze", "full", "prompt_lm"]
 # Published pre-training token counts of known families, keyed by (model_type, vocab size).
@@ -26,7 +26,7 @@ PRETRAINING_TOKENS: dict[tuple[str, int], tuple[float, str]] = {
     ("qwen3", 151936): (36e12, "Qwen3 technical report: 36T tokens"),
     ("gemma2", 256000): (2e12, "Gemma 2 report: 2T tokens for the 2B model (8T for 9B, 13T for 27B)"),
 }
-MEASURED = "measured on this CPU: real optimizer steps of cut copies of the model (tunelab.plan.probe)"
+MEASURED = "measured on this CPU: real optimizer steps of cut copies of the model (tunelab.train.timing)"
 # The error of the estimates, measured by tests/plan/test_validation.py on a 2-core CPU (see BENCHMARKS.md).
 VALIDATED_ERROR = ("on a 2-core CPU (tests/plan, GSM8K rows of 512; see BENCHMARKS.md): memory within 17% of the "
                    "measured peaks, step time within 19% (measured with cut copies of the model); GPU times are FLOPs "

@@ -1,13 +1,18 @@
-"""The CPU step time, measured on the spot instead of modelled.
+"""Step time, measured: for `tunelab plan`'s CPU estimate, instead of a model of the CPU.
 
 A CPU's speed on a training step depends on the shapes of its matrix products, its caches and its
 element-wise work far more than on its peak FLOP rate: a fixed share of a measured matmul rate was
-off by 2x between short and long rows. So `tunelab plan` times real optimizer steps
-(`tunelab.train.loop.optimizer_step`, the training loop's own code) of the configured strategy, on
-the real batches of the user's data, with copies of the model cut to a few decoder layers (random
-weights: the speed of a step does not depend on their values). Decoder layers are identical, so the
-step of the whole model is the step of the cut copy plus the measured cost of one more layer times
-the missing layers.
+off by 2x between short and long rows. So the plan asks the training side to time real optimizer
+steps (`tunelab.train.loop.optimizer_step`, the loop's own code) of the configured strategy, on the
+real batches of the user's data, with copies of the model cut to a few decoder layers (random
+weights: the speed of a step does not depend on their values, and the user's weights are never
+read). Decoder layers are identical, so the step of the whole model is the step of the cut copy plus
+the measured cost of one more layer times the missing layers.
+
+It lives in `train/` because it is the step loop, timed. It is a deliberate exception to DESIGN.md's
+"plan must not run a model": on the CPU, `tunelab plan` runs these small random-weight copies for a
+few seconds per trained strategy, because the analytic CPU model it replaced was off by up to 2x
+(BENCHMARKS.md); `plan(..., time_cpu_steps=False)` keeps planning model-free.
 """
 
 from __future__ import annotations
