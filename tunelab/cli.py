@@ -182,8 +182,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from tunelab.evaluate.diff import DiffSettings
     from tunelab.report.page import fmt
     from tunelab.report.run_report import report_run
+    from tunelab.train.loop import resolve_device, set_denormal_mode
 
     cfg = load_config(args.config, args.overrides)
+    # before the base model's evaluation runs anything: every intra-op thread copies the flag when it starts
+    set_denormal_mode(cfg.train, resolve_device(cfg.train)[0])
     out = Path(args.out or Path(cfg.output_dir).with_name(Path(cfg.output_dir).name + "-compare"))
     per_strategy: dict[str, list[str]] = {}
     for item in args.set or []:

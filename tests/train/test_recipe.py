@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -141,3 +144,28 @@ def test_compiled_decoder_matches_eager(tmp_path, stories260k):
     compiled = run(tmp_path, stories260k, "compiled", train={"max_steps": 2, "batch_size": 4, "compile": "on"})
     assert [r["loss"] for r in train_rows(compiled)] == pytest.approx([r["loss"] for r in train_rows(eager)], rel=1e-4)
     assert sorted(final_weights(compiled)) == sorted(final_weights(eager))  # no _orig_mod. prefixes
+
+
+FLUSHED_SHARE = """
+import sys, torch
+from tunelab.config import load_config
+from tunelab.train.loop import train
+train(load_config(sys.argv[1]))
+x = torch.full((1 << 22,), 1e-39)  # a denormal float32; a parallel product runs on every intra-op thread
+print((x * 1.0 == 0).float().mean().item())
+"""
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_cpu_training_flushes_denormals_on_every_thread(tmp_path, stories260k, flush):
+    """`train.flush_denormals` reaches every intra-op thread of a `tunelab train` process, not only the main one
+    (the threads copy the flag from the thread that starts them, so it must be set before the first parallel op)."""
+    tree = config_tree(stories260k, write_jsonl(tmp_path / "d.jsonl", VARIED_ROWS), tmp_path / "run",
+                       train={"flush_denormals": flush, "progress": False})
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(tree))
+    assert torch.get_num_threads() > 1  # one thread would not tell the main thread from the others
+    proc = subprocess.run([sys.executable, "-c", FLUSHED_SHARE, str(cfg)], capture_output=True, text=True, check=False,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert float(proc.stdout.split()[-1]) == (1.0 if flush else 0.0)

@@ -61,6 +61,17 @@ def resolve_device(cfg: TrainConfig, info: DistInfo = DistInfo()) -> tuple[torch
     return device, None
 
 
+def set_denormal_mode(cfg: TrainConfig, device: torch.device) -> None:
+    """On the CPU, flush denormal floats to zero (`train.flush_denormals`).
+
+    The flag lives in each thread's floating-point control register, and the intra-op threads copy it from
+    the thread that starts them, so this takes effect on every thread only when called before the first
+    parallel operation of the process, as `tunelab train` does; later, it holds on the calling thread only.
+    """
+    if device.type == "cpu" and cfg.flush_denormals:
+        torch.set_flush_denormal(True)
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     """Peak accelerator memory, or on the CPU the process's peak resident set size."""
     if device.type == "cuda":
@@ -122,6 +133,7 @@ def train(cfg: Config) -> TrainResult:
     check_run_dir(cfg)
     seed_everything(cfg.train.seed)
     device, amp_dtype = resolve_device(cfg.train, info)
+    set_denormal_mode(cfg.train, device)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     tokenizer = load_tokenizer(cfg.model)
     train_split, eval_split = load_datasets(cfg.data, spec_from_config(cfg), tokenizer, cfg.train.seed)

@@ -5,8 +5,9 @@ element-wise work far more than on its peak FLOP rate: a fixed share of a measur
 off by 2x between short and long rows. So the plan asks the training side to time real optimizer
 steps (`tunelab.train.loop.optimizer_step`, the loop's own code) of the configured strategy, on the
 real batches of the user's data, with copies of the model cut to a few decoder layers (random
-weights: the speed of a step does not depend on their values, and the user's weights are never
-read). Decoder layers are identical, so the step of the whole model is the step of the cut copy plus
+weights, so the user's weights are never read: the speed of a step does not depend on their values
+once denormal floats are flushed to zero, as training on the CPU does by default; a trained model's
+denormals slowed its steps by ~10%, which random weights do not show). Decoder layers are identical, so the step of the whole model is the step of the cut copy plus
 the measured cost of one more layer times the missing layers.
 
 It lives in `train/` because it is the step loop, timed. It is a deliberate exception to DESIGN.md's
@@ -66,10 +67,11 @@ def time_cut_model(cfg: Config, model_config: Any, layers: int, examples: list[E
     from tunelab.models.load import attention_implementation, enable_activation_checkpointing, pad_token_id
     from tunelab.strategies import prepare_strategy
     from tunelab.train.batches import make_batch_plan
-    from tunelab.train.loop import optimizer_step, resolve_device
+    from tunelab.train.loop import optimizer_step, resolve_device, set_denormal_mode
     from tunelab.train.optim import build_optimizer, build_scheduler
 
     device, amp_dtype = resolve_device(cfg.train.model_copy(update={"device": "cpu"}))
+    set_denormal_mode(cfg.train, device)  # as training does
     autocast = (lambda: torch.autocast("cpu", dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     torch.manual_seed(cfg.train.seed)
     base = AutoModelForCausalLM.from_config(_cut_config(model_config, layers), dtype=torch.float32,
