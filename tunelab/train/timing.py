@@ -7,8 +7,9 @@ steps (`tunelab.train.loop.optimizer_step`, the loop's own code) of the configur
 real batches of the user's data, with copies of the model cut to a few decoder layers (random
 weights, so the user's weights are never read: the speed of a step does not depend on their values
 once denormal floats are flushed to zero, as training on the CPU does by default; a trained model's
-denormals slowed its steps by ~10%, which random weights do not show). Decoder layers are identical, so the step of the whole model is the step of the cut copy plus
-the measured cost of one more layer times the missing layers.
+denormals slowed its steps by ~10%, which random weights do not show). Decoder layers are
+identical, so the step of the whole model is the step of the cut copy plus the measured cost of one
+more layer times the missing layers.
 
 It lives in `train/` because it is the step loop, timed. It is a deliberate exception to DESIGN.md's
 "plan must not run a model": on the CPU, `tunelab plan` runs these small random-weight copies for a
