@@ -29,11 +29,16 @@ chromium:
 		(apt-get install -y -qq chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)) ; } || \
 		echo "chromium not installed: the report's browser test will be skipped"
 
+# Two pytest-xdist workers, one compute thread each (tests/conftest.py): stories260K's small matrices do not
+# gain from a second intra-op thread, and two workers keep both cores busy through the many process start-ups.
+# --dist loadfile keeps a file's tests (and its module fixtures) on one worker.
+PYTEST := HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --dist loadfile
+
 test: $(VENV)/.installed chromium
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15
+	$(PYTEST) --durations=15
 
 test-fast: $(VENV)/.installed
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow" --durations=15
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -11,6 +11,14 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest-xdist workers on this 2-core machine: each computes on one thread (and so do
+    # the processes it starts, unless a test sets their environment), so that the two never oversubscribe the
+    # cores. stories260K's matrices are too small for a second intra-op thread to pay off.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -67,3 +75,10 @@ VARIED_ROWS = [
     {"prompt": "Once upon a time there was a cat. " * (1 + (i * 7) % 9), "completion": " The end" + " again" * (i % 5)}
     for i in range(24)
 ]
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The slow tests first (a stable sort: files keep their order within each group), so that under `make test`'s
+    two workers the longest files start at once and the short ones fill in around them, instead of one long file
+    starting last and running alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -46,7 +46,7 @@ def test_the_committed_model_is_small_and_complete():
 
 
 def test_demo_quick(tmp_path, capsys):
-    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+    assert main(["demo", "--quick", "--steps", "6", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "Task 1" in out and "Task 2" in out and "recommendation:" in out
     result = json.loads((tmp_path / "demo.json").read_text())
@@ -56,6 +56,8 @@ def test_demo_quick(tmp_path, capsys):
     assert 0 <= rows["lora"]["rouge_l"] <= 1 and rows["lora"]["perplexity ratio"] > 0
     html = (tmp_path / "report.html").read_text()
     assert "data:image/png;base64," in html and "recommendation" in html.lower()
+    lora_rows = [json.loads(line) for line in (tmp_path / "summary-compare" / "lora" / "metrics.jsonl").open()]
+    assert [r["step"] for r in lora_rows if r["type"] == "train"] == list(range(1, 7))  # --steps 6
 
 
 @pytest.mark.slow
@@ -71,6 +73,7 @@ def test_full_demo_tuned_models_beat_prompting_widely(tmp_path, capsys):
     # forgetting is measured for every tuned strategy (whatever it is), and it differs between them
     ratios = [rows[n]["perplexity ratio"] for n in ("soft_prompt", "lora", "full")]
     assert all(r > 0 for r in ratios) and len({round(r, 3) for r in ratios}) == 3
+    assert all(rows[n]["KL base->tuned"] > 0 for n in ("soft_prompt", "lora", "full"))
     triage = {r["strategy"]: r for r in result["triage"]["table"]}
     assert triage["full"]["accuracy"] > triage["few-shot"]["accuracy"]  # measured 0.117 vs 0.033
     assert result["recommendation"] in rows

@@ -10,6 +10,7 @@ from tests.conftest import config_tree, write_jsonl
 from tunelab.cli import main
 from tunelab.config import validate_config
 from tunelab.doctor import diagnose
+from tunelab.errors import NonFiniteError
 from tunelab.train.loop import train
 
 COLOURS = [{"text": f"Tom saw a {c} {a}.", "label": c} for c in ("red", "blue", "green") for a in
@@ -29,7 +30,9 @@ def _whats(result):
 
 
 def test_learning_rate_of_10_diverges(tmp_path, stories260k):
-    result = diagnose(_run(tmp_path, stories260k, "lr10", max_steps=20, learning_rate=10.0))
+    with pytest.raises(NonFiniteError):  # the run stops at its first NaN step (train.on_nonfinite: stop)
+        _run(tmp_path, stories260k, "lr10", max_steps=20, learning_rate=10.0)
+    result = diagnose(tmp_path / "lr10")
     assert any("diverged" in w or "too high" in w for w in _whats(result)), _whats(result)
     assert not result["healthy"]
 
@@ -72,6 +75,25 @@ def test_never_emits_eos_and_forgetting_from_diff(tmp_path):
         "drift": {"eos_share_tuned": 0.0, "collapse_verdict": "collapsed into the task format: 0% -> 80%"}}))
     whats = _whats(diagnose(tmp_path))
     assert whats == ["the tuned model never emits EOS", "format collapse", "forgetting above the threshold"]
+
+
+def test_exit_code_is_1_for_an_error_finding_and_0_for_warnings(tmp_path, capsys):
+    def run_dir(name, losses, data_row=None):
+        folder = tmp_path / name
+        folder.mkdir()
+        rows = [{"type": "data", "step": 0, **data_row}] if data_row else []
+        rows += [{"type": "train", "step": i + 1, "loss": loss, "grad_norm": 1.0, "num_tokens": 100,
+                  "num_label_tokens": 40} for i, loss in enumerate(losses)]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return folder
+
+    diverged = run_dir("nan", [2.0, 1.5, "NaN"])
+    assert main(["doctor", str(diverged)]) == 1
+    assert "[error] training diverged" in capsys.readouterr().out
+    truncated = run_dir("cut", [2.0, 1.5, 1.2], {"targets_truncated": 3, "num_examples": 10})
+    assert main(["doctor", str(truncated)]) == 0  # a warning: the run's result is usable
+    assert "[warning] targets truncated" in capsys.readouterr().out
+    assert main(["doctor", str(tmp_path / "missing")]) == 2
 
 
 def test_not_a_run_directory(tmp_path):

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tunelab.errors import TunelabError
+from tunelab.errors import RunFault, TunelabError
 
 log = logging.getLogger("tunelab")
 
@@ -113,7 +113,7 @@ def cmd_convert_llama2c(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from tunelab.demo import run_demo
 
-    run_demo(Path(args.out), quick=args.quick)
+    run_demo(Path(args.out), quick=args.quick, steps=args.steps)
     return 0
 
 
@@ -265,6 +265,10 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         spec, model_cfg = RenderSpec(), ModelConfig(path=args.model)
         train_path, eval_path = args.target, args.eval
         report_dir = Path(".")
+    if args.fix and Path(args.fix).resolve() == Path(train_path).resolve():
+        from tunelab.errors import ConfigError
+
+        raise ConfigError("--fix must name a new file: tunelab never rewrites the original data.")
     result = audit(train_path, data_cfg, spec, load_tokenizer(model_cfg), eval_path, args.threshold, args.preview)
     order = {"blocking": 0, "warning": 1, "info": 2}
     keys = [k for k, v in result.items() if isinstance(v, dict) and "severity" in v]
@@ -284,10 +288,6 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         from tunelab.data.read import read_records
 
         out = Path(args.fix)
-        if out.resolve() == Path(train_path).resolve():
-            from tunelab.errors import ConfigError
-
-            raise ConfigError("--fix must name a new file: tunelab never rewrites the original data.")
         drop = rows_to_drop(result)
         kept = [r.fields for r in read_records(train_path, data_cfg.column_names) if r.row not in drop]
         out.write_text("".join(json.dumps(f, ensure_ascii=False) + "\n" for f in kept))
@@ -309,7 +309,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     print(result["summary"])
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2))
-    return 0
+    return 1 if any(f["severity"] == "error" for f in result["findings"]) else 0
 
 
 def _duration(seconds: float) -> str:
@@ -324,8 +324,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     compare_json = Path(cfg.output_dir).with_name(Path(cfg.output_dir).name + "-compare") / "compare.json"
+    timer = None
+    if args.measure:  # plan/ runs no model itself: the training side's step timer is handed to it
+        from tunelab.train.timing import measured_step_seconds as timer
     for gpu in args.gpu or ["cpu"]:
-        result = plan(cfg, gpu, args.pretraining_tokens, compare_json=compare_json)
+        result = plan(cfg, gpu, args.pretraining_tokens, compare_json=compare_json, step_timer=timer)
         print(f"device: {result.device.name}, {result.device.memory_bytes / 2**30:.0f} GiB, "
               f"{result.device.peak_flops / 1e12:.3g} TFLOP/s peak, MFU {result.device.mfu:.0%} ({result.device.source})")
         d = result.data
@@ -423,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="append", help="h100, a100, l4 or cpu (repeatable; default: this CPU)")
     p.add_argument("--pretraining-tokens", type=float, help="tokens the base model was pre-trained on")
     p.add_argument("--output", help="write the figures here (plan.json; with several --gpu, plan-GPU.json beside it)")
+    p.add_argument("--measure", action="store_true",
+                   help="on the CPU, time real optimizer steps of cut copies of the model (seconds per strategy) "
+                        "instead of estimating from FLOPs at the measured matmul rate")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("data", help="dataset tools")
@@ -441,7 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-length", type=int, default=512)
     c.set_defaults(func=cmd_data_check)
 
-    p = sub.add_parser("doctor", help="diagnose a finished or failed run")
+    p = sub.add_parser("doctor", help="diagnose a finished or failed run (exit code 1 when a finding is an error)",
+                       description="Name what went wrong in a run, with the evidence and the fix. Exit code: 1 when "
+                                   "a finding has level error (the run's result cannot be used: divergence, NaN, a "
+                                   "model that never emits EOS), 0 otherwise (warnings only, or healthy), 2 for bad "
+                                   "input (not a run directory).")
     p.add_argument("run_dir")
     p.add_argument("--output", help="write the diagnosis here (JSON)")
     p.set_defaults(func=cmd_doctor)
@@ -454,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the built-in demo: adapt a small model to support tickets, offline")
     p.add_argument("--out", default="runs/demo", help="where the demo writes its runs")
+    p.add_argument("--steps", type=int, help="optimizer steps per trained strategy (default 100; 10 with --quick)")
     p.add_argument("--quick", action="store_true", help="a one-minute version (fewer steps and strategies)")
     p.set_defaults(func=cmd_demo)
 
@@ -478,11 +489,20 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *unknown]
     _setup_logging()
     try:
+        from tunelab.outputs import OUTPUT_FLAGS, prepare_output_file
+
+        for dest in OUTPUT_FLAGS:  # before the work: a path that cannot be written would lose its results
+            if getattr(args, dest, None):
+                prepare_output_file(getattr(args, dest), "--" + dest)
         return args.func(args)
     except TunelabError as exc:
         rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
         print(f"tunelab: error{f' (rank {rank})' if rank else ''}: {exc}", file=sys.stderr)
         return 2
+    except RunFault as exc:  # a fault part-way through a run (NaN loss, full disk): not bad input, so not 2
+        rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        print(f"tunelab: error{f' (rank {rank})' if rank else ''}: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as exc:
         print(f"tunelab: {exc or 'interrupted'}", file=sys.stderr)
         return 130

@@ -96,7 +96,10 @@ def compare(cfg: Config, strategies: list[str], out_dir: Path, eval_settings: Ev
         if scfg.strategy.name == "prompting":  # nothing trained: the weights are the base's, nothing to forget
             row["peak memory MiB"] = None  # its run shared this process: no training memory of its own
             task_data = eval_data_from_config(scfg, eval_settings.max_examples)
-            row.update(evaluate(tuned, task_data, eval_settings)[0]["metrics"])
+            # the base's weights on the base's rendering of the same examples: its evaluation is the base's
+            same_as_base = (task_data.spec, task_data.data_cfg, task_data.path) == (data.spec, data.data_cfg, data.path)
+            metrics = base_eval["metrics"] if same_as_base else evaluate(tuned, task_data, eval_settings)[0]["metrics"]
+            row.update(metrics)
             row.update({"perplexity ratio": 1.0, "KL base->tuned": 0.0})
             table.append(row)
             continue

@@ -117,6 +117,8 @@ class TrainConfig(_Section):
     compile: Literal["auto", "on", "off"] = "auto"  # auto: on for CUDA, off on the CPU
     stop_after: int | None = Field(default=None, ge=1)  # stop at this step with a checkpoint (a time-sliced job)
     activation_checkpointing: bool = False
+    # adamw, or sgd: plain gradient descent (no momentum, no state), whose update is proportional to the gradient
+    optimizer: Literal["adamw", "sgd"] = "adamw"
     weight_decay: float = Field(default=0.0, ge=0.0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = Field(default=1e-8, gt=0.0)
@@ -137,6 +139,10 @@ class TrainConfig(_Section):
     # 0.248 s flushed, means of four runs); the random weights tunelab plan times make none. No effect on a GPU
     flush_denormals: bool = True
     progress: bool = True
+    # a NaN/inf loss or gradient norm: stop at once (nothing non-finite is saved), or skip that step's update (its
+    # data is consumed, the schedule still advances) up to max_nonfinite_skips times in the run, then stop
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_nonfinite_skips: int = Field(default=3, ge=1)
 
 
 
@@ -186,13 +192,16 @@ class Config(_Section):
         return self
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, source: str = "the config") -> None:
     node = tree
     parts = dotted.split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:  # absent, or an empty section (`train:` with nothing under it is YAML null)
+            child = node[part] = {}
         if not isinstance(child, dict):
-            raise ConfigError(f"override '{dotted}': '{part}' holds a value, not a section of keys.")
+            raise ConfigError(f"override '{dotted}': '{'.'.join(parts[: i + 1])}' holds a value, not a section of "
+                              f"keys ({source} sets it to {repr(child)[:60]}).")
         node = child
     node[parts[-1]] = value
 
@@ -266,18 +275,28 @@ def load_config(path: str | Path | None, overrides: list[str] = (), extra: dict[
         source = str(p)
         if not p.is_file():
             raise ConfigError(f"config file '{p}' does not exist.")
+        raw = p.read_bytes()
         try:
-            loaded = yaml.safe_load(p.read_text())
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            line = raw.count(b"\n", 0, exc.start) + 1
+            raise ConfigError(f"config file '{p}' is not UTF-8 text: byte 0x{raw[exc.start]:02x} at byte offset "
+                              f"{exc.start} (line {line}) cannot be decoded. Save the file as UTF-8.") from None
+        try:
+            loaded = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file '{p}' is not valid YAML: {exc}") from None
+        except (ValueError, OverflowError, RecursionError) as exc:  # YAML that Python cannot build (a date 2024-13-45)
+            why = "it is nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            raise ConfigError(f"config file '{p}' holds a value that cannot be read ({why}).") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file '{p}' must hold a mapping of keys (model:, data:, train:, ...).")
         tree = loaded or {}
     for text in overrides:
         key, value = parse_override(text)
-        _set_dotted(tree, key, value)
+        _set_dotted(tree, key, value, source)
     for key, value in (extra or {}).items():
-        _set_dotted(tree, key, value)
+        _set_dotted(tree, key, value, source)
     return validate_config(tree, source)
 
 

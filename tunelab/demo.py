@@ -52,11 +52,15 @@ def _print_table(title: str, result: dict[str, Any], metric_names: list[str]) ->
         print("  ".join(f"{fmt(row.get(c)):>16}" for c in cols))
 
 
-def run_demo(out: Path = Path("runs/demo"), quick: bool = False) -> dict[str, Any]:
-    """Run the demo; returns the two comparisons and the report path."""
+DEFAULT_STEPS = 100
+
+
+def run_demo(out: Path = Path("runs/demo"), quick: bool = False, steps: int | None = None) -> dict[str, Any]:
+    """Run the demo; returns the two comparisons and the report path. `steps` overrides the step budget of
+    every trained strategy (default: 100; 10 with `quick`)."""
     t0 = time.perf_counter()
     data = write_demo_data(out / "data", n_train=400, n_eval=100)
-    steps, max_eval = (10, 12) if quick else (100, 60)
+    steps, max_eval = (steps or 10, 12) if quick else (steps or DEFAULT_STEPS, 60)
     print(f"tunelab demo: the built-in base model ({MODEL_DIR}, pre-trained by tunelab on a generated world; "
           f"`python -m tunelab.demo_world.build` rebuilds it); 400 labeled tickets, {max_eval} held out")
     eval_settings = EvalSettings(metrics=["rouge_l", "exact_match"], max_new_tokens=40, batch_size=32,
@@ -85,7 +89,7 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False) -> dict[str, An
     from tunelab.plan.run import plan
 
     advice = plan(_config(data, "summary", out, steps, max_eval), "cpu",
-                  compare_json=out / "summary-compare" / "compare.json", time_cpu_steps=False).advice
+                  compare_json=out / "summary-compare" / "compare.json").advice
     print(f"\n4. recommendation: {advice.strategy}. {advice.reasons}")
     sections = [Section("The story", text=[__doc__.split("\n\n")[1].replace("\n", " ")])]
     sections += [Section(f"Task 1 ({s.title})", s.text, s.verdicts, s.table, s.images) for s in compare_sections(summary)]

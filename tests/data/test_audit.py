@@ -56,6 +56,18 @@ def test_missing_eos_in_pretokenized_data(tmp_path, tokenizer):
     assert r["missing_eos"]["indices"] == [1]
 
 
+def test_chat_targets_ending_in_eos_are_not_missing_it(tmp_path, tokenizer):
+    # the fallback chat template writes a newline after each assistant turn's EOS: the example's last token is
+    # masked, and its last trained token is EOS
+    rows = [{"messages": [{"role": "user", "content": f"Hi {i}"}, {"role": "assistant", "content": f"Hello {i}"}]}
+            for i in range(3)]
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    r = audit(str(path), DataConfig(train=str(path)), RenderSpec(), tokenizer)
+    tokens = r["preview"][0]["tokens"]
+    assert not tokens[-1][1] and [t for t, trained in tokens if trained][-1] == tokenizer.eos_token
+    assert r["missing_eos"]["count"] == 0
+
+
 def test_cli_exit_codes_and_fix(files, stories260k, tmp_path, capsys, monkeypatch):
     train, evals = files
     monkeypatch.chdir(tmp_path)  # without --output, a data file's report goes to the working directory

@@ -45,6 +45,28 @@ def test_no_weight_decay_on_biases_and_norms():
     assert sched.get_last_lr() == pytest.approx([0.5 * 8 / 9] * 2)
 
 
+def test_sgd_is_plain_gradient_descent():
+    """train.optimizer: sgd moves each weight by -lr * (gradient + weight_decay * weight), biases undecayed;
+    it keeps no state, and plan counts none."""
+    from typing import get_args
+
+    from tunelab.plan.estimate import OPTIMIZER_STATES
+
+    model = torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(4, 3)).square().sum().backward()
+    opt = build_optimizer(model, TrainConfig(max_steps=1, optimizer="sgd", learning_rate=0.1, weight_decay=0.5),
+                          torch.device("cpu"))
+    assert isinstance(opt, torch.optim.SGD)
+    opt.step()
+    (w0, b0), (w, b) = before, list(model.parameters())
+    torch.testing.assert_close(w, w0 - 0.1 * (w.grad + 0.5 * w0))
+    torch.testing.assert_close(b, b0 - 0.1 * b.grad)
+    assert not opt.state_dict()["state"]
+    assert set(OPTIMIZER_STATES) == set(get_args(TrainConfig.model_fields["optimizer"].annotation))
+    assert OPTIMIZER_STATES["sgd"] == 0
+
+
 def test_epochs_set_the_number_of_steps(tmp_path, stories260k):
     train_file = write_jsonl(tmp_path / "t.jsonl", VARIED_ROWS)  # 24 examples
     tree = config_tree(stories260k, train_file, tmp_path / "run", train={"max_steps": None, "epochs": 1.5,

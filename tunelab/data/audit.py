@@ -13,8 +13,9 @@ from typing import Any
 from tunelab.config import DataConfig
 from tunelab.data.encode import IGNORE, EncodeStats, Encoded, encode_examples, encode_pretokenized
 from tunelab.data.read import Record, read_records
-from tunelab.data.records import SHAPES, Example, to_examples
+from tunelab.data.records import SHAPES, Example, check_same_shape, to_examples
 from tunelab.data.render import Rendered, RenderSpec, render_example
+from tunelab.errors import DataError
 
 FINDING_KEYS = ("exact_duplicates", "near_duplicates", "conflicts", "leakage", "truncated", "empty_targets")
 _WORD = re.compile(r"\w+")
@@ -126,6 +127,8 @@ def _prepare(path: str, cfg: DataConfig, spec: RenderSpec, tokenizer: Any, pool:
     records = read_records(path, cfg.column_names)
     empty: list[tuple[Record, str]] = []
     examples = to_examples(records, cfg.format, cfg.columns, empty_targets=empty)
+    if pool is not None:  # eval data: the training examples are the pool
+        check_same_shape(pool, cfg.train, examples, path)
     stats = EncodeStats()
     if examples and examples[0].shape == "tokenized":
         return AuditInput(records, examples, empty, [], encode_pretokenized(examples, cfg.max_length, "left", stats), stats)
@@ -174,32 +177,65 @@ def _duplicates(train: AuditInput, threshold: float) -> dict[str, Finding]:
     }
 
 
+def blocking_findings(stats: EncodeStats, num_examples: int, max_length: int,
+                      empty: list[tuple[Record, str]] | None = None) -> dict[str, Finding]:
+    """The findings that can block training, from what encoding counted: empty targets, truncation (blocking
+    when every target is cut) and targets with no token of their own.
+
+    The one place that decides "blocking": `tunelab data check` reports these, and `tunelab train`
+    (through `check_trainable`) refuses the same data with the same words. Cheap: counts only.
+    """
+    empty = empty or []
+    cut_prompt, cut_target = stats.prompt_cut_rows, stats.target_cut_rows
+    findings = {
+        "empty_targets": Finding(
+            "blocking", "examples with an empty target: training refuses them (remove or fill them; --fix drops them)",
+            sorted(rec.row for rec, _ in empty), details={"reasons": [msg for _, msg in empty][:20]}),
+        "truncated": Finding(
+            "warning", f"examples longer than data.max_length={max_length}: {len(cut_prompt)} lose the start of "
+                       f"their prompt, {len(cut_target)} lose the end of their target (and their EOS)",
+            sorted(set(cut_prompt) | set(cut_target)),
+            details={"prompt_cut": cut_prompt, "target_cut": cut_target,
+                     "share_truncated": len(set(cut_prompt) | set(cut_target)) / max(1, num_examples),
+                     "share_target_cut": len(cut_target) / max(1, num_examples)}),
+        "no_trainable_tokens": Finding(
+            "blocking", "examples whose target has no token of its own after tokenization", stats.untrainable_rows),
+    }
+    if num_examples and len(cut_target) == num_examples:
+        findings["truncated"].severity = "blocking"
+        findings["truncated"].message += (": every target is cut, so no example teaches the model to finish. "
+                                          "Raise data.max_length")
+    return findings
+
+
+def blocking_keys(findings: dict[str, Finding]) -> list[str]:
+    """The names of the findings that block training (blocking severity, and at least one row)."""
+    return sorted(k for k, f in findings.items() if f.severity == "blocking" and f.indices)
+
+
+def check_trainable(stats: EncodeStats, num_examples: int, max_length: int, path: str) -> None:
+    """Refuse (DataError) training data that `tunelab data check` calls blocking, in the audit's words."""
+    findings = blocking_findings(stats, num_examples, max_length)
+    keys = blocking_keys(findings)
+    if keys:
+        raise DataError(f"'{path}': `tunelab data check` calls this data blocking, so training stops here. "
+                        + " ".join(f"[blocking] {k}: {len(findings[k].indices)} rows. {findings[k].message}."
+                                   for k in keys))
+
+
 def audit(train_path: str, cfg: DataConfig, spec: RenderSpec, tokenizer: Any, eval_path: str | None = None,
           threshold: float = 0.8, preview: int = 3) -> dict[str, Any]:
     """Every finding about the training (and eval) data, as a JSON-ready dict."""
     train = _prepare(train_path, cfg, spec, tokenizer, None)
-    findings: dict[str, Finding] = {}
-    findings["empty_targets"] = Finding(
-        "blocking", "examples with an empty target: training refuses them (remove or fill them; --fix drops them)",
-        sorted(rec.row for rec, _ in train.empty), details={"reasons": [msg for _, msg in train.empty][:20]})
     st = train.stats
-    findings["truncated"] = Finding(
-        "warning", f"examples longer than data.max_length={cfg.max_length}: {len(st.prompt_cut_rows)} lose the start of "
-                   f"their prompt, {len(st.target_cut_rows)} lose the end of their target (and their EOS)",
-        sorted(set(st.prompt_cut_rows) | set(st.target_cut_rows)),
-        details={"prompt_cut": st.prompt_cut_rows, "target_cut": st.target_cut_rows,
-                 "share_truncated": len(set(st.prompt_cut_rows) | set(st.target_cut_rows)) / max(1, len(train.examples)),
-                 "share_target_cut": len(st.target_cut_rows) / max(1, len(train.examples))})
-    findings["no_trainable_tokens"] = Finding(
-        "blocking", "examples whose target has no token of its own after tokenization", st.untrainable_rows)
+    findings: dict[str, Finding] = blocking_findings(st, len(train.examples), cfg.max_length, train.empty)
     eos = tokenizer.eos_token_id
-    no_eos = [e.row for e in train.encoded if e.labels[-1] != eos and e.row not in set(st.target_cut_rows)]
+    cut = set(st.target_cut_rows)
+    # the last trained token, not the last token: a chat template's text after EOS (a newline) is masked
+    no_eos = [e.row for e in train.encoded if last_label(e) != eos and e.row not in cut]
     findings["missing_eos"] = Finding("warning", "targets that do not end with the EOS token: the model will not "
                                       "learn to stop", no_eos)
     findings.update(_duplicates(train, threshold))
-    if train.examples and len(st.target_cut_rows) == len(train.examples):
-        findings["truncated"].severity = "blocking"
-        findings["truncated"].message += ": every target is cut, so no example teaches the model to finish"
 
     result: dict[str, Any] = {"train": train_path, "eval": eval_path, "num_records": len(train.records),
                               "num_examples": len(train.encoded), "shape": train.examples[0].shape if train.examples else None}
@@ -235,10 +271,14 @@ def audit(train_path: str, cfg: DataConfig, spec: RenderSpec, tokenizer: Any, ev
             + (f"; {len(eval_only)} labels appear only in eval" if eval_only else ""),
             details={"counts": dict(counts.most_common()), "eval_only_labels": eval_only})
     result.update({k: f.as_dict() for k, f in findings.items()})
-    result["blocking"] = sorted(k for k, f in findings.items() if f.severity == "blocking" and f.indices
-                                or (k == "truncated" and f.severity == "blocking"))
+    result["blocking"] = blocking_keys(findings)
     result["preview"] = [preview_tokens(e, tokenizer) for e in train.encoded[:preview]]
     return result
+
+
+def last_label(enc: Encoded) -> int | None:
+    """The last trained token id of an example (None when nothing is trained)."""
+    return next((t for t in reversed(enc.labels) if t != IGNORE), None)
 
 
 def preview_tokens(enc: Encoded, tokenizer: Any) -> dict[str, Any]:

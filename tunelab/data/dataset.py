@@ -10,7 +10,7 @@ from typing import Any
 from tunelab.config import DataConfig
 from tunelab.data.encode import EncodeStats, Encoded, encode_examples, encode_pretokenized
 from tunelab.data.read import read_records
-from tunelab.data.records import Example, to_examples
+from tunelab.data.records import Example, check_same_shape, to_examples
 from tunelab.data.render import Rendered, RenderSpec, render_example
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ def load_datasets(cfg: DataConfig, spec: RenderSpec, tokenizer: Any, seed: int) 
     evals: list[Example] | None = None
     if cfg.eval is not None:
         evals = load_examples(cfg.eval, cfg)
+        check_same_shape(train, cfg.train, evals, cfg.eval)
     elif cfg.eval_fraction is not None:
         train, evals = split_eval(train, cfg.eval_fraction, seed)
     evals = sample(evals, cfg.max_eval_examples, seed) if evals else evals

@@ -40,20 +40,46 @@ def read_records(path: str | Path, column_names: list[str] | None = None) -> lis
             f"data file '{p}' has the suffix '{p.suffix}', which tunelab does not read. "
             f"Use one of: {', '.join(sorted(SUFFIXES))}."
         )
-    if kind in ("csv", "tsv"):
-        records = _read_csv(p, column_names)
-    else:
-        if column_names:
-            raise DataError(f"data.column_names applies to CSV/TSV files without a header, not to '{p}'.")
-        records = {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet}[kind](p)
+    if column_names and kind not in ("csv", "tsv"):
+        raise DataError(f"data.column_names applies to CSV/TSV files without a header, not to '{p}'.")
+    try:
+        if kind in ("csv", "tsv"):
+            records = _read_csv(p, column_names)
+        else:
+            records = {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet}[kind](p)
+    except UnicodeDecodeError:
+        raise not_utf8_error(p) from None
     if not records:
         raise DataError(f"data file '{p}' holds no records.")
     return records
 
 
+def not_utf8_error(p: Path) -> DataError:
+    """The DataError for a text file that is not UTF-8: the line, column and byte offset of its first bad byte.
+
+    The text readers decode as they go, so the place is found again here, from the bytes.
+    """
+    raw = p.read_bytes()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        offset = exc.start
+    else:  # the reader's decoder disagreed with a whole-file decode: name the file without a place
+        return DataError(f"{p}: the file is not valid UTF-8 text. Save it as UTF-8.")
+    line = raw.count(b"\n", 0, offset) + 1
+    column = offset - (raw.rfind(b"\n", 0, offset) + 1) + 1
+    binary = b"\x00" in raw[:4096]
+    what = "looks like a binary file, not text" if binary else "is not valid UTF-8 text"
+    return DataError(
+        f"{p}:{line}: the file {what}: byte 0x{raw[offset]:02x} at byte offset {offset} (line {line}, column "
+        f"{column}) cannot be decoded as UTF-8. tunelab reads data files as UTF-8: re-save the file as UTF-8 "
+        "(e.g. `iconv -f latin1 -t utf-8`), or fix or remove that line."
+    )
+
+
 def _read_jsonl(p: Path) -> list[Record]:
     records = []
-    with p.open(encoding="utf-8") as f:
+    with p.open(encoding="utf-8-sig") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -64,6 +90,9 @@ def _read_jsonl(p: Path) -> list[Record]:
                     f"{p}:{line_no}: this line is not valid JSON ({exc.msg} at column {exc.colno}). "
                     "Each line of a .jsonl file must be one JSON object; fix or remove the line."
                 ) from None
+            except (ValueError, RecursionError) as exc:  # valid JSON that Python will not hold
+                raise DataError(f"{p}:{line_no}: this line cannot be read as a record ({_json_limit(exc)}); "
+                                "fix or remove the line.") from None
             if not isinstance(value, dict):
                 raise DataError(f"{p}:{line_no}: expected a JSON object ({{...}}), found {type(value).__name__}.")
             records.append(Record(value, f"{p}:{line_no}", len(records)))
@@ -71,10 +100,13 @@ def _read_jsonl(p: Path) -> list[Record]:
 
 
 def _read_json(p: Path) -> list[Record]:
+    text = p.read_text(encoding="utf-8-sig")  # outside the try: a UnicodeDecodeError is reported by read_records
     try:
-        value = json.loads(p.read_text(encoding="utf-8"))
+        value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"{p}:{exc.lineno}: the file is not valid JSON ({exc.msg} at column {exc.colno}).") from None
+    except (ValueError, RecursionError) as exc:  # valid JSON that Python will not hold
+        raise DataError(f"{p}: the file cannot be read as records ({_json_limit(exc)}).") from None
     if isinstance(value, dict):  # {"data": [...]} or a single column-oriented object is not guessed at
         lists = [v for v in value.values() if isinstance(v, list)]
         if len(value) == 1 and lists:
@@ -89,23 +121,35 @@ def _read_json(p: Path) -> list[Record]:
     return records
 
 
+def _json_limit(exc: ValueError | RecursionError) -> str:
+    if isinstance(exc, RecursionError):
+        return "its values are nested too deeply"
+    return str(exc).split(";")[0]  # e.g. an integer of more than 4300 digits
+
+
 def _read_csv(p: Path, column_names: list[str] | None) -> list[Record]:
     # TSV is read without quoting (its usual convention: a quote is just a character)
     tsv = p.suffix.lower() == ".tsv"
-    with p.open(encoding="utf-8", newline="") as f:
+    # a long document is a valid field: lift the csv module's default limit of 128 KiB per field
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
+    with p.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f, fieldnames=column_names, delimiter="\t" if tsv else ",",
                                 quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
-        if not reader.fieldnames:
-            raise DataError(f"{p}: the file has no header row; the first line must name the columns.")
-        records = []
-        for row in reader:
-            line_no = reader.line_num
-            if None in row:
-                raise DataError(
-                    f"{p}:{line_no}: this row has more fields than the header ({len(reader.fieldnames)} columns: "
-                    f"{', '.join(reader.fieldnames)}). Quote fields that contain the delimiter."
-                )
-            records.append(Record(dict(row), f"{p}:{line_no}", len(records)))
+        records: list[Record] = []
+        try:
+            if not reader.fieldnames:
+                raise DataError(f"{p}: the file has no header row; the first line must name the columns.")
+            for row in reader:
+                line_no = reader.line_num
+                if None in row:
+                    raise DataError(
+                        f"{p}:{line_no}: this row has more fields than the header ({len(reader.fieldnames)} columns: "
+                        f"{', '.join(reader.fieldnames)}). Quote fields that contain the delimiter."
+                    )
+                records.append(Record(dict(row), f"{p}:{line_no}", len(records)))
+        except csv.Error as exc:
+            raise DataError(f"{p}:{reader.line_num}: this line is not valid {'TSV' if tsv else 'CSV'} ({exc}); "
+                            "fix or remove it.") from None
     return records
 
 
@@ -113,7 +157,8 @@ def _read_parquet(p: Path) -> list[Record]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(p)
+        rows = pq.read_table(p).to_pylist()  # values are decoded here too (strings, timestamps)
     except Exception as exc:  # pyarrow raises several unrelated types for a damaged file
-        raise DataError(f"{p}: cannot read this Parquet file ({exc}).") from None
-    return [Record(row, f"{p}:row {i}", i) for i, row in enumerate(table.to_pylist())]
+        raise DataError(f"{p}: cannot read this Parquet file ({exc}). It may be damaged or cut short: "
+                        "write it again.") from None
+    return [Record(row, f"{p}:row {i}", i) for i, row in enumerate(rows)]

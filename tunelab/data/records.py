@@ -44,15 +44,17 @@ class Example:
         return self.fields[SHAPES[self.shape][2]]
 
 
-def _fields(shape: str, values: dict[str, Any], rec: Record, names: tuple[str, ...], target_field: str) -> dict[str, Any]:
+def _fields(shape: str, values: dict[str, Any], rec: Record, names: tuple[str, ...], target_field: str,
+            columns: dict[str, str]) -> dict[str, Any]:
     fields: dict[str, Any] = {}
     for name in names:
+        what = f"field '{name}'" + (f" (column '{columns[name]}')" if name in columns else "")
         if name == "messages":
             fields[name] = _messages(values[name], rec)
         elif shape == "tokenized":
-            fields[name] = _token_ids(values[name], name, rec)
+            fields[name] = _token_ids(values[name], what, rec)
         else:
-            fields[name] = _as_text(values.get(name), name, rec)
+            fields[name] = _as_text(values.get(name), what, rec)
     if shape != "chat" and not (fields[target_field].strip() if shape != "tokenized" else fields[target_field]):
         raise EmptyTargetError(f"{rec.source}: the target field '{target_field}' is empty. Every example needs an "
                                "output to train on: fill it in or remove the line.")
@@ -71,17 +73,33 @@ def detect_shape(columns: set[str], where: str) -> str:
     )
 
 
-def _as_text(value: Any, name: str, record: Record) -> str:
+def _as_text(value: Any, what: str, record: Record) -> str:
+    """A text field as a string; None (a missing optional value) is empty text.
+
+    A number or a boolean is refused rather than stringified: the model would be trained to write
+    `1.0` or `True` (a float label is usually an integer column that a missing value turned into
+    floats, and an id is not the name of the class it stands for).
+    """
     if value is None:
         return ""
-    if isinstance(value, (str, int, float, bool)):
-        return str(value)
-    raise DataError(f"{record.source}: field '{name}' must be text, found {type(value).__name__}: {str(value)[:80]!r}.")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise DataError(f"{record.source}: {what} holds an unpaired surrogate {value[exc.start]!r} at "
+                            f"character {exc.start} (a broken \\u escape such as \\ud83d without its pair), which "
+                            "is not text a tokenizer can read. Fix the escape or remove the character.") from None
+        return value
+    kind = {bool: "a boolean", int: "an integer", float: "a float"}.get(type(value), f"a {type(value).__name__}")
+    hint = (" Store the column as strings, mapping class ids to the names of their classes (the model learns "
+            "words better than ids), or to their digits ('1') if the digits are the answer."
+            if isinstance(value, (bool, int, float)) else "")
+    raise DataError(f"{record.source}: {what} must be text, but it holds {kind} ({repr(value)[:80]}).{hint}")
 
 
-def _token_ids(value: Any, name: str, record: Record) -> list[int]:
-    if not isinstance(value, list) or not all(isinstance(t, int) and t >= 0 for t in value):
-        raise DataError(f"{record.source}: field '{name}' must be a list of non-negative token ids.")
+def _token_ids(value: Any, what: str, record: Record) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value):
+        raise DataError(f"{record.source}: {what} must be a list of non-negative token ids (integers).")
     return value
 
 
@@ -94,7 +112,7 @@ def _messages(value: Any, record: Record) -> list[dict[str, str]]:
             raise DataError(f"{record.source}: messages[{i}] must be an object with 'role' and 'content'.")
         if m["role"] not in ROLES:
             raise DataError(f"{record.source}: messages[{i}] has role {m['role']!r}; use one of {', '.join(ROLES)}.")
-        out.append({"role": m["role"], "content": _as_text(m["content"], f"messages[{i}].content", record)})
+        out.append({"role": m["role"], "content": _as_text(m["content"], f"field 'messages[{i}].content'", record)})
     if not any(m["role"] == "assistant" for m in out):
         raise DataError(f"{record.source}: the conversation has no assistant turn, so there is nothing to train on.")
     empty = [i for i, m in enumerate(out) if m["role"] == "assistant" and not m["content"].strip()]
@@ -139,7 +157,7 @@ def to_examples(records: list[Record], shape: str = "auto", columns: dict[str, s
                 f"(fields present: {sorted(values)}). Add it, or map a column to it with data.columns."
             )
         try:
-            fields = _fields(shape, values, rec, required + optional, target_field)
+            fields = _fields(shape, values, rec, required + optional, target_field, columns)
         except EmptyTargetError as exc:
             if empty_targets is None:
                 raise
@@ -148,3 +166,24 @@ def to_examples(records: list[Record], shape: str = "auto", columns: dict[str, s
         extra = {k: v for k, v in values.items() if k not in fields}
         examples.append(Example(shape, fields, rec.source, rec.row, extra))
     return examples
+
+
+def _describe(shape: str) -> str:
+    required, optional, _ = SHAPES[shape]
+    return f"{shape} records ({', '.join(required + tuple(f'{o} (optional)' for o in optional))})"
+
+
+def check_same_shape(train: list[Example], train_path: str, evals: list[Example], eval_path: str) -> None:
+    """Refuse eval data of another record shape than the training data.
+
+    Eval examples are rendered with the training data's template and demonstrations and scored
+    against its label options, so other fields would be rendered wrongly or fail later, after the
+    whole run.
+    """
+    if not train or not evals or train[0].shape == evals[0].shape:
+        return
+    raise DataError(
+        f"the eval file '{eval_path}' holds {_describe(evals[0].shape)}, but the training file '{train_path}' holds "
+        f"{_describe(train[0].shape)}. Eval data must have the training data's shape, so that it is rendered and "
+        "scored the way the model was trained: convert one of the files, or name the columns with data.columns."
+    )

@@ -12,7 +12,7 @@ import yaml
 
 from tunelab.config import Config, ModelConfig, validate_config
 from tunelab.errors import ModelError
-from tunelab.models.load import check_model_folder, load_tokenizer
+from tunelab.models.load import check_model_folder, check_weights, load_tokenizer
 from tunelab.strategies.model import TrainModel
 
 PROMPT_SLOT_TYPES = ("PROMPT_TUNING", "P_TUNING")
@@ -69,6 +69,7 @@ def load_for_eval(path: str, adapter: str | None = None, device: str = "cpu") ->
             raise ModelError(f"'{adapter_dir}' has no adapter_config.json, so it is not a peft adapter folder.")
         base = path if adapter else json.loads((p / "adapter_config.json").read_text())["base_model_name_or_path"]
         check_model_folder(base)
+        check_weights(adapter_dir)
         lm = PeftModel.from_pretrained(_load_hf(base), adapter_dir)
         tok_dir, strategy, name = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base, \
             "adapter", f"{base} + {adapter_dir}"

@@ -10,7 +10,7 @@ from typing import Any
 
 from tunelab.config import DataConfig
 from tunelab.data.dataset import load_examples, sample
-from tunelab.data.records import Example
+from tunelab.data.records import Example, check_same_shape
 from tunelab.data.render import RenderSpec, render_example
 from tunelab.errors import DataError
 from tunelab.evaluate.generate import generate
@@ -110,6 +110,7 @@ def load_eval_data(path: str, data_cfg: DataConfig, spec: RenderSpec, train_path
                    max_examples: int | None, seed: int) -> EvalData:
     examples = sample(load_examples(path, data_cfg), max_examples, seed)
     pool = load_examples(train_path, data_cfg) if train_path else []
+    check_same_shape(pool, str(train_path), examples, path)
     return EvalData(examples, data_cfg, spec, pool, path)
 
 
@@ -129,6 +130,7 @@ def eval_data_from_config(cfg: Any, max_examples: int | None = None) -> EvalData
     train = sample(load_examples(cfg.data.train, cfg.data), cfg.data.max_examples, cfg.train.seed)
     if cfg.data.eval is not None:
         evals, path = load_examples(cfg.data.eval, cfg.data), cfg.data.eval
+        check_same_shape(train, cfg.data.train, evals, path)
     elif cfg.data.eval_fraction is not None:
         train, evals = split_eval(train, cfg.data.eval_fraction, cfg.train.seed)
         path = f"{cfg.data.train} (held-out {cfg.data.eval_fraction:g})"

@@ -17,6 +17,37 @@ from tunelab.errors import ModelError
 log = logging.getLogger(__name__)
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.ckpt", "tf_model.h5")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# what a tokenizer is built from: tokenizers' own file, or the files of a slow tokenizer to convert
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
+
+
+def check_weights(folder: str | Path) -> None:
+    """Every *.safetensors file of `folder` opens and holds all the bytes its header promises.
+
+    A truncated download or an interrupted copy otherwise surfaces as a SafetensorError deep inside
+    transformers or peft; this names the file. Only the headers are read (the tensors are mapped).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    for f in sorted(Path(folder).expanduser().glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise ModelError(f"weights file '{f}' is damaged or incomplete ({exc}). It was probably cut short by an "
+                             "interrupted download or copy: download the model again, or re-export it.") from None
+
+
+def check_tokenizer_files(path: str) -> None:
+    """A local folder must hold a tokenizer: tokenizer.json (or a slow tokenizer's files to convert)."""
+    p = Path(path).expanduser()
+    if not p.is_dir() or (p / "tokenizer.json").is_file():
+        return
+    present = [n for n in TOKENIZER_FILES if (p / n).is_file()] + [f.name for f in p.glob("*.tiktoken")]
+    if not present:
+        raise ModelError(f"model folder '{path}' has no tokenizer files: tunelab expects tokenizer.json (a fast "
+                         "tokenizer), or tokenizer.model / vocab.json + merges.txt / vocab.txt to convert from. Copy "
+                         "the tokenizer files from where the model came from into the folder.")
 
 
 def check_model_folder(path: str, allow_pickle: bool = False) -> bool:
@@ -49,9 +80,14 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     p = Path(cfg.path).expanduser()
     if not (p.is_dir() and ((p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file())):
         check_model_folder(cfg.path, cfg.allow_pickle)  # names what is wrong with the folder
+    check_tokenizer_files(cfg.path)
     try:
         tok = AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, ImportError) as exc:
+        if "sentencepiece" in str(exc) or "tiktoken" in str(exc):  # slow tokenizer files, nothing to convert them
+            raise ModelError(f"model folder '{cfg.path}' has no tokenizer.json, and its slow tokenizer files cannot be "
+                             "converted to one without the sentencepiece (or tiktoken) package. Install it "
+                             "(pip install sentencepiece), or add the model's tokenizer.json to the folder.") from None
         raise ModelError(f"cannot load a tokenizer from '{cfg.path}': {exc}") from None
     if not getattr(tok, "is_fast", False):
         raise ModelError(f"the tokenizer in '{cfg.path}' is a slow (Python) tokenizer; tunelab needs a fast one "
@@ -87,6 +123,8 @@ def load_model(cfg: ModelConfig, dtype: Any = None, device_type: str = "cpu") ->
     from transformers import AutoModelForCausalLM
 
     local = check_model_folder(cfg.path, cfg.allow_pickle)
+    if local:
+        check_weights(cfg.path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             cfg.path, trust_remote_code=cfg.trust_remote_code, dtype=dtype or torch.float32,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ def _seconds_per_call(fn: Callable[[], object], seconds: float) -> float:
     return (time.perf_counter() - t0) / n
 
 
+@functools.cache  # measured once per process: a second plan (compare, several --gpu) reuses it
 def cpu_device() -> Device:
     import os
 
@@ -47,8 +49,8 @@ def cpu_device() -> Device:
     flops = 2 * 512**3 / _seconds_per_call(lambda: a @ b, 0.3)
     pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return Device(f"this CPU ({torch.get_num_threads()} threads)", float(pages), flops, 1.0,
-                  "fp32 matmul rate measured by tunelab plan on this machine (512^3 products for 0.3 s); step times "
-                  "are not derived from it but measured: real steps of cut copies of the model (tunelab.train.timing)")
+                  "fp32 matmul rate measured by tunelab plan on this machine (512^3 products for 0.3 s); with --measure "
+                  "step times are not derived from it but measured: real steps of cut copies of the model")
 
 
 # What a running CPU training process holds beyond its imports (allocator arenas, thread pools, the
@@ -56,6 +58,7 @@ def cpu_device() -> Device:
 CPU_RUNNING_EXTRA_BYTES = 180 * 2**20
 
 
+@functools.cache  # one child process per process that plans
 def runtime_bytes() -> float:
     """Resident memory of a training process before its model and activations: the peak of a fresh
     process that has imported tunelab's training stack (Python, torch, transformers, peft), measured

@@ -16,7 +16,7 @@ import torch
 from tunelab.config import Config, StrategyConfig
 
 BYTES_FP32 = 4
-ADAMW_STATES = 2  # exp_avg and exp_avg_sq, fp32
+OPTIMIZER_STATES = {"adamw": 2, "sgd": 0}  # fp32 tensors per trainable parameter: AdamW's exp_avg and exp_avg_sq
 
 
 @dataclass
@@ -211,7 +211,8 @@ def memory(shape: ModelShape, w: Workload, cfg: Config, trainable: int, total: i
     label_tokens = min(chunk, w.label_tokens_per_step / w.micro_batches_per_step)
     loss = 2 * label_tokens * shape.vocab * BYTES_FP32 + (shape.vocab * shape.hidden * BYTES_FP32 if head_trains else 0)
     parts = {"weights": total * BYTES_FP32 * (2 if cpu_runtime is not None else 1), "gradients": trainable * BYTES_FP32,
-             "optimizer": trainable * ADAMW_STATES * BYTES_FP32, "activations": activations, "loss_buffer": loss}
+             "optimizer": trainable * OPTIMIZER_STATES[cfg.train.optimizer] * BYTES_FP32, "activations": activations,
+             "loss_buffer": loss}
     if cpu_runtime is not None:
         parts["runtime"] = cpu_runtime
     parts["total"] = sum(parts.values())

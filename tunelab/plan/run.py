@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,6 @@ from tunelab.plan.advisor import Advice, Situation, advise
 from tunelab.plan.devices import Device, get_device, runtime_bytes
 from tunelab.plan.estimate import (DataShape, Estimate, ModelShape, Workload, flops, memory, model_shape,
                                    parameter_counts, workload)
-from tunelab.train.timing import measured_step_seconds
 
 STRATEGIES = ["prompting", "soft_prompt", "lora", "freeze", "full", "prompt_lm"]
 # Published pre-training token counts of known families, keyed by (model_type, vocab size).
@@ -26,11 +26,16 @@ PRETRAINING_TOKENS: dict[tuple[str, int], tuple[float, str]] = {
     ("qwen3", 151936): (36e12, "Qwen3 technical report: 36T tokens"),
     ("gemma2", 256000): (2e12, "Gemma 2 report: 2T tokens for the 2B model (8T for 9B, 13T for 27B)"),
 }
-MEASURED = "measured on this CPU: real optimizer steps of cut copies of the model (tunelab.train.timing)"
-# The error of the estimates, measured by tests/plan/test_validation.py on a 2-core CPU (see BENCHMARKS.md).
-VALIDATED_ERROR = ("on a 2-core CPU (tests/plan, GSM8K rows of 512; see BENCHMARKS.md): memory within 17% of the "
-                   "measured peaks, step time within 23% (measured with cut copies of the model; up to 31% off when "
-                   "the shared machine slowed a run); GPU times are FLOPs at an assumed MFU, not yet checked "
+MEASURED = "measured on this CPU: real optimizer steps of cut copies of the model (tunelab plan --measure)"
+# A step timer: (strategy config, decoder layers, encoded examples, tokenizer) -> seconds per optimizer step.
+# `tunelab plan --measure` passes tunelab.train.timing.measured_step_seconds; plan/ itself runs no model.
+StepTimer = Callable[[Config, int, list[Any], Any], float]
+# The error of the estimates: memory by tests/plan/test_validation.py, step time by bench/plan_validation.py,
+# both on a 2-core CPU (see BENCHMARKS.md).
+VALIDATED_ERROR = ("on a 2-core CPU (GSM8K rows of 512; tests/plan and bench/plan_validation.py, see BENCHMARKS.md): "
+                   "memory within 17% of the measured peaks; step time with --measure within 23% (cut copies of "
+                   "the model timed; up to 31% off when the shared machine slowed a run), without it the FLOPs at "
+                   "this CPU's matmul rate, a lower bound; GPU times are FLOPs at an assumed MFU, not yet checked "
                    "against a GPU")
 
 
@@ -131,10 +136,10 @@ def fit_changes(shape: ModelShape, w: Workload, cfg: Config, trainable: int, tot
 
 def plan(cfg: Config, device_name: str = "cpu", pretraining_tokens: float | None = None,
          strategies: list[str] | None = None, compare_json: Path | None = None,
-         time_cpu_steps: bool = True) -> PlanResult:
-    """Estimate every strategy (or `strategies`) for `cfg` on a device, and advise. On the CPU each trained
-    strategy's step is timed (a few seconds each); `time_cpu_steps=False` skips that, for callers that only
-    want the advice, and the time is then FLOPs at the measured matmul rate."""
+         step_timer: StepTimer | None = None) -> PlanResult:
+    """Estimate every strategy (or `strategies`) for `cfg` on a device, and advise, from shapes and token
+    counts alone (seconds, for any model). With a `step_timer` on the CPU, each trained strategy's step is
+    timed by it instead (a few seconds each); without one the time is FLOPs at the measured matmul rate."""
     shape = model_shape(cfg.model.path, cfg.model.trust_remote_code)
     data, examples, tokenizer = load_train_data(cfg)
     device = get_device(device_name)
@@ -159,14 +164,14 @@ def plan(cfg: Config, device_name: str = "cpu", pretraining_tokens: float | None
         mem["activations_with_checkpointing" if not cfg.train.activation_checkpointing else
             "activations_without_checkpointing"] = mem_other["activations"]
         sec, source = 0.0, "nothing trains"
-        if run_flops and on_cpu and time_cpu_steps and mem["total"] <= device.memory_bytes:
-            sec, source = measured_step_seconds(scfg, shape.layers, examples, tokenizer), MEASURED
+        if run_flops and on_cpu and step_timer and mem["total"] <= device.memory_bytes:
+            sec, source = step_timer(scfg, shape.layers, examples, tokenizer), MEASURED
         elif run_flops:
             sec = run_flops / w.steps / (device.peak_flops * device.mfu)
             source = f"FLOPs at {device.mfu:.0%} of {device.peak_flops / 1e12:.3g} TFLOP/s"
             if on_cpu:  # a rough bound: real steps run well below a 512^3 product's rate (BENCHMARKS.md)
                 source += (" (this CPU's 512^3 matmul rate; steps not timed: "
-                           f"{'it does not fit' if time_cpu_steps else 'time_cpu_steps=False'})")
+                           f"{'it does not fit' if step_timer else 'pass --measure to time them'})")
         adapter = trainable * 4 if name not in ("full", "freeze", "prompting", "prompt_lm") else 0
         estimates[name] = Estimate(name, total, trainable, adapter, mem, run_flops, sec * w.steps, sec, source)
         prepared[name] = (scfg, w)

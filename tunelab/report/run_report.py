@@ -10,8 +10,13 @@ from tunelab.report import plots
 from tunelab.report.page import Section, write_report
 
 
+def _number(value: Any) -> Any:
+    """metrics.jsonl writes NaN and infinities as the strings "nan", "inf", "-inf" (JSON has no such numbers)."""
+    return float(value) if isinstance(value, str) and value in ("nan", "inf", "-inf") else value
+
+
 def training_sections(rows: list[dict[str, Any]]) -> list[Section]:
-    train = [r for r in rows if r.get("type") == "train"]
+    train = [{k: _number(v) for k, v in r.items()} for r in rows if r.get("type") == "train"]
     evals = [r for r in rows if r.get("type") == "eval"]
     params = next((r for r in rows if r.get("type") == "params"), None)
     sections = []
@@ -39,6 +44,10 @@ def training_sections(rows: list[dict[str, Any]]) -> list[Section]:
         last = train[-1]
         tps = sum(r["num_tokens"] for r in train) / max(1e-9, sum(r["seconds"] for r in train))
         s.text.append(f"{last['step']} steps; final train loss {last['loss']:.4f}; {tps:,.0f} tokens/s on average.")
+        skipped = [r["step"] for r in train if r.get("skipped")]
+        if skipped:
+            s.verdicts.append(f"non-finite loss or gradient norm at step(s) {', '.join(map(str, skipped))}: "
+                              "those updates were not applied (train.on_nonfinite).")
     if evals:
         s.table = [{"step": r["step"], "eval loss": r["eval_loss"], "eval perplexity": r["eval_perplexity"],
                     "token accuracy": r["eval_token_accuracy"]} for r in evals]

@@ -15,7 +15,7 @@ from typing import Any
 
 from tunelab.errors import TunelabError
 from tunelab.strategies.model import TrainModel
-from tunelab.train.checkpoint import atomic_dir
+from tunelab.train.checkpoint import atomic_dir, remove_stale_temp
 
 
 def _save_hf(model: Any, tokenizer: Any, out: Path) -> None:
@@ -28,8 +28,10 @@ def _save_hf(model: Any, tokenizer: Any, out: Path) -> None:
 
 
 def save_final(run_dir: Path, model: TrainModel, tokenizer: Any, base_path: str) -> Path:
-    """Write final/ atomically in the format of the strategy (see the module docstring)."""
+    """Write final/ atomically in the format of the strategy (see the module docstring); first remove what
+    a killed writer of final/ left in the run directory."""
     final = Path(run_dir) / "final"
+    remove_stale_temp(Path(run_dir))
 
     def write(tmp: Path) -> None:
         if not model.is_peft:
@@ -54,7 +56,11 @@ def load_final(final: Path) -> Any:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from tunelab.models.load import check_weights
+
     final = Path(final)
+    for folder in (final, final / "base", final / "adapter"):  # a damaged file is named, not a SafetensorError
+        check_weights(folder)
     if (final / "adapter" / "adapter_config.json").is_file():  # prompt_lm
         return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(final / "base"), final / "adapter")
     if (final / "adapter_config.json").is_file():
@@ -67,7 +73,10 @@ def _load_base_of(adapter_dir: Path) -> Any:
 
     from transformers import AutoModelForCausalLM
 
+    from tunelab.models.load import check_weights
+
     base = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+    check_weights(base)
     return AutoModelForCausalLM.from_pretrained(base)
 
 

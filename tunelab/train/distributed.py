@@ -71,6 +71,20 @@ def wrap(model: Any, strategy: str, device: torch.device, bf16: bool) -> Any:
     return model
 
 
+def reshard(model: Any) -> None:
+    """After a forward without backward (evaluation), put an FSDP2 model's root back to its sharded parameters.
+
+    FSDP2 keeps the root's parameters gathered after a forward, for the backward it expects; without one they
+    stay gathered (memory) and the module lists the gathered copies instead of its parameters. No-op for
+    DDP and one process."""
+    if not dist.is_initialized():
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        model.reshard()
+
+
 def unwrap(model: Any) -> Any:
     """The TrainModel inside a DDP wrapper (FSDP2 keeps the module itself)."""
     return getattr(model, "module", model)

@@ -10,6 +10,7 @@ import torch
 
 from tunelab.data.batching import eval_batches
 from tunelab.data.encode import Encoded
+from tunelab.train.distributed import reshard
 from tunelab.train.loss import causal_lm_loss
 
 
@@ -26,6 +27,7 @@ def evaluate_loss(model: Any, examples: list[Encoded], batch_size: int, pad_id: 
         loss_sum += float(out.loss_sum)
         n_tokens += out.num_label_tokens
         n_correct += out.num_correct or 0
+    reshard(model)  # no backward follows: FSDP2's root would stay gathered
     model.train(was_training)
     loss = loss_sum / max(1, n_tokens)
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)),

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,14 +20,16 @@ from typing import Any
 import torch
 
 from tunelab.config import Config, TrainConfig
+from tunelab.data.audit import check_trainable
 from tunelab.data.batching import DataPosition, count_label_tokens
 from tunelab.data.dataset import load_datasets
 from tunelab.data.render import spec_from_config
+from tunelab.errors import DiskFullError, NonFiniteError
 from tunelab.models.load import enable_activation_checkpointing, load_model, load_tokenizer, pad_token_id
 from tunelab.strategies import count_parameters, prepare_strategy
 from tunelab.strategies.export import save_final
 from tunelab.train.batches import make_batch_plan, total_steps
-from tunelab.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from tunelab.train.checkpoint import disk_full_message, is_disk_full, list_checkpoints, load_checkpoint, save_checkpoint
 from tunelab.train.distributed import (DistInfo, all_reduce_sum, barrier, full_state_dict, gradient_sync,
                                        init_distributed, load_sharded, save_sharded, wrap)
 from tunelab.train.eval_loss import evaluate_loss
@@ -33,7 +37,8 @@ from tunelab.train.loss import causal_lm_loss
 from tunelab.train.metrics import MetricsWriter, peak_rss_bytes
 from tunelab.train.optim import build_optimizer, build_scheduler
 from tunelab.train.progress import Progress
-from tunelab.train.rundir import check_run_dir, open_run_dir
+from tunelab.train.rundir import RunLogHandler, check_run_dir, open_run_dir
+from tunelab.train.runlock import check_unlocked
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +107,12 @@ def evaluate_only(cfg: Config, run_dir: Path, model: Any, params: Any, eval_set:
     return TrainResult(run_dir, 0, float("nan"), result, None, model)
 
 
-def optimizer_step(model: Any, micro_batches: list[tuple[dict[str, torch.Tensor], int]], scale: float,
-                   device: torch.device, autocast: Any, trainable: list[torch.nn.Parameter], max_grad_norm: float | None,
-                   optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """One optimizer step: forward and backward over the step's micro-batches (each loss sum times
-    `scale`), gradient clipping, the update and the schedule. Returns the summed loss and the gradient
-    norm (tensors: the caller decides when the host syncs) and the learning rate used."""
+def accumulate_gradients(model: Any, micro_batches: list[tuple[dict[str, torch.Tensor], int]], scale: float,
+                         device: torch.device, autocast: Any, trainable: list[torch.nn.Parameter],
+                         max_grad_norm: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward over the step's micro-batches (each loss sum times `scale`), then gradient
+    clipping. Returns the summed loss and the gradient norm before clipping (tensors: the caller decides
+    when the host syncs)."""
     loss_sum = torch.zeros((), device=device)
     for i, (mb, _) in enumerate(micro_batches):
         mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
@@ -115,21 +120,84 @@ def optimizer_step(model: Any, micro_batches: list[tuple[dict[str, torch.Tensor]
             out = causal_lm_loss(model, mb)
             (out.loss_sum * scale).backward()
         loss_sum += out.loss_sum.detach()
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm or float("inf"))
+    return loss_sum, torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm or float("inf"))
+
+
+def apply_update(optimizer: torch.optim.Optimizer, scheduler: Any, update: bool = True) -> float:
+    """The update (unless `update` is False: a skipped non-finite step) and the schedule; returns the
+    learning rate of this step. A skipped step still advances the schedule, so the learning rate stays a
+    function of the step number and the run ends at the planned step."""
     lr = scheduler.get_last_lr()[0]
-    optimizer.step()
-    scheduler.step()
+    if update:
+        optimizer.step()
+    with warnings.catch_warnings():  # a skipped first step: torch warns that the schedule stepped first
+        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step\\(\\)` before", UserWarning)
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, grad_norm, lr
+    return lr
+
+
+def optimizer_step(model: Any, micro_batches: list[tuple[dict[str, torch.Tensor], int]], scale: float,
+                   device: torch.device, autocast: Any, trainable: list[torch.nn.Parameter], max_grad_norm: float | None,
+                   optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One optimizer step (`accumulate_gradients`, then `apply_update`) without the loop's non-finite check.
+    Returns the summed loss and the gradient norm (tensors) and the learning rate used."""
+    loss_sum, grad_norm = accumulate_gradients(model, micro_batches, scale, device, autocast, trainable, max_grad_norm)
+    return loss_sum, grad_norm, apply_update(optimizer, scheduler)
+
+
+def weights_finite(trainable: list[torch.nn.Parameter], info: DistInfo, device: torch.device) -> bool:
+    """Whether every trainable weight is finite (one host sync; under torchrun a collective over the shards).
+    Checked before anything is saved, so no checkpoint and no final/ ever holds a NaN."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in trainable]
+    finite = bool(torch.stack([torch.isfinite(t.detach()).all() for t in local]).all())
+    if info.enabled:
+        finite = all_reduce_sum(0 if finite else 1, device) == 0
+    return finite
+
+
+def nonfinite_message(step: int, what: str, cfg: TrainConfig, run_dir: Path) -> str:
+    """The paragraph for a run stopped by a NaN or infinity: the step, the last good checkpoint, the fix."""
+    done = list_checkpoints(run_dir)
+    kept = (f"the last good checkpoint is '{done[-1]}'" if done else
+            "there is no checkpoint to go back to (train.save_every keeps some)")
+    clip = f"now {cfg.max_grad_norm:g}" if cfg.max_grad_norm else "now off"
+    return (f"step {step}: {what}. Nothing non-finite was saved: no final/ was written, and {kept}. This usually "
+            f"means the learning rate is too high for this model: lower train.learning_rate (now "
+            f"{cfg.learning_rate:g}), add warmup with train.warmup_steps (now {cfg.warmup_steps}), or clip gradients "
+            f"with train.max_grad_norm ({clip}), then start again with --overwrite. For a rare bad batch, "
+            "train.on_nonfinite: skip skips such steps (up to train.max_nonfinite_skips)" +
+            (", and --resume with it continues from that checkpoint." if done else "."))
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}" if math.isfinite(value) else str(value)
 
 
 def train(cfg: Config) -> TrainResult:
     """Run (or resume) the training run that `cfg` describes; returns where its results are.
 
-    Under torchrun every rank runs this same recipe on its slice of each step.
+    Under torchrun every rank runs this same recipe on its slice of each step. The run directory stays
+    locked from its opening to the end of the run, however the run ends. A write that finds the disk full
+    stops the run with `DiskFullError`; a NaN or infinite loss with `NonFiniteError` (`train.on_nonfinite`).
     """
+    with contextlib.ExitStack() as on_exit:  # what is undone however the run ends: the lock, the log file
+        try:
+            return run_recipe(cfg, on_exit)
+        except DiskFullError as exc:
+            raise DiskFullError(disk_full_message(exc.path, Path(cfg.output_dir)), exc.path) from None
+        except OSError as exc:  # a write outside a checkpoint (metrics.jsonl, config.yaml)
+            if not is_disk_full(exc):
+                raise
+            raise DiskFullError(disk_full_message(exc.filename, Path(cfg.output_dir)), exc.filename) from None
+
+
+def run_recipe(cfg: Config, on_exit: contextlib.ExitStack) -> TrainResult:
+    """The recipe of `train`; what must be undone at the end is registered on `on_exit`."""
     # 1. check everything that can be wrong before writing anything: output_dir, device, data, model
     info = init_distributed()
+    if info.is_main:  # rank 0 takes the lock (step 2); a second writer is refused here, naming the holder
+        check_unlocked(Path(cfg.output_dir))
     check_run_dir(cfg)
     seed_everything(cfg.train.seed)
     device, amp_dtype = resolve_device(cfg.train, info)
@@ -137,16 +205,23 @@ def train(cfg: Config) -> TrainResult:
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     tokenizer = load_tokenizer(cfg.model)
     train_split, eval_split = load_datasets(cfg.data, spec_from_config(cfg), tokenizer, cfg.train.seed)
+    check_trainable(train_split.stats, len(train_split.examples), cfg.data.max_length, cfg.data.train)
     train_set, eval_set = train_split.encoded, eval_split.encoded if eval_split else None
     pad_id = pad_token_id(tokenizer)
     model = load_model(cfg.model, device_type=device.type)
 
     # 2. the run directory (rank 0 writes; the others follow)
-    run_dir = open_run_dir(cfg) if info.is_main else Path(cfg.output_dir)
+    if info.is_main:
+        run_dir, lock = open_run_dir(cfg)
+        on_exit.callback(lock.release)
+    else:
+        run_dir = Path(cfg.output_dir)
     barrier()
-    file_log = logging.FileHandler(run_dir / (f"train-rank{info.rank}.log" if info.rank else "train.log"))
+    file_log = RunLogHandler(run_dir / (f"train-rank{info.rank}.log" if info.rank else "train.log"))
     file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("tunelab").addHandler(file_log)
+    on_exit.callback(file_log.close)
+    on_exit.callback(logging.getLogger("tunelab").removeHandler, file_log)
     if not info.is_main:
         logging.getLogger("tunelab").setLevel(logging.WARNING)
     log.info("train data: %s", train_split.stats.summary())
@@ -174,7 +249,7 @@ def train(cfg: Config) -> TrainResult:
     steps = total_steps(cfg, plan)
     optimizer = build_optimizer(model, cfg.train, device)
     scheduler = build_scheduler(optimizer, steps, cfg.train)
-    start_step = 0
+    start_step, skips = 0, 0  # skips: non-finite steps skipped so far in the run (train.on_nonfinite: skip)
     checkpoints = list_checkpoints(run_dir) if cfg.resume else []
     if checkpoints:
         if info.enabled:
@@ -182,6 +257,7 @@ def train(cfg: Config) -> TrainResult:
         else:
             state = load_checkpoint(checkpoints[-1], model, optimizer, scheduler)
         start_step, plan.stream.position = state["step"], DataPosition(**state["data_position"])
+        skips = state.get("nonfinite_skips", 0)
         log.info("resumed from %s (step %d)", checkpoints[-1], start_step)
     elif cfg.resume:
         log.info("no complete checkpoint in %s: starting from step 0", run_dir)
@@ -207,7 +283,10 @@ def train(cfg: Config) -> TrainResult:
     progress = Progress(steps, start_step, enabled=cfg.train.progress and info.is_main)
     loss = float("nan")
     loop_start = time.perf_counter()
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    # clip, measure and check exactly what the update changes: the optimizer's parameters. (Under FSDP2 the module's
+    # own list is not those while a group is unsharded, as the root stays after a forward without backward:
+    # model.parameters() then yields its gathered copies, whose gradients clipping would miss.)
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
     try:
         for step in range(start_step + 1, steps + 1):
             t0 = time.perf_counter()
@@ -218,25 +297,47 @@ def train(cfg: Config) -> TrainResult:
                 num_label_tokens = int(all_reduce_sum(num_label_tokens, device))
                 num_tokens = int(all_reduce_sum(num_tokens, device))
             scale = info.world / num_label_tokens  # DDP and FSDP average gradients over ranks: undo it
-            loss_sum, grad_norm, lr = optimizer_step(model, micro_batches, scale, device, autocast, trainable,
-                                                     cfg.train.max_grad_norm, optimizer, scheduler)
+            loss_sum, grad_norm = accumulate_gradients(model, micro_batches, scale, device, autocast, trainable,
+                                                       cfg.train.max_grad_norm)
             if info.enabled:
                 loss_sum = torch.tensor(all_reduce_sum(float(loss_sum), device))
                 grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            loss, grad_norm = float(loss_sum) / num_label_tokens, float(grad_norm)  # the host syncs once per step
+            # the host syncs once per step, before the update: a NaN or infinity is never applied (every rank
+            # sees the same summed loss and global gradient norm, so all decide alike)
+            loss, grad_norm = float(loss_sum) / num_label_tokens, float(grad_norm)
+            finite = math.isfinite(loss) and math.isfinite(grad_norm)
+            lr = apply_update(optimizer, scheduler, update=finite)
             seconds = time.perf_counter() - t0
             row = {"type": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                    "num_tokens": num_tokens, "num_label_tokens": num_label_tokens,
                    "tokens_per_s": num_tokens / seconds, "epoch": round(plan.stream.epochs_done(), 4), "seconds": seconds,
                    "elapsed_s": time.perf_counter() - loop_start}
-            if step % cfg.train.log_every == 0 or step == steps:
+            if not finite:
+                skips += 1
+                metrics.write({**row, "skipped": True})  # whatever log_every says
+                what = f"the training loss is {_fmt(loss)} and the gradient norm {_fmt(grad_norm)}"
+                if cfg.train.on_nonfinite == "stop":
+                    raise NonFiniteError(nonfinite_message(
+                        step, f"{what}, so the run stopped before applying that update (train.on_nonfinite: stop)",
+                        cfg.train, run_dir))
+                if skips > cfg.train.max_nonfinite_skips:
+                    raise NonFiniteError(nonfinite_message(
+                        step, f"{what}: {skips} non-finite steps in this run, more than train.max_nonfinite_skips "
+                              f"({cfg.train.max_nonfinite_skips}) allows, so the run stopped", cfg.train, run_dir))
+                log.warning("step %d: %s; its update was skipped (%d of train.max_nonfinite_skips %d)", step, what,
+                            skips, cfg.train.max_nonfinite_skips)
+            elif step % cfg.train.log_every == 0 or step == steps:
                 metrics.write(row)
             progress.update(row)
             if eval_set and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == steps):
                 eval_result = run_eval(step)
             stopping = cfg.train.stop_after == step and step < steps
-            if (cfg.train.save_every and step % cfg.train.save_every == 0) or stopping:
-                state = {"data_position": vars(plan.stream.position), "loss": loss}
+            saving = (cfg.train.save_every and step % cfg.train.save_every == 0) or stopping
+            if (saving or step == steps) and not weights_finite(trainable, info, device):
+                raise NonFiniteError(nonfinite_message(step, "the update of this step made weights NaN or infinite "
+                                                       "(its loss and gradient norm were finite)", cfg.train, run_dir))
+            if saving:
+                state = {"data_position": vars(plan.stream.position), "loss": loss, "nonfinite_skips": skips}
                 if info.enabled:
                     save_sharded(run_dir / "checkpoints" / f"step-{step}", model, optimizer, scheduler, state, info,
                                  cfg.train.keep_checkpoints)

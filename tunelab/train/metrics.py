@@ -14,18 +14,27 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _parse(line: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
 class MetricsWriter:
-    """Appends rows to metrics.jsonl. On resume, rows after the resumed step are dropped first."""
+    """Appends rows to metrics.jsonl. On resume, rows after the resumed step are dropped first (and a
+    last line cut short by a crash or a full disk with them)."""
 
     def __init__(self, path: Path, resume_step: int | None = None, enabled: bool = True):
         self.path = Path(path)
         self.enabled = enabled  # under torchrun only rank 0 writes
         self._file = None
+        self._failed = False
         if not enabled:
             return
         if resume_step is not None and self.path.is_file():
             kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                    if line.strip() and (row := _parse(line)) is not None and row.get("step", 0) <= resume_step]
             tmp = self.path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             tmp.replace(self.path)
@@ -35,16 +44,31 @@ class MetricsWriter:
 
     def write(self, row: dict[str, Any]) -> None:
         if self._file is not None:
-            self._file.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
-            self._file.flush()
+            try:
+                self._file.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+                self._file.flush()
+            except OSError:
+                self._failed = True
+                raise
 
     def close(self) -> None:
+        """Close the file. After a failed write (already raised), closing fails again on the same unwritten
+        bytes: that second error is not raised, so that it does not hide the first."""
         if self._file is not None:
-            self._file.close()
+            file, self._file = self._file, None
+            try:
+                file.close()
+            except OSError:
+                if not self._failed:
+                    raise
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The rows of metrics.jsonl; a last line cut short (a killed run, a full disk) is left out."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in lines[:-1]]
+    last = _parse(lines[-1]) if lines else None
+    return rows + ([last] if last is not None else [])
 
 
 def peak_rss_bytes() -> int:

@@ -1,4 +1,4 @@
-"""AdamW with the usual decay groups, and the warmup + cosine / linear / constant schedule."""
+"""AdamW (or plain SGD) with the usual decay groups, and the warmup + cosine / linear / constant schedule."""
 
 from __future__ import annotations
 
@@ -9,16 +9,22 @@ import torch
 from tunelab.config import TrainConfig
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; biases and norm weights (1-d) get no weight decay."""
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """`train.optimizer` over the trainable parameters; biases and norm weights (1-d) get no weight decay.
+
+    AdamW by default. SGD is plain gradient descent (no momentum; its weight decay, added to the gradient, is
+    AdamW's decoupled decay for plain SGD): its update is proportional to the gradient, so it shows a wrong
+    gradient scale that Adam's per-parameter normalisation hides."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     if not decay and not no_decay:
         raise ValueError("no parameter is trainable, so there is nothing to optimize")
-    fused = cfg.fused_adamw if cfg.fused_adamw is not None else device.type == "cuda"
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD([g for g in groups if g["params"]], lr=cfg.learning_rate)
+    fused = cfg.fused_adamw if cfg.fused_adamw is not None else device.type == "cuda"
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate, betas=cfg.adam_betas,
                              eps=cfg.adam_eps, fused=fused or None)
 

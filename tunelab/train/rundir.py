@@ -1,9 +1,13 @@
-"""The run directory: refuse to clobber another run, and check that a resumed run is the same run."""
+"""The run directory: refuse to clobber another run, and check that a resumed run is the same run.
+
+A run holds the directory's lock (`runlock.RunLock`) from `open_run_dir` to its end, so a second
+writer is refused instead of mixing two runs in one folder."""
 
 from __future__ import annotations
 
 import logging
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,12 +15,15 @@ import yaml
 
 from tunelab.config import Config, dump_config
 from tunelab.errors import ConfigError
+from tunelab.train.checkpoint import remove_stale_temp
+from tunelab.train.runlock import LOCK_NAME, RunLock
 
 log = logging.getLogger(__name__)
+DATA_CHECK_FILES = ("data-check.html", "data-check.md")
 # keys that may change between a run and its resumption without changing what is trained
 RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.eval_every", "train.save_every",
                      "train.keep_checkpoints", "train.log_every", "train.progress", "resume", "overwrite",
-                     "plan.retention", "train.stop_after"}
+                     "plan.retention", "train.stop_after", "train.on_nonfinite", "train.max_nonfinite_skips"}
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -40,7 +47,9 @@ def check_run_dir(cfg: Config) -> None:
     saved = run / "config.yaml"
     if run.exists() and not run.is_dir():
         raise ConfigError(f"output_dir '{run}' is a file; choose a folder.")
-    contents = list(run.iterdir()) if run.is_dir() else []
+    # `tunelab data check CONFIG` writes its report into output_dir before the run: that does not make it another run's
+    contents = [p for p in run.iterdir() if p.name != LOCK_NAME and p.name not in DATA_CHECK_FILES] \
+        if run.is_dir() else []
     if saved.is_file():
         if cfg.resume:
             old = yaml.safe_load(saved.read_text()) or {}
@@ -60,13 +69,54 @@ def check_run_dir(cfg: Config) -> None:
                           "tunelab will not write into it. Choose an empty or new folder.")
 
 
-def open_run_dir(cfg: Config) -> Path:
-    """Create (or, with overwrite, recreate) `output_dir` after `check_run_dir`; write the resolved config."""
+def open_run_dir(cfg: Config) -> tuple[Path, RunLock]:
+    """Create `output_dir` and take its lock, check it again (another run may have written it since
+    `check_run_dir`), clear it with overwrite, remove what dead writers left, write the resolved config.
+
+    Returns the folder and the held lock; the caller releases the lock when the run ends."""
     run = Path(cfg.output_dir)
     saved = run / "config.yaml"
-    if cfg.overwrite and saved.is_file():
-        log.info("overwrite: deleting the previous run in %s", run)
-        shutil.rmtree(run)
     run.mkdir(parents=True, exist_ok=True)
-    saved.write_text(dump_config(cfg))
-    return run
+    lock = RunLock(run)
+    try:
+        check_run_dir(cfg)
+        if cfg.overwrite and saved.is_file():
+            log.info("overwrite: deleting the previous run in %s", run)
+            for path in run.iterdir():  # all but the lock, which this run holds
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                elif path.name != LOCK_NAME:
+                    path.unlink()
+        remove_stale_temp(run)
+        remove_stale_temp(run / "checkpoints")
+        saved.write_text(dump_config(cfg))
+    except BaseException:
+        lock.release()
+        raise
+    return run, lock
+
+
+class RunLogHandler(logging.FileHandler):
+    """train.log. Once a write fails (the disk is full), the file is given up instead of logging printing a
+    traceback for every line: the terminal still shows every line, and the run reports the disk itself."""
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self.failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], OSError):
+            self.failed = True
+        else:
+            super().handleError(record)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # the same unwritten bytes as the failed write
+            if not self.failed:
+                raise

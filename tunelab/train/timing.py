@@ -11,10 +11,10 @@ denormals slowed its steps by ~10%, which random weights do not show). Decoder l
 identical, so the step of the whole model is the step of the cut copy plus the measured cost of one
 more layer times the missing layers.
 
-It lives in `train/` because it is the step loop, timed. It is a deliberate exception to DESIGN.md's
-"plan must not run a model": on the CPU, `tunelab plan` runs these small random-weight copies for a
-few seconds per trained strategy, because the analytic CPU model it replaced was off by up to 2x
-(BENCHMARKS.md); `plan(..., time_cpu_steps=False)` keeps planning model-free.
+It lives in `train/` because it is the step loop, timed. `plan/` never imports it: DESIGN.md says
+plan runs no model except under `--measure`, and then through a timer it is given, so `tunelab plan
+--measure` passes this function to `plan(..., step_timer=...)`; a plain `tunelab plan` stays
+model-free and answers in seconds.
 """
 
 from __future__ import annotations

@@ -1,0 +1,37 @@
+"""`tunelab plan` runs no model unless it is handed a step timer (`tunelab plan --measure`)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from tests.conftest import VARIED_ROWS, config_tree, write_jsonl
+from tunelab.config import validate_config
+from tunelab.plan.run import MEASURED, plan
+
+PLAN_DIR = Path(__file__).resolve().parents[2] / "tunelab" / "plan"
+
+
+def test_plan_imports_nothing_from_train():
+    for path in PLAN_DIR.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not [n for n in names if n.startswith("tunelab.train")], (path.name, names)
+
+
+def test_step_time_comes_from_the_injected_timer_only(tmp_path, stories260k):
+    cfg = validate_config(config_tree(stories260k, write_jsonl(tmp_path / "d.jsonl", VARIED_ROWS), tmp_path / "run"))
+    calls = []
+
+    def timer(scfg, layers, examples, tokenizer):
+        calls.append((scfg.strategy.name, layers, len(examples)))
+        return 0.125
+
+    timed = plan(cfg, "cpu", strategies=["full", "lora"], step_timer=timer).estimates
+    assert sorted(calls) == [("full", 5, 24), ("lora", 5, 24)]  # stories260K has 5 decoder layers
+    assert timed["full"].step_seconds == timed["lora"].step_seconds == 0.125
+    assert timed["full"].time_source == MEASURED and timed["full"].seconds == 0.125 * 2  # train.max_steps: 2
+    free = plan(cfg, "cpu", strategies=["full", "lora"]).estimates
+    assert "FLOPs at" in free["full"].time_source and free["full"].step_seconds > 0
+    assert free["lora"].memory_bytes == timed["lora"].memory_bytes  # timing changes no other figure
