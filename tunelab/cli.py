@@ -495,14 +495,11 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, dest, None):
                 prepare_output_file(getattr(args, dest), "--" + dest)
         return args.func(args)
-    except TunelabError as exc:
+    except (TunelabError, RunFault) as exc:
         rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
         print(f"tunelab: error{f' (rank {rank})' if rank else ''}: {exc}", file=sys.stderr)
-        return 2
-    except RunFault as exc:  # a fault part-way through a run (NaN loss, full disk): not bad input, so not 2
-        rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
-        print(f"tunelab: error{f' (rank {rank})' if rank else ''}: {exc}", file=sys.stderr)
-        return 1
+        # a fault part-way through a run (NaN loss, full disk) is not bad input: exit 1, not 2
+        return 1 if isinstance(exc, RunFault) else 2
     except KeyboardInterrupt as exc:
         print(f"tunelab: {exc or 'interrupted'}", file=sys.stderr)
         return 130
