@@ -1,8 +1,8 @@
 """`tunelab plan` against measurements on this CPU: peak memory and step time (a benchmark, not a test).
 
 The same cases as tests/plan/test_validation.py (stories260K and two config-built sizes x full, lora and
-soft_prompt, and the top layer alone (freeze) of the small one) on the same workload: 1,500 GSM8K training
-examples, rows of 512, 3,072 tokens per step. Each case is planned with `--measure` (real optimizer steps of
+soft_prompt, and the top layer alone (freeze) of the small one) on a heavier workload than the test's 1,024
+tokens per step: 1,500 GSM8K training examples, rows of 512, 3,072 tokens per step. Each case is planned with `--measure` (real optimizer steps of
 cut copies of the model, tunelab.train.timing), trained for 8 steps in a fresh process whose peak resident
 memory and median step time (steps 3-8) are measured, and planned again; the faster of the two plans is
 compared (another process only ever slows a timing down). Wall-clock figures belong here, not in the test

@@ -53,9 +53,9 @@ def cpu_device() -> Device:
                   "step times are not derived from it but measured: real steps of cut copies of the model")
 
 
-# What a running CPU training process holds beyond its imports (allocator arenas, thread pools, the
-# tokenizer, the data): fitted on tests/plan's GSM8K cases (2-core CPU, torch 2.13), see BENCHMARKS.md.
-CPU_RUNNING_EXTRA_BYTES = 180 * 2**20
+# What a running CPU training process holds beyond its imports and its per-token buffers (the tokenizer, the
+# data, thread pools): fitted with plan.estimate's CPU_BYTES_PER_TOKEN, see there and BENCHMARKS.md.
+CPU_RUNNING_EXTRA_BYTES = 8 * 2**20
 
 
 @functools.cache  # one child process per process that plans
