@@ -31,8 +31,9 @@ chromium:
 
 # Two pytest-xdist workers, one compute thread each (tests/conftest.py): stories260K's small matrices do not
 # gain from a second intra-op thread, and two workers keep both cores busy through the many process start-ups.
-# --dist loadfile keeps a file's tests (and its module fixtures) on one worker.
-PYTEST := HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --dist loadfile
+# --dist loadfile keeps a file's tests (and its module fixtures) on one worker; --no-loadscope-reorder hands the
+# files out in tests/conftest.py's order (longest first) instead of by their number of tests.
+PYTEST := HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test: $(VENV)/.installed chromium
 	$(PYTEST) --durations=15
