@@ -186,3 +186,21 @@ def test_cpu_training_flushes_denormals_on_every_thread(tmp_path, stories260k, f
     threads, share = proc.stdout.split()[-2:]
     assert int(threads) > 1  # one thread would not tell the main thread from the others
     assert float(share) == (1.0 if flush else 0.0)
+
+
+def test_a_run_prints_each_data_summary_once_and_no_third_party_deprecation(tmp_path, stories260k):
+    """What a user sees on the console: the data summaries once each (and in train.log), and no FutureWarning
+    from peft's use of transformers' deprecated `is_gradient_checkpointing` (printed by every LoRA run before)."""
+    tree = config_tree(stories260k, write_jsonl(tmp_path / "d.jsonl", VARIED_ROWS), tmp_path / "run",
+                       data={"eval": str(write_jsonl(tmp_path / "e.jsonl", VARIED_ROWS[:4]))},
+                       strategy={"name": "lora"}, train={"max_steps": 1})
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(tree))
+    proc = subprocess.run([sys.executable, "-m", "tunelab", "train", str(cfg)], capture_output=True, text=True,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    console = proc.stdout + proc.stderr
+    assert console.count("train data: 24 examples") == 1 and console.count("eval data: 4 examples") == 1, console
+    assert "FutureWarning" not in console and "is_gradient_checkpointing" not in console
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert log.count("train data: 24 examples") == 1 and log.count("eval data: 4 examples") == 1, log

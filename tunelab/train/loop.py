@@ -224,7 +224,11 @@ def run_recipe(cfg: Config, on_exit: contextlib.ExitStack) -> TrainResult:
     on_exit.callback(logging.getLogger("tunelab").removeHandler, file_log)
     if not info.is_main:
         logging.getLogger("tunelab").setLevel(logging.WARNING)
-    log.info("train data: %s", train_split.stats.summary())
+    # the data summaries went to the console as the data loaded, before the run log existed: now into it alone
+    for name, split in (("train", train_split), ("eval", eval_split)):
+        if split is not None and info.is_main:
+            file_log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, f"{name} data: %s",
+                                           (split.stats.summary(),), None))
 
     # 3. strategy: decide what trains and what is added; speed options; data parallelism
     model = prepare_strategy(model, cfg.strategy, tokenizer, cfg.train.seed).to(device)
