@@ -144,6 +144,7 @@ def _eval_data(args: argparse.Namespace, em: Any) -> Any:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from tunelab.evaluate.baselines import describe
     from tunelab.evaluate.loaders import load_for_eval
     from tunelab.evaluate.run import evaluate, write_outputs
 
@@ -152,6 +153,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     write_outputs(summary, rows, args.output, args.predictions)
     print(f"{summary['num_examples']} examples ({summary['mode']}): " +
           ", ".join(f"{k} {v:.4f}" for k, v in summary["metrics"].items()))
+    print(describe(summary["baselines"]))
     return 0
 
 
@@ -179,6 +181,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from tunelab.compare import compare
     from tunelab.config import load_config
+    from tunelab.evaluate.baselines import describe
     from tunelab.evaluate.diff import DiffSettings
     from tunelab.report.page import fmt
     from tunelab.report.run_report import report_run
@@ -203,6 +206,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print("  ".join(f"{c:>14}" for c in cols))
     for row in result["table"]:
         print("  ".join(f"{fmt(row.get(c)):>14}" for c in cols))
+    print(describe(result["baselines"]))
     print(result["recommendation"])
     print(f"report: {report_run(out, 'tunelab compare')}")
     return 0

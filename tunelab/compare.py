@@ -15,6 +15,7 @@ import yaml
 
 from tunelab.config import Config, dump_config, validate_config
 from tunelab.errors import TunelabError
+from tunelab.evaluate.baselines import bar
 from tunelab.evaluate.diff import DiffSettings, diff, reference_texts
 from tunelab.evaluate.loaders import load_for_eval
 from tunelab.evaluate.run import EvalSettings, eval_data_from_config, evaluate
@@ -119,23 +120,37 @@ def compare(cfg: Config, strategies: list[str], out_dir: Path, eval_settings: Ev
         if row["strategy"] in configs and configs[row["strategy"]].strategy.name == "prompting" and base_probes is not None:
             row["probes right"] = base_probes  # prompting runs the base's weights
     metric = next(iter(base_eval["metrics"])) if base_eval else None
-    result = {"metric": metric, "base_metrics": base_eval["metrics"] if base_eval else None, "table": table,
-              "eval_data": data.path, "num_eval_examples": len(data.examples), "reference": reference[1],
+    no_model = base_eval["baselines"] if base_eval else None
+    recommended, recommendation = measured_recommendation(table, metric, no_model)
+    result = {"metric": metric, "base_metrics": base_eval["metrics"] if base_eval else None, "baselines": no_model,
+              "table": table, "eval_data": data.path, "num_eval_examples": len(data.examples), "reference": reference[1],
               "note": f"same data, seed and step budget for every strategy; task metric on {len(data.examples)} "
                       f"held-out examples of {data.path}; forgetting on {reference[1]}",
-              "recommendation": measured_recommendation(table, metric)}
+              "recommended": recommended, "recommendation": recommendation}
     (out_dir / "compare.json").write_text(json.dumps(result, indent=2))
     (out_dir / "config.yaml").write_text(yaml.safe_dump({"compare": strategies, **cfg.model_dump(mode="json")}))
     return result
 
 
-def measured_recommendation(table: list[dict[str, Any]], metric: str | None, tolerance: float = 0.02) -> str:
-    """Among the strategies within `tolerance` of the best task score, the one that forgot least."""
+def measured_recommendation(table: list[dict[str, Any]], metric: str | None,
+                            no_model: dict[str, dict[str, Any]] | None = None, tolerance: float = 0.02
+                            ) -> tuple[str | None, str]:
+    """(strategy, why): among the strategies that beat the strongest model-free baseline (`no_model`, e.g.
+    always answering the majority label) and are within `tolerance` of the best task score, the one that
+    forgot least; (None, why) when none beats that baseline."""
     if not metric or not table:
-        return ""
-    best = max(r[metric] for r in table)
-    close = [r for r in table if r[metric] >= best - tolerance]
+        return None, ""
+    floor = bar(no_model, metric)
+    beating = [r for r in table if floor is None or r[metric] > floor[1]]
+    if not beating:
+        best = max(table, key=lambda r: r[metric])
+        return None, (f"measured: no strategy beats {floor[0]} ({metric} {floor[1]:.3f}, {no_model[floor[0]]['answer']}); "
+                      f"the best, {best['strategy']}, scored {best[metric]:.3f}: none is worth its cost on this data.")
+    best = max(r[metric] for r in beating)
+    close = [r for r in beating if r[metric] >= best - tolerance]
     pick = min(close, key=lambda r: (r["perplexity ratio"], -r[metric]))
-    return (f"measured: {pick['strategy']} — {metric} {pick[metric]:.3f} (best {best:.3f}; strategies within "
-            f"{tolerance} of the best count as tied) with the least forgetting among them (general-text perplexity "
-            f"x{pick['perplexity ratio']:.3f}).")
+    above = f"; above {floor[0]}'s {floor[1]:.3f}" if floor else ""
+    return pick["strategy"], (
+        f"measured: {pick['strategy']} — {metric} {pick[metric]:.3f} (best {best:.3f}; strategies within "
+        f"{tolerance} of the best count as tied{above}) with the least forgetting among them (general-text "
+        f"perplexity x{pick['perplexity ratio']:.3f}).")

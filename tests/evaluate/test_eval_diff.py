@@ -40,6 +40,10 @@ def test_eval_of_a_run_directory_scores_the_labels(colour_run, capsys):
     assert summary["mode"] == "score" and summary["num_options"] == 3 and summary["num_examples"] == 6
     assert summary["rendering"]["template"]["prompt"] == "{text}\nColour:"
     assert summary["metrics"]["accuracy"] == 1.0  # the colour is in the input: the tuned model reads it off
+    majority = summary["baselines"]["majority"]  # the training colours are balanced: the tie goes to "blue"
+    assert majority["answer"] == "blue" and majority["accuracy"] == pytest.approx(2 / 6)
+    assert summary["baselines"]["chance"]["accuracy"] < 0.6
+    assert "model-free baselines: majority ('blue'" in capsys.readouterr().out
     preds = [json.loads(line) for line in (tmp / "p.jsonl").read_text().splitlines()]
     assert len(preds) == 6 and preds[0]["input"].endswith("\nColour:") and preds[0]["prediction"] in {"red", "blue", "green"}
 
@@ -81,6 +85,12 @@ def test_diff_against_itself_is_zero_and_against_the_tuned_model_is_not(colour_r
                                                                    max_new_tokens=16), EvalSettings())
     f = d["forgetting"]
     assert f["kl_base_to_tuned"] > 0.01 and f["perplexity_tuned"] != f["perplexity_base"]
+    # each verdict names its figure, with the value it reports
+    def shown(v):
+        return f"{v:,.0f}" if v >= 1000 else f"{v:.3g}"
+
+    assert f"general-text perplexity x{shown(f['perplexity_ratio'])} (thresholds x" in f["perplexity_verdict"]
+    assert f"KL(base||tuned) {shown(f['kl_base_to_tuned'])} nats per token (thresholds " in f["kl_verdict"]
     assert d["task"]["tuned"]["accuracy"] >= d["task"]["base"]["accuracy"]
     assert d["probes"]["right_base"] == 1  # the base model knows its heroine
     for key in ("length_verdict", "eos_verdict", "collapse_verdict"):

@@ -111,10 +111,15 @@ def read_probes(path: str) -> list[dict[str, str]]:
     return probes
 
 
-def _verdict(value: float, cuts: tuple[float, float], words: tuple[str, str, str], unit: str) -> str:
+def _number(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+
+
+def _verdict(value: float, cuts: tuple[float, float], words: tuple[str, str, str], figure: str, unit: str) -> str:
+    """'word: figure value (thresholds ...)'; `unit` places a number, e.g. 'x{}' or '{} nats per token'."""
     low, high = cuts
     word = words[0] if value < low else words[1] if value < high else words[2]
-    return f"{word} ({value:.3g}{unit}; thresholds {low} and {high})"
+    return f"{word}: {figure} {unit.format(_number(value))} (thresholds {unit.format(low)} and {unit.format(high)})"
 
 
 def _lengths(gens: list[Any]) -> dict[str, float]:
@@ -157,9 +162,10 @@ def diff(base: EvalModel, tuned: EvalModel, data: EvalData | None, settings: Dif
         "reference": source, "num_texts": len(texts), "perplexity_base": ppl_b, "perplexity_tuned": ppl_t,
         "perplexity_ratio": ppl_t / ppl_b, "kl_base_to_tuned": kl,
         "perplexity_verdict": _verdict(ppl_t / ppl_b, (PPL_MILD, PPL_STRONG),
-                                       ("no measurable forgetting", "mild forgetting", "strong forgetting"), "x"),
+                                       ("no measurable forgetting", "mild forgetting", "strong forgetting"),
+                                       "general-text perplexity", "x{}"),
         "kl_verdict": _verdict(kl, (KL_SMALL, KL_LARGE), ("close to the base", "moderate shift", "large shift"),
-                               " nats/token"),
+                               "KL(base||tuned)", "{} nats per token"),
     }
 
     if settings.probes:

@@ -13,6 +13,7 @@ from tunelab.data.dataset import load_examples, sample
 from tunelab.data.records import Example, check_same_shape
 from tunelab.data.render import RenderSpec, render_example
 from tunelab.errors import DataError
+from tunelab.evaluate.baselines import baselines
 from tunelab.evaluate.generate import generate
 from tunelab.evaluate.loaders import EvalModel
 from tunelab.evaluate.metrics import compute, normalize
@@ -90,10 +91,12 @@ def evaluate(em: EvalModel, data: EvalData, settings: EvalSettings) -> tuple[dic
     preds, refs = [r["prediction"] for r in rows], [r["reference"] for r in rows]
     names = settings.metrics or default_metrics(mode, refs)
     scores = compute(names, preds, refs)
+    options = label_options(data) if mode == "score" else []
     for r in rows:
         r["correct"] = normalize(r["prediction"]) == normalize(r["reference"])
     summary: dict[str, Any] = {
         "model": em.name, "data": data.path, "num_examples": len(rows), "mode": mode, "metrics": scores,
+        "baselines": baselines(mode, names, data.examples, data.pool, options, refs, settings.seed),
         "rendering": {"render": data.spec.mode, "template": data.spec.template.model_dump() if data.spec.template else None,
                       "num_shots": data.spec.num_shots, "chat_template": data.spec.chat_template is not None,
                       "max_length": data.data_cfg.max_length},
@@ -102,7 +105,7 @@ def evaluate(em: EvalModel, data: EvalData, settings: EvalSettings) -> tuple[dic
         summary["eos_rate"] = sum(r["ended_with_eos"] for r in rows) / len(rows)
         summary["mean_output_tokens"] = sum(r["num_tokens"] for r in rows) / len(rows)
     else:
-        summary["num_options"] = len(label_options(data))
+        summary["num_options"] = len(options)
     return summary, rows
 
 

@@ -54,13 +54,26 @@ def _epochs(n: int) -> int:
 
 
 def advise(s: Situation, compare_json: Path | None = None) -> Advice:
-    """The recommendation for a situation; measured comparison results outrank the rules."""
+    """The recommendation for a situation; measured comparison results outrank the rules, unless no strategy
+    measured beat the model-free baseline (then the rules answer, and say what was measured)."""
     if compare_json is not None and compare_json.is_file():
         measured = json.loads(compare_json.read_text())
-        if measured.get("recommendation"):
-            pick = measured["recommendation"].split(":", 1)[1].split("—")[0].strip()
+        if "recommended" in measured:
+            pick = measured["recommended"]
+        else:  # a compare.json written before the field existed
+            text = measured.get("recommendation") or ""
+            pick = text.split(":", 1)[1].split("—")[0].strip() if "—" in text else None
+        if pick:
             return Advice(pick, {}, f"{measured['recommendation']} (from {compare_json}, on similar data; a "
                           "measured comparison outranks the rules)", "measured")
+        if measured.get("recommendation"):
+            ruled = _by_rules(s)
+            return Advice(ruled.strategy, ruled.settings, f"{ruled.reasons} (From {compare_json}: "
+                          f"{measured['recommendation']})", ruled.rule)
+    return _by_rules(s)
+
+
+def _by_rules(s: Situation) -> Advice:
     n, retention = s.num_examples, s.retention
     figures = f"{n:,} examples ({s.target_tokens:,} target tokens), {s.task.replace('_', ' ')}"
     if n < 8:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tunelab.evaluate.baselines import describe
 from tunelab.report import plots
 from tunelab.report.page import Section, write_report
 
@@ -101,7 +102,8 @@ def diff_sections(d: dict[str, Any]) -> list[Section]:
 
 def compare_sections(c: dict[str, Any]) -> list[Section]:
     rows = c["table"]
-    s = Section("Strategy comparison", text=[c.get("note", "")], table=rows)
+    s = Section("Strategy comparison", text=[t for t in (c.get("note", ""), describe(c.get("baselines"))) if t],
+                table=rows)
     metric = c.get("metric")
     names = [r["strategy"] for r in rows]
     if metric:
