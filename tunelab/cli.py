@@ -157,6 +157,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    import json
+
+    from tunelab.errors import ConfigError
+    from tunelab.evaluate.generate import generate
+    from tunelab.evaluate.inputs import Inputs
+    from tunelab.evaluate.loaders import load_for_eval
+
+    em = load_for_eval(args.model)
+    if em.run_config is None:
+        raise ConfigError(f"'{args.model}' is not a tunelab run directory (no config.yaml): generate renders new "
+                          "inputs as the run's training data was, so it needs the run. For a plain model, use eval.")
+    inputs = Inputs(em.run_config)
+    examples = inputs.from_texts(args.prompt or []) + (inputs.from_file(args.file) if args.file else [])
+    if not examples:
+        raise ConfigError("nothing to generate from: give --prompt TEXT (repeatable) or --file RECORDS.")
+    prompts = inputs.prompts(examples, em.tokenizer)
+    gens = generate(em, prompts, args.max_new_tokens, args.sample, args.temperature, args.top_p, args.stop or [],
+                    args.batch_size, args.seed)
+    lines = [json.dumps({"source": ex.source, "prompt": prompt, "output": g.text, "ended_with_eos": g.ended_with_eos,
+                         "num_tokens": g.num_tokens}) for ex, prompt, g in zip(examples, prompts, gens)]
+    if args.output:
+        Path(args.output).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        print(f"{len(lines)} generations: {args.output}")
+    else:
+        print("\n".join(lines))
+    return 0
+
+
 def cmd_diff(args: argparse.Namespace) -> int:
     import json
 
@@ -219,6 +248,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_decoding_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+
+
 def _add_eval_flags(p: argparse.ArgumentParser, data_positional: bool = True) -> None:
     if data_positional:
         p.add_argument("data", help="labeled data in any format training reads")
@@ -226,14 +265,8 @@ def _add_eval_flags(p: argparse.ArgumentParser, data_positional: bool = True) ->
                    "numeric_match (repeatable; default: by task)")
     p.add_argument("--mode", choices=["auto", "generate", "score"], default="auto",
                    help="score: rank the label options by log-likelihood; generate: free text")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--stop", action="append", help="a stop string (repeatable)")
-    p.add_argument("--batch-size", type=int, default=16)
+    _add_decoding_flags(p)
     p.add_argument("--max-examples", type=int, help="a seeded sample of the data")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--config", help="render the data as this training config says")
     p.add_argument("--template", help="a discrete prompt template, e.g. '{text}\nIntent:'")
     p.add_argument("--target-template", default="{target}")
@@ -398,6 +431,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write the JSON summary here")
     p.add_argument("--predictions", help="write one JSON line per example here")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="continue new inputs with a tuned run, rendered as its training data was")
+    p.add_argument("model", help="a tunelab run directory")
+    p.add_argument("--prompt", action="append", help="a text for the prompt field (repeatable)")
+    p.add_argument("--file", help="records in the training data's shape and columns; targets may be absent")
+    p.add_argument("--output", help="write one JSON line per input here (default: standard output)")
+    _add_decoding_flags(p)
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("diff", help="the tuned model against its base: task gain, forgetting, drift")
     p.add_argument("base")

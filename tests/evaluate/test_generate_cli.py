@@ -1,0 +1,81 @@
+"""`tunelab generate`: new inputs rendered exactly as the run's training data, then continued."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import config_tree, write_jsonl
+from tunelab.cli import main
+from tunelab.config import validate_config
+from tunelab.data.dataset import prepare_split
+from tunelab.data.encode import IGNORE
+from tunelab.data.render import spec_from_config
+from tunelab.evaluate.generate import encode_prompts, generate
+from tunelab.evaluate.inputs import Inputs
+from tunelab.evaluate.loaders import load_for_eval
+from tunelab.train.loop import train
+
+QA = [{"question": f"What colour is the {t}?", "answer": c} for t, c in
+      [("sky", "blue"), ("grass", "green"), ("snow", "white"), ("coal", "black"), ("sun", "yellow"), ("rose", "red")]]
+# ChatML, as Qwen2.5's tokenizer_config.json writes it (without the tool-call branches): a real family's template
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
+          "'\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def _run(tmp_path, stories260k, name, rows, **sections):
+    tree = config_tree(stories260k, write_jsonl(tmp_path / f"{name}.jsonl", rows), tmp_path / name,
+                       train={"max_steps": 2}, **sections)
+    cfg = validate_config(tree)
+    train(cfg)
+    return cfg
+
+
+def _training_prompt_ids(cfg, record_index, tokenizer):
+    inputs = Inputs(cfg)
+    split = prepare_split(inputs.pool, spec_from_config(cfg), tokenizer, cfg.data, pool=inputs.pool)
+    enc = split.encoded[record_index]
+    first = next(i for i, t in enumerate(enc.labels) if t != IGNORE)
+    return enc.input_ids[:first]
+
+
+@pytest.mark.parametrize("kind", ["template", "chat"])
+def test_prompt_ids_equal_the_training_prompt_ids(tmp_path, stories260k, kind):
+    if kind == "template":
+        cfg = _run(tmp_path, stories260k, "qa", QA, data={"columns": {"prompt": "question", "completion": "answer"}},
+                   strategy={"name": "lora", "template": {"prompt": "Q: {prompt}\nA:", "target": " {completion}"}})
+        records = [{"question": r["question"]} for r in QA]  # the target column absent
+    else:
+        rows = [{"messages": [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": r["question"]},
+                              {"role": "assistant", "content": r["answer"]}]} for r in QA]
+        cfg = _run(tmp_path, stories260k, "chat", rows, data={"chat_template": CHATML})
+        records = [{"messages": r["messages"][:2]} for r in rows]  # ending with the user's turn
+    em = load_for_eval(cfg.output_dir)
+    inputs = Inputs(em.run_config)
+    file_examples = inputs.from_file(str(write_jsonl(tmp_path / "new.jsonl", records)))
+    ids = encode_prompts(em.tokenizer, inputs.prompts(file_examples, em.tokenizer))
+    for i in range(len(QA)):
+        assert ids[i] == _training_prompt_ids(cfg, i, em.tokenizer), i
+    if kind == "template":  # --prompt TEXT fills the prompt field
+        text_ids = encode_prompts(em.tokenizer, inputs.prompts(inputs.from_texts([QA[2]["question"]]), em.tokenizer))
+        assert text_ids[0] == _training_prompt_ids(cfg, 2, em.tokenizer)
+
+
+def test_the_command_writes_what_generate_gives(tmp_path, stories260k, capsys):
+    cfg = _run(tmp_path, stories260k, "qa", QA, data={"columns": {"prompt": "question", "completion": "answer"}},
+               strategy={"name": "full", "template": {"prompt": "Q: {prompt}\nA:", "target": " {completion}"}})
+    out = tmp_path / "g.jsonl"
+    assert main(["generate", cfg.output_dir, "--prompt", "What colour is the sea?", "--prompt", "Hi",
+                 "--max-new-tokens", "6", "--output", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["Q: What colour is the sea?\nA:", "Q: Hi\nA:"]
+    em = load_for_eval(cfg.output_dir)
+    expected = generate(em, [r["prompt"] for r in rows], 6)
+    assert [r["output"] for r in rows] == [g.text for g in expected]
+    assert all(0 < r["num_tokens"] <= 6 for r in rows)
+    # a plain model folder, or nothing to continue: exit 2 with the reason
+    assert main(["generate", str(stories260k), "--prompt", "x"]) == 2
+    assert "not a tunelab run directory" in capsys.readouterr().err
+    assert main(["generate", cfg.output_dir]) == 2
+    assert "nothing to generate from" in capsys.readouterr().err

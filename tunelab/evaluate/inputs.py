@@ -1,0 +1,74 @@
+"""New inputs for a tuned model, rendered exactly as its training data was: `tunelab generate`'s prompts.
+
+An input is a record of the training data's own shape and columns without its target (a prompt, a
+question, a conversation ending with a user turn), or one text that fills the shape's prompt field.
+It goes through the run's reader and template or chat template, with the same few-shot pool, so the
+prompt ids equal those the model was trained after."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from tunelab.config import Config
+from tunelab.data.dataset import load_examples
+from tunelab.data.read import Record, read_records
+from tunelab.data.records import SHAPES, Example, to_examples
+from tunelab.data.render import render_example, spec_from_config
+from tunelab.errors import DataError
+
+# stands in for the absent target (an invisible separator: not whitespace, so records pass the reader's checks);
+# rendering puts it after the prompt, which is all that is kept
+PLACEHOLDER = "\u2063"
+
+
+def _with_placeholder(rec: Record, shape: str, target_column: str) -> Record:
+    if shape == "chat":
+        messages = rec.fields.get(target_column)
+        if isinstance(messages, list) and (not messages or not isinstance(messages[-1], dict)
+                                           or messages[-1].get("role") != "assistant"):
+            return dataclasses.replace(rec, fields={**rec.fields, target_column: [
+                *messages, {"role": "assistant", "content": PLACEHOLDER}]})
+        return rec
+    if str(rec.fields.get(target_column) or "").strip():
+        return rec
+    return dataclasses.replace(rec, fields={**rec.fields, target_column: PLACEHOLDER})
+
+
+class Inputs:
+    """The training data's shape, reader settings, rendering and few-shot pool, for new inputs."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.pool = load_examples(cfg.data.train, cfg.data)
+        self.shape = self.pool[0].shape
+        self.spec = spec_from_config(cfg)
+        if self.shape in ("text", "tokenized"):
+            raise DataError(f"the run trained on {self.shape} records ('{cfg.data.train}'), which have no prompt to "
+                            "continue: generate from a run trained on prompts and targets.")
+
+    def from_texts(self, texts: list[str]) -> list[Example]:
+        """One example per text, the text as the shape's prompt field (a user turn for chat)."""
+        out = []
+        for i, text in enumerate(texts):
+            if self.shape == "chat":
+                fields: dict[str, Any] = {"messages": [{"role": "user", "content": text},
+                                                       {"role": "assistant", "content": PLACEHOLDER}]}
+            else:
+                required, optional, target = SHAPES[self.shape]
+                fields = {required[0]: text, **{name: "" for name in optional}, target: PLACEHOLDER}
+            out.append(Example(self.shape, fields, "--prompt", i + 1))
+        return out
+
+    def from_file(self, path: str) -> list[Example]:
+        """The records of `path`, read as the training data was; a record's target may be absent or empty."""
+        target = SHAPES[self.shape][2]
+        column = self.cfg.data.columns.get(target, target)
+        records = [_with_placeholder(r, self.shape, column) for r in read_records(path, self.cfg.data.column_names)]
+        if not records:
+            raise DataError(f"'{path}' holds no records to generate from.")
+        return to_examples(records, self.shape, self.cfg.data.columns)
+
+    def prompts(self, examples: list[Example], tokenizer: Any) -> list[str]:
+        """Each example rendered as training renders it, up to where its target would start."""
+        return [render_example(ex, self.spec, tokenizer, self.pool).prompt for ex in examples]
