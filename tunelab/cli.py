@@ -157,19 +157,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_inputs(path: str, command: str) -> tuple[Any, Any]:
+    """The run's model and its training data's rendering, for new inputs."""
+    from tunelab.errors import ConfigError
+    from tunelab.evaluate.inputs import Inputs
+    from tunelab.evaluate.loaders import load_for_eval
+
+    em = load_for_eval(path)
+    if em.run_config is None:
+        raise ConfigError(f"'{path}' is not a tunelab run directory (no config.yaml): {command} renders new inputs as "
+                          "the run's training data was, so it needs the run. For a plain model, use eval.")
+    return em, Inputs(em.run_config)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from tunelab.evaluate.chat import chat_loop
+
+    em, inputs = _run_inputs(args.model, "chat")
+    chat_loop(em, inputs, sys.stdin, sys.stdout, args.max_new_tokens, args.sample, args.temperature, args.top_p,
+              args.seed, args.show_prompt, args.system or "")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import json
 
     from tunelab.errors import ConfigError
     from tunelab.evaluate.generate import generate
-    from tunelab.evaluate.inputs import Inputs
-    from tunelab.evaluate.loaders import load_for_eval
 
-    em = load_for_eval(args.model)
-    if em.run_config is None:
-        raise ConfigError(f"'{args.model}' is not a tunelab run directory (no config.yaml): generate renders new "
-                          "inputs as the run's training data was, so it needs the run. For a plain model, use eval.")
-    inputs = Inputs(em.run_config)
+    em, inputs = _run_inputs(args.model, "generate")
     examples = inputs.from_texts(args.prompt or []) + (inputs.from_file(args.file) if args.file else [])
     if not examples:
         raise ConfigError("nothing to generate from: give --prompt TEXT (repeatable) or --file RECORDS.")
@@ -431,6 +447,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write the JSON summary here")
     p.add_argument("--predictions", help="write one JSON line per example here")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("chat", help="talk to a tuned run (each turn rendered as its training data was)")
+    p.add_argument("model", help="a tunelab run directory")
+    p.add_argument("--system", help="a system prompt (also: /system TEXT while chatting)")
+    p.add_argument("--show-prompt", action="store_true", help="print the exact text the model continues")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("generate", help="continue new inputs with a tuned run, rendered as its training data was")
     p.add_argument("model", help="a tunelab run directory")

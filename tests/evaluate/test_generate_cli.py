@@ -79,3 +79,51 @@ def test_the_command_writes_what_generate_gives(tmp_path, stories260k, capsys):
     assert "not a tunelab run directory" in capsys.readouterr().err
     assert main(["generate", cfg.output_dir]) == 2
     assert "nothing to generate from" in capsys.readouterr().err
+
+
+def _prompts_shown(out: str) -> list[str]:
+    import ast
+
+    # each follows the "> " that asked for the turn (a pipe does not echo the input)
+    return [ast.literal_eval(line.split("[prompt] ", 1)[1]) for line in out.splitlines() if "[prompt] " in line]
+
+
+def test_chat_through_a_pipe_renders_every_turn_as_training_did(tmp_path, stories260k):
+    import subprocess
+    import sys
+
+    rows = [{"messages": [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": r["question"]},
+                          {"role": "assistant", "content": r["answer"]}]} for r in QA]
+    cfg = _run(tmp_path, stories260k, "chat", rows, data={"chat_template": CHATML})
+    script = "\n".join(["/system Answer in one word.", QA[0]["question"], "And the grass?", "/reset", QA[2]["question"],
+                        "/quit", "never read"]) + "\n"
+    proc = subprocess.run([sys.executable, "-m", "tunelab", "chat", cfg.output_dir, "--show-prompt", "--max-new-tokens",
+                           "5"], input=script, capture_output=True, text=True, timeout=300,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first, second, third = _prompts_shown(proc.stdout)
+    em = load_for_eval(cfg.output_dir)
+    ids = encode_prompts(em.tokenizer, [first, third])
+    assert ids[0] == _training_prompt_ids(cfg, 0, em.tokenizer)  # system + the sky question, as in training row 0
+    assert ids[1] == _training_prompt_ids(cfg, 2, em.tokenizer)  # after /reset: only the system prompt stays
+    reply = generate(em, [first], 5)[0].text.strip()
+    assert reply in proc.stdout  # streamed as it was generated
+    assert second.startswith(first) and f"{reply}<|im_end|>" in second and second.endswith(
+        "<|im_start|>user\nAnd the grass?<|im_end|>\n<|im_start|>assistant\n")
+    assert "(conversation cleared)" in proc.stdout and "never read" not in proc.stdout
+
+
+def test_chat_with_a_template_run_joins_turns_as_demonstrations(tmp_path, stories260k):
+    import io
+
+    from tunelab.evaluate.chat import chat_loop
+
+    cfg = _run(tmp_path, stories260k, "qa", QA, data={"columns": {"prompt": "question", "completion": "answer"}},
+               strategy={"name": "full", "template": {"prompt": "Q: {prompt}\nA:", "target": " {completion}"}})
+    em = load_for_eval(cfg.output_dir)
+    out = io.StringIO()
+    assert chat_loop(em, Inputs(em.run_config), io.StringIO("Hi\nAnd you?\n"), out, max_new_tokens=4,
+                     show_prompt=True) == 2
+    first, second = _prompts_shown(out.getvalue())
+    reply = generate(em, [first], 4)[0].text.strip()
+    assert first == "Q: Hi\nA:" and second == f"Q: Hi\nA: {reply}\n\nQ: And you?\nA:"

@@ -4,6 +4,7 @@ or at stop strings."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -28,8 +29,9 @@ def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
 @torch.no_grad()
 def generate(em: EvalModel, prompts: list[str], max_new_tokens: int = 64, do_sample: bool = False,
              temperature: float = 1.0, top_p: float = 1.0, stop_strings: list[str] | None = None,
-             batch_size: int = 16, seed: int = 0) -> list[Generation]:
-    """Continue each prompt; the text is cut at the first stop string (EOS always stops)."""
+             batch_size: int = 16, seed: int = 0, streamer: Any = None) -> list[Generation]:
+    """Continue each prompt; the text is cut at the first stop string (EOS always stops). A transformers
+    streamer (one prompt only) receives the tokens as they are generated."""
     tok, lm = em.tokenizer, em.model.lm
     device = next(em.model.parameters()).device
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -46,7 +48,7 @@ def generate(em: EvalModel, prompts: list[str], max_new_tokens: int = 64, do_sam
             input_ids[row, width - len(ids[i]) :] = torch.tensor(ids[i])
             mask[row, width - len(ids[i]) :] = 1
         kwargs = {"do_sample": do_sample, "max_new_tokens": max_new_tokens, "eos_token_id": tok.eos_token_id,
-                  "pad_token_id": pad_id}
+                  "pad_token_id": pad_id, "streamer": streamer}
         if do_sample:
             kwargs.update(temperature=temperature, top_p=top_p)
         else:

@@ -14,7 +14,7 @@ from tunelab.config import Config
 from tunelab.data.dataset import load_examples
 from tunelab.data.read import Record, read_records
 from tunelab.data.records import SHAPES, Example, to_examples
-from tunelab.data.render import render_example, spec_from_config
+from tunelab.data.render import Rendered, render_example, spec_from_config
 from tunelab.errors import DataError
 
 # stands in for the absent target (an invisible separator: not whitespace, so records pass the reader's checks);
@@ -69,6 +69,9 @@ class Inputs:
             raise DataError(f"'{path}' holds no records to generate from.")
         return to_examples(records, self.shape, self.cfg.data.columns)
 
+    def render(self, ex: Example, tokenizer: Any) -> Rendered:
+        return render_example(ex, self.spec, tokenizer, self.pool)
+
     def prompts(self, examples: list[Example], tokenizer: Any) -> list[str]:
         """Each example rendered as training renders it, up to where its target would start."""
-        return [render_example(ex, self.spec, tokenizer, self.pool).prompt for ex in examples]
+        return [self.render(ex, tokenizer).prompt for ex in examples]
