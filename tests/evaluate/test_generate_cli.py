@@ -127,3 +127,48 @@ def test_chat_with_a_template_run_joins_turns_as_demonstrations(tmp_path, storie
     first, second = _prompts_shown(out.getvalue())
     reply = generate(em, [first], 4)[0].text.strip()
     assert first == "Q: Hi\nA:" and second == f"Q: Hi\nA: {reply}\n\nQ: And you?\nA:"
+
+
+def test_chat_in_a_terminal(tmp_path, stories260k):
+    """The same command in a real terminal (tmux), as a user types into it."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    if not shutil.which("tmux"):
+        pytest.skip("tmux is not installed")
+    cfg = _run(tmp_path, stories260k, "qa", QA, data={"columns": {"prompt": "question", "completion": "answer"}},
+               strategy={"name": "full", "template": {"prompt": "Q: {prompt}\nA:", "target": " {completion}"}})
+    session = f"tunelab-chat-{tmp_path.name}"
+    cmd = f"HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 {sys.executable} -m tunelab chat {cfg.output_dir} --max-new-tokens 4"
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "200", "-y", "50", cmd], check=True)
+    try:
+        def pane() -> str:
+            return subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True).stdout
+
+        def wait_for(predicate, what: str) -> str:
+            deadline = time.monotonic() + 120  # generous: start-up on a busy machine
+            while time.monotonic() < deadline:
+                text = pane()
+                if predicate(text):
+                    return text
+                time.sleep(0.2)
+            raise AssertionError(f"{what} never appeared:\n{pane()}")
+
+        wait_for(lambda t: "tunelab chat:" in t and t.rstrip().endswith(">"), "the first '> '")
+        subprocess.run(["tmux", "send-keys", "-t", session, "What colour is the sea?", "Enter"], check=True)
+        # (tmux drops a line's trailing spaces: the waiting prompt shows as ">")
+        text = wait_for(lambda t: sum(line.startswith(">") for line in t.splitlines()) >= 2,
+                        "the reply and the next '> '")
+        em = load_for_eval(cfg.output_dir)
+        reply = generate(em, ["Q: What colour is the sea?\nA:"], 4)[0].text.strip()
+        assert reply.split("\n")[0].strip() in text
+        subprocess.run(["tmux", "send-keys", "-t", session, "/quit", "Enter"], check=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and subprocess.run(["tmux", "has-session", "-t", session],
+                                                             capture_output=True).returncode == 0:
+            time.sleep(0.2)
+        assert subprocess.run(["tmux", "has-session", "-t", session], capture_output=True).returncode != 0  # exited
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
