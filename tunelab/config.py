@@ -139,6 +139,7 @@ class TrainConfig(_Section):
     # 0.248 s flushed, means of four runs); the random weights tunelab plan times make none. No effect on a GPU
     flush_denormals: bool = True
     progress: bool = True
+    report_to: list[Literal["tensorboard"]] = []  # trackers beside metrics.jsonl (tunelab/train/trackers.py)
     # a NaN/inf loss or gradient norm: stop at once (nothing non-finite is saved), or skip that step's update (its
     # data is consumed, the schedule still advances) up to max_nonfinite_skips times in the run, then stop
     on_nonfinite: Literal["stop", "skip"] = "stop"

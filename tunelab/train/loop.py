@@ -35,6 +35,7 @@ from tunelab.train.distributed import (DistInfo, all_reduce_sum, barrier, full_s
 from tunelab.train.eval_loss import evaluate_loss
 from tunelab.train.loss import causal_lm_loss
 from tunelab.train.metrics import MetricsWriter, peak_rss_bytes
+from tunelab.train.trackers import open_trackers
 from tunelab.train.optim import build_optimizer, build_scheduler
 from tunelab.train.progress import Progress
 from tunelab.train.rundir import RunLogHandler, check_run_dir, open_run_dir
@@ -265,8 +266,11 @@ def run_recipe(cfg: Config, on_exit: contextlib.ExitStack) -> TrainResult:
         log.info("resumed from %s (step %d)", checkpoints[-1], start_step)
     elif cfg.resume:
         log.info("no complete checkpoint in %s: starting from step 0", run_dir)
-    metrics = MetricsWriter(run_dir / "metrics.jsonl", resume_step=start_step if checkpoints else None,
-                            enabled=info.is_main)
+    resume_step = start_step if checkpoints else None
+    trackers = open_trackers(cfg.train.report_to, run_dir, cfg.model_dump(mode="json"), resume_step) \
+        if info.is_main else []
+    metrics = MetricsWriter(run_dir / "metrics.jsonl", resume_step=resume_step, enabled=info.is_main,
+                            trackers=trackers)
     if not checkpoints:
         metrics.write({"type": "params", "step": 0, "trainable_params": params.trainable,
                        "total_params": params.total, "trainable_share": params.share})

@@ -25,9 +25,11 @@ class MetricsWriter:
     """Appends rows to metrics.jsonl. On resume, rows after the resumed step are dropped first (and a
     last line cut short by a crash or a full disk with them)."""
 
-    def __init__(self, path: Path, resume_step: int | None = None, enabled: bool = True):
+    def __init__(self, path: Path, resume_step: int | None = None, enabled: bool = True,
+                 trackers: list[Any] | None = None):
         self.path = Path(path)
         self.enabled = enabled  # under torchrun only rank 0 writes
+        self.trackers = trackers or []  # each gets every row (tunelab.train.trackers)
         self._file = None
         self._failed = False
         if not enabled:
@@ -50,10 +52,15 @@ class MetricsWriter:
             except OSError:
                 self._failed = True
                 raise
+            for tracker in self.trackers:
+                tracker.log(row)
 
     def close(self) -> None:
         """Close the file. After a failed write (already raised), closing fails again on the same unwritten
         bytes: that second error is not raised, so that it does not hide the first."""
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
         if self._file is not None:
             file, self._file = self._file, None
             try:
