@@ -140,6 +140,11 @@ class TrainConfig(_Section):
     flush_denormals: bool = True
     progress: bool = True
     report_to: list[Literal["tensorboard"]] = []  # trackers beside metrics.jsonl (tunelab/train/trackers.py)
+    # greedy predictions on the first num_samples eval prompts (train prompts without eval data) at step 0, every
+    # sample_every steps and at the end: samples.jsonl, the trackers and the report (one process only)
+    sample_every: int | None = Field(default=None, ge=1)
+    num_samples: int = Field(default=4, ge=1)
+    sample_tokens: int = Field(default=48, ge=1)
     # a NaN/inf loss or gradient norm: stop at once (nothing non-finite is saved), or skip that step's update (its
     # data is consumed, the schedule still advances) up to max_nonfinite_skips times in the run, then stop
     on_nonfinite: Literal["stop", "skip"] = "stop"

@@ -31,7 +31,7 @@ def _scalars(run_dir, tag):
 
 def test_tensorboard_holds_every_row_and_the_config(tmp_path, stories260k):
     pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
-    cfg = validate_config(_tree(tmp_path, stories260k, "run"))
+    cfg = validate_config(_tree(tmp_path, stories260k, "run", sample_every=2, num_samples=2, sample_tokens=4))
     train(cfg)
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     losses, acc = _scalars(tmp_path / "run", "train/loss")
@@ -40,7 +40,12 @@ def test_tensorboard_holds_every_row_and_the_config(tmp_path, stories260k):
     assert evals == [(r["step"], pytest.approx(r["eval_loss"], rel=1e-6)) for r in rows if r["type"] == "eval"]
     assert [s for s, _ in evals] == [0, 2, 4]
     assert "summary/peak_memory_bytes" in acc.Tags()["scalars"]
-    assert "config" in "".join(acc.Tags()["tensors"])  # add_text stores a text tensor
+    tensors = acc.Tags()["tensors"]  # add_text stores text as tensors: the config, and the samples at each step
+    assert any(t.startswith("config") for t in tensors)
+    sample_tag = next(t for t in tensors if t.startswith("samples"))
+    texts = {e.step: e.tensor_proto.string_val[0].decode() for e in acc.Tensors(sample_tag)}
+    first = read_metrics(tmp_path / "run" / "samples.jsonl")[0]
+    assert sorted(texts) == [0, 2, 4] and first["reference"] in texts[0] and "| prediction |" in texts[0]
 
 
 def test_a_resumed_run_logs_each_step_once(tmp_path, stories260k):
@@ -63,3 +68,31 @@ def test_a_missing_tracker_library_is_a_clear_error(tmp_path, stories260k, capsy
     assert main(["train", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "pip install 'tunelab[tensorboard]'" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("strategy", ["full", "soft_prompt"])
+def test_sample_predictions_during_training(tmp_path, stories260k, strategy):
+    """samples.jsonl: the same held-out prompts at step 0, every sample_every steps and at the end, each prediction
+    what greedy generation from the model of that step gives (checked at the end against the final model)."""
+    from tunelab.evaluate.generate import generate
+    from tunelab.evaluate.loaders import load_for_eval
+
+    tree = _tree(tmp_path, stories260k, "run", sample_every=2, num_samples=3, sample_tokens=6, report_to=[])
+    tree["strategy"] = {"name": strategy}
+    cfg = validate_config(tree)
+    train(cfg)
+    rows = read_metrics(tmp_path / "run" / "samples.jsonl")
+    assert [(r["step"], r["index"]) for r in rows] == [(s, i) for s in (0, 2, 4) for i in range(3)]
+    evals = VARIED_ROWS[:4]
+    for r in rows:
+        assert r["prompt"] == evals[r["index"]]["prompt"] and r["reference"] == evals[r["index"]]["completion"].strip()
+    em = load_for_eval(cfg.output_dir)
+    final = generate(em, [evals[i]["prompt"] for i in range(3)], 6)
+    assert [r["prediction"] for r in rows if r["step"] == 4] == [g.text.strip() for g in final]
+    base = generate(load_for_eval(str(stories260k)), [evals[0]["prompt"]], 6)[0].text.strip()
+    from tunelab.report.run_report import report_run
+
+    html = report_run(tmp_path / "run").read_text()  # the report shows them side by side, step by step
+    assert "Sample predictions" in html and "step 0" in html and "step 4" in html
+    if strategy == "full":  # step 0 is the untrained model (a soft prompt starts with its initial virtual tokens)
+        assert rows[0]["prediction"] == base

@@ -118,6 +118,18 @@ def compare_sections(c: dict[str, Any]) -> list[Section]:
     return [s]
 
 
+def samples_section(rows: list[dict[str, Any]]) -> Section:
+    """One row per sampled prompt, one column per step: how the answers changed while training."""
+    steps = sorted({r["step"] for r in rows})
+    table: dict[int, dict[str, Any]] = {}
+    for r in rows:
+        entry = table.setdefault(r["index"], {"prompt": r["prompt"][-80:], "reference": r["reference"]})
+        entry[f"step {r['step']}"] = r["prediction"]
+    return Section("Sample predictions", text=[f"greedy predictions on {len(table)} fixed prompts at steps "
+                                               f"{', '.join(map(str, steps))} (samples.jsonl)"],
+                   table=[table[i] for i in sorted(table)])
+
+
 def report_run(run_dir: Path, title: str | None = None) -> Path:
     """Write report.html and report.md into run_dir from whatever results it holds."""
     from tunelab.train.metrics import read_metrics
@@ -126,6 +138,8 @@ def report_run(run_dir: Path, title: str | None = None) -> Path:
     sections: list[Section] = []
     if (run_dir / "metrics.jsonl").is_file():
         sections += training_sections(read_metrics(run_dir / "metrics.jsonl"))
+    if (run_dir / "samples.jsonl").is_file() and (samples := read_metrics(run_dir / "samples.jsonl")):
+        sections.append(samples_section(samples))
     for name, build in (("eval.json", lambda d: [eval_section(d)]), ("diff.json", diff_sections),
                         ("compare.json", compare_sections)):
         if (run_dir / name).is_file():

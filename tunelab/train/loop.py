@@ -24,7 +24,7 @@ from tunelab.data.audit import check_trainable
 from tunelab.data.batching import DataPosition, count_label_tokens
 from tunelab.data.dataset import load_datasets
 from tunelab.data.render import spec_from_config
-from tunelab.errors import DiskFullError, NonFiniteError
+from tunelab.errors import ConfigError, DiskFullError, NonFiniteError
 from tunelab.models.load import enable_activation_checkpointing, load_model, load_tokenizer, pad_token_id
 from tunelab.strategies import count_parameters, prepare_strategy
 from tunelab.strategies.export import save_final
@@ -35,6 +35,7 @@ from tunelab.train.distributed import (DistInfo, all_reduce_sum, barrier, full_s
 from tunelab.train.eval_loss import evaluate_loss
 from tunelab.train.loss import causal_lm_loss
 from tunelab.train.metrics import MetricsWriter, peak_rss_bytes
+from tunelab.train.samples import sample_examples, sample_predictions
 from tunelab.train.trackers import open_trackers
 from tunelab.train.optim import build_optimizer, build_scheduler
 from tunelab.train.progress import Progress
@@ -287,6 +288,22 @@ def run_recipe(cfg: Config, on_exit: contextlib.ExitStack) -> TrainResult:
 
     eval_result = run_eval(0) if eval_set and cfg.train.eval_every and start_step == 0 else None
 
+    sampled = sample_examples(eval_set, train_set, cfg.train.num_samples) if cfg.train.sample_every else []
+    if sampled and info.world > 1:
+        raise ConfigError("train.sample_every generates on one process, and this run has "
+                          f"{info.world}: remove it, or sample with `tunelab generate` after the run.")
+    samples = MetricsWriter(run_dir / "samples.jsonl", resume_step=resume_step, enabled=bool(sampled))
+
+    def run_samples(step: int) -> None:
+        rows = sample_predictions(tm, sampled, tokenizer, cfg.train.sample_tokens, step, device)
+        for row in rows:
+            samples.write(row)
+        for tracker in trackers:
+            tracker.log_table("samples", rows, step)
+
+    if sampled and start_step == 0:
+        run_samples(0)
+
     # 5. the loop
     progress = Progress(steps, start_step, enabled=cfg.train.progress and info.is_main)
     loss = float("nan")
@@ -339,6 +356,8 @@ def run_recipe(cfg: Config, on_exit: contextlib.ExitStack) -> TrainResult:
             progress.update(row)
             if eval_set and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == steps):
                 eval_result = run_eval(step)
+            if sampled and (step % cfg.train.sample_every == 0 or step == steps):
+                run_samples(step)
             stopping = cfg.train.stop_after == step and step < steps
             saving = (cfg.train.save_every and step % cfg.train.save_every == 0) or stopping
             if (saving or step == steps) and not weights_finite(trainable, info, device):
@@ -363,6 +382,7 @@ def run_recipe(cfg: Config, on_exit: contextlib.ExitStack) -> TrainResult:
     finally:
         progress.close()
         metrics.close()
+        samples.close()
         logging.getLogger("tunelab").removeHandler(file_log)
         file_log.close()
 

@@ -36,6 +36,17 @@ class TensorBoardTracker:
                 self.writer.add_scalar(f"{kind}/{key}", value, step)
         self.writer.flush()
 
+    def log_table(self, name: str, rows: list[dict[str, Any]], step: int) -> None:
+        """Rows as a markdown table (TensorBoard's text tab renders it)."""
+        if not rows:
+            return
+        cols = list(rows[0])
+        cells = [[str(r.get(c, "")).replace("|", "\\|").replace("\n", " ") for c in cols] for r in rows]
+        table = "\n".join(["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)] +
+                          ["| " + " | ".join(c) + " |" for c in cells])
+        self.writer.add_text(name, table, step)
+        self.writer.flush()
+
     def close(self) -> None:
         self.writer.close()
 

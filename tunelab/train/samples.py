@@ -1,0 +1,50 @@
+"""Sample predictions while training: a fixed set of held-out prompts, continued greedily every
+`train.sample_every` steps, so that one can watch the answers change (samples.jsonl, the report).
+
+The prompt ids are the encoded examples' own (everything before the first trained token), so they are
+exactly what training conditions on; generation is batched and left-padded, one process only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tunelab.data.encode import IGNORE, Encoded
+
+
+def sample_examples(eval_set: list[Encoded] | None, train_set: list[Encoded], n: int) -> list[Encoded]:
+    """The first `n` held-out examples (training examples when there is no eval data)."""
+    return list((eval_set or train_set)[:n])
+
+
+@torch.no_grad()
+def sample_predictions(tm: Any, examples: list[Encoded], tokenizer: Any, max_new_tokens: int, step: int,
+                       device: torch.device) -> list[dict[str, Any]]:
+    """One row per example: step, index, prompt, reference (the trained tokens), prediction (greedy)."""
+    was_training = tm.training
+    tm.eval()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prompts, refs = [], []
+    for ex in examples:
+        first = next(i for i, t in enumerate(ex.labels) if t != IGNORE)
+        prompts.append(ex.input_ids[:first])
+        refs.append([t for t in ex.labels if t != IGNORE])
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):  # left padding: every prompt ends at the last column
+        ids[row, width - len(p):] = torch.tensor(p)
+        mask[row, width - len(p):] = 1
+    out = tm.lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                         max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id,
+                         temperature=None, top_p=None, top_k=None, use_cache=True)
+    tm.train(was_training)
+    rows = []
+    for i, (p, ref, new) in enumerate(zip(prompts, refs, out[:, width:].tolist())):
+        if tokenizer.eos_token_id in new:
+            new = new[: new.index(tokenizer.eos_token_id)]
+        rows.append({"step": step, "index": i, "prompt": tokenizer.decode(p, skip_special_tokens=True),
+                     "reference": tokenizer.decode(ref, skip_special_tokens=True).strip(),
+                     "prediction": tokenizer.decode(new, skip_special_tokens=True).strip()})
+    return rows
