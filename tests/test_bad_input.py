@@ -216,6 +216,21 @@ def test_a_run_whose_final_weights_are_cut_is_named(tmp_path, stories260k, capsy
                "damaged or incomplete")
 
 
+@pytest.mark.parametrize("damage", ["cut", "no peft_type"])
+def test_a_damaged_adapter_config_is_named(tmp_path, stories260k, capsys, damage):
+    tree = _tree(tmp_path, stories260k, strategy={"name": "lora"}, train={"max_steps": 1})
+    code, err = _run_cli(tmp_path, capsys, tree)
+    assert code == 0, err
+    config = tmp_path / "run" / "final" / "adapter_config.json"
+    text = config.read_text()
+    config.write_text(text[: len(text) // 2] if damage == "cut" else text.replace('"peft_type"', '"peft_kind"'))
+    expected = "cannot be read as JSON" if damage == "cut" else "has no peft_type"
+    for command in (["eval", tmp_path / "run", tmp_path / "train.jsonl"], ["eval", tmp_path / "run" / "final",
+                                                                          tmp_path / "train.jsonl"],
+                    ["export", tmp_path / "run", tmp_path / f"out-{damage}", "--merge"]):
+        _one_error(*_cli(capsys, *command)[::2], str(config), expected)
+
+
 def test_model_folder_without_tokenizer_files(tmp_path, stories260k, capsys):
     bare = tmp_path / "no-tokenizer"
     shutil.copytree(stories260k, bare)

@@ -3,7 +3,6 @@ or a tunelab run directory (whose config also says how the data was rendered in 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ import yaml
 
 from tunelab.config import Config, ModelConfig, validate_config
 from tunelab.errors import ModelError
-from tunelab.models.load import check_model_folder, check_weights, load_tokenizer
+from tunelab.models.load import check_model_folder, check_weights, load_tokenizer, read_adapter_config
 from tunelab.strategies.model import TrainModel
 
 PROMPT_SLOT_TYPES = ("PROMPT_TUNING", "P_TUNING")
@@ -67,7 +66,8 @@ def load_for_eval(path: str, adapter: str | None = None, device: str = "cpu") ->
         adapter_dir = Path(adapter) if adapter else p
         if not (adapter_dir / "adapter_config.json").is_file():
             raise ModelError(f"'{adapter_dir}' has no adapter_config.json, so it is not a peft adapter folder.")
-        base = path if adapter else json.loads((p / "adapter_config.json").read_text())["base_model_name_or_path"]
+        adapter_cfg = read_adapter_config(adapter_dir)
+        base = path if adapter else adapter_cfg["base_model_name_or_path"]
         check_model_folder(base)
         check_weights(adapter_dir)
         lm = PeftModel.from_pretrained(_load_hf(base), adapter_dir)

@@ -50,6 +50,24 @@ def check_tokenizer_files(path: str) -> None:
                          "the tokenizer files from where the model came from into the folder.")
 
 
+def read_adapter_config(folder: str | Path) -> dict[str, Any]:
+    """A peft adapter folder's adapter_config.json, checked: a JSON object with peft_type and
+    base_model_name_or_path (a damaged file otherwise surfaces as a JSONDecodeError or KeyError)."""
+    import json
+
+    path = Path(folder) / "adapter_config.json"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"'{path}' cannot be read as JSON ({exc}): the adapter folder is damaged. Copy it again, "
+                         "or re-export the run (tunelab export).") from None
+    missing = [k for k in ("peft_type", "base_model_name_or_path") if not isinstance(cfg, dict) or k not in cfg]
+    if missing:
+        raise ModelError(f"'{path}' has no {' or '.join(missing)}: it is not a complete peft adapter config. Copy "
+                         "the adapter folder again, or re-export the run.")
+    return cfg
+
+
 def check_model_folder(path: str, allow_pickle: bool = False) -> bool:
     """Validate a local model folder; returns False when `path` is not local (a hub id to pass through)."""
     p = Path(path).expanduser()

@@ -56,11 +56,13 @@ def load_final(final: Path) -> Any:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tunelab.models.load import check_weights
+    from tunelab.models.load import check_weights, read_adapter_config
 
     final = Path(final)
     for folder in (final, final / "base", final / "adapter"):  # a damaged file is named, not a SafetensorError
         check_weights(folder)
+        if (folder / "adapter_config.json").is_file():
+            read_adapter_config(folder)
     if (final / "adapter" / "adapter_config.json").is_file():  # prompt_lm
         return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(final / "base"), final / "adapter")
     if (final / "adapter_config.json").is_file():
@@ -69,13 +71,11 @@ def load_final(final: Path) -> Any:
 
 
 def _load_base_of(adapter_dir: Path) -> Any:
-    import json
-
     from transformers import AutoModelForCausalLM
 
-    from tunelab.models.load import check_weights
+    from tunelab.models.load import check_weights, read_adapter_config
 
-    base = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = read_adapter_config(adapter_dir)["base_model_name_or_path"]
     check_weights(base)
     return AutoModelForCausalLM.from_pretrained(base)
 
@@ -93,11 +93,11 @@ def export_run(run_dir: Path, out_dir: Path, merge: bool) -> str:
     if not merge or not (adapter.is_file() or (final / "adapter").is_dir()):
         shutil.copytree(final, out_dir, dirs_exist_ok=True)
         return "copied final/ (nothing to merge)" if merge else "copied final/"
-    import json
-
     from transformers import AutoTokenizer
 
-    peft_type = json.loads((adapter if adapter.is_file() else final / "adapter" / "adapter_config.json").read_text())["peft_type"]
+    from tunelab.models.load import read_adapter_config
+
+    peft_type = read_adapter_config(final if adapter.is_file() else final / "adapter")["peft_type"]
     if peft_type != "LORA":
         shutil.copytree(final, out_dir, dirs_exist_ok=True)
         return (f"a {peft_type.lower().replace('_', ' ')} adapter cannot be merged: its learned prompt is extra input "
