@@ -19,6 +19,18 @@ from tunelab.data.encode import IGNORE, Encoded
 Unit = list[int]  # the example indices of one batch row: one example (padded) or several (packed)
 
 
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), each (len(sequences), longest): left padding, so that every sequence ends
+    at the last column (where generation and next-token scoring continue)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
 def pad_collate(examples: list[Encoded], pad_id: int, virtual_tokens: int = 0) -> dict[str, torch.Tensor]:
     """Right-pad a micro-batch. Returns input_ids, labels, attention_mask, each (batch, seq).
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from tunelab.data.batching import left_pad
 from tunelab.data.encode import adds_bos
 from tunelab.evaluate.loaders import EvalModel
 
@@ -41,12 +42,8 @@ def generate(em: EvalModel, prompts: list[str], max_new_tokens: int = 64, do_sam
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: less padding
     for s in range(0, len(order), batch_size):
         chunk = order[s : s + batch_size]
-        width = max(len(ids[i]) for i in chunk)
-        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, i in enumerate(chunk):  # left padding: every prompt ends at the last column
-            input_ids[row, width - len(ids[i]) :] = torch.tensor(ids[i])
-            mask[row, width - len(ids[i]) :] = 1
+        input_ids, mask = left_pad([ids[i] for i in chunk], pad_id)
+        width = input_ids.shape[1]
         kwargs = {"do_sample": do_sample, "max_new_tokens": max_new_tokens, "eos_token_id": tok.eos_token_id,
                   "pad_token_id": pad_id, "streamer": streamer}
         if do_sample:

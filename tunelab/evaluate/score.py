@@ -9,7 +9,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
-from tunelab.data.batching import pad_collate
+from tunelab.data.batching import left_pad, pad_collate
 from tunelab.data.encode import IGNORE, EncodeStats, Encoded, encode_examples
 from tunelab.data.records import SHAPES, Example
 from tunelab.data.render import RenderSpec, render_example
@@ -76,12 +76,8 @@ def shared_prompt_log_probs(model: TrainModel, groups: list[tuple[list[int], lis
     cache serves all of that example's options. Returns (summed log-probability, tokens) per option."""
     lm, device = model.base, next(model.parameters()).device
     n_opt = len(groups[0][1])
-    plen = max(len(p) for p, _ in groups)
-    ids = torch.full((len(groups), plen), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((len(groups), plen), dtype=torch.long, device=device)
-    for i, (prompt, _) in enumerate(groups):  # left padding: every prompt ends at the last column
-        ids[i, plen - len(prompt) :] = torch.tensor(prompt)
-        mask[i, plen - len(prompt) :] = 1
+    ids, mask = (t.to(device) for t in left_pad([p for p, _ in groups], pad_id))
+    plen = ids.shape[1]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = lm(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
     cache = getattr(out, "cache", None) or out.past_key_values

@@ -295,7 +295,7 @@ def run_recipe(cfg: Config, on_exit: contextlib.ExitStack) -> TrainResult:
     samples = MetricsWriter(run_dir / "samples.jsonl", resume_step=resume_step, enabled=bool(sampled))
 
     def run_samples(step: int) -> None:
-        rows = sample_predictions(tm, sampled, tokenizer, cfg.train.sample_tokens, step, device)
+        rows = sample_predictions(tm, sampled, tokenizer, pad_id, cfg.train.sample_tokens, step, device)
         for row in rows:
             samples.write(row)
         for tracker in trackers:

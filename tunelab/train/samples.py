@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from tunelab.data.batching import left_pad
 from tunelab.data.encode import IGNORE, Encoded
 
 
@@ -19,23 +20,18 @@ def sample_examples(eval_set: list[Encoded] | None, train_set: list[Encoded], n:
 
 
 @torch.no_grad()
-def sample_predictions(tm: Any, examples: list[Encoded], tokenizer: Any, max_new_tokens: int, step: int,
-                       device: torch.device) -> list[dict[str, Any]]:
+def sample_predictions(tm: Any, examples: list[Encoded], tokenizer: Any, pad_id: int, max_new_tokens: int,
+                       step: int, device: torch.device) -> list[dict[str, Any]]:
     """One row per example: step, index, prompt, reference (the trained tokens), prediction (greedy)."""
     was_training = tm.training
     tm.eval()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompts, refs = [], []
     for ex in examples:
         first = next(i for i, t in enumerate(ex.labels) if t != IGNORE)
         prompts.append(ex.input_ids[:first])
         refs.append([t for t in ex.labels if t != IGNORE])
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, p in enumerate(prompts):  # left padding: every prompt ends at the last column
-        ids[row, width - len(p):] = torch.tensor(p)
-        mask[row, width - len(p):] = 1
+    ids, mask = left_pad(prompts, pad_id)
+    width = ids.shape[1]
     out = tm.lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                          max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id,
                          temperature=None, top_p=None, top_k=None, use_cache=True)
