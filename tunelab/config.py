@@ -139,7 +139,7 @@ class TrainConfig(_Section):
     # 0.248 s flushed, means of four runs); the random weights tunelab plan times make none. No effect on a GPU
     flush_denormals: bool = True
     progress: bool = True
-    report_to: list[Literal["tensorboard"]] = []  # trackers beside metrics.jsonl (tunelab/train/trackers.py)
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = []  # beside metrics.jsonl (train/trackers.py)
     # greedy predictions on the first num_samples eval prompts (train prompts without eval data) at step 0, every
     # sample_every steps and at the end: samples.jsonl, the trackers and the report (one process only)
     sample_every: int | None = Field(default=None, ge=1)

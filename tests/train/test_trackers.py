@@ -1,8 +1,14 @@
-"""train.report_to: every metrics.jsonl row reaches the tracker, read back with the tracker's own reader."""
+"""train.report_to: every metrics.jsonl row reaches the tracker, read back with the tracker's own reader
+(TensorBoard's EventAccumulator, W&B's `wandb leet inspect` of the offline run files, MLflow's client, trackio's
+SQLite store)."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -61,13 +67,139 @@ def test_a_resumed_run_logs_each_step_once(tmp_path, stories260k):
     assert losses == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in rows if r["type"] == "train"]
 
 
-def test_a_missing_tracker_library_is_a_clear_error(tmp_path, stories260k, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+@pytest.mark.parametrize("tracker, module", [("tensorboard", "torch.utils.tensorboard"), ("wandb", "wandb"),
+                                             ("mlflow", "mlflow"), ("trackio", "trackio")])
+def test_a_missing_tracker_library_is_a_clear_error(tmp_path, stories260k, capsys, monkeypatch, tracker, module):
+    monkeypatch.setitem(sys.modules, module, None)  # as if the library were not installed
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump(_tree(tmp_path, stories260k, "run")))
+    cfg.write_text(yaml.safe_dump(_tree(tmp_path, stories260k, "run", report_to=[tracker])))
     assert main(["train", str(cfg)]) == 2
     err = capsys.readouterr().err
-    assert "pip install 'tunelab[tensorboard]'" in err and "Traceback" not in err
+    assert f"pip install 'tunelab[{tracker}]'" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def _wandb_records(run_dir: Path) -> list[dict]:
+    """Every record of the run's offline .wandb files (one per attempt), through W&B's own reader."""
+    records = []
+    for log in sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb")):
+        out = subprocess.run([str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json", str(log)],
+                             capture_output=True, text=True, check=True).stdout
+        records += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return records
+
+
+def _mlflow_run(run_dir: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("tunelab").experiment_id])
+    return client, run
+
+
+def _trackio_logs(store: Path, run_name: str) -> tuple[list[dict], dict]:
+    """trackio fixes its store's folder at import (TRACKIO_DIR): read it in a process of its own."""
+    code = ("import json, sys; from trackio.sqlite_storage import SQLiteStorage as S; "
+            f"print(json.dumps([S.get_logs('tunelab', {run_name!r}), S.get_run_config('tunelab', {run_name!r})]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "TRACKIO_DIR": str(store)}).stdout
+    logs, config = json.loads(out.splitlines()[-1])
+    return logs, config
+
+
+def _pairs(rows, kind, field):
+    return [(r["step"], pytest.approx(r[field], rel=1e-6)) for r in rows if r["type"] == kind and field in r]
+
+
+def test_wandb_mlflow_and_trackio_hold_every_row_the_config_and_the_samples(tmp_path, stories260k):
+    """One run with all four trackers (trackio's store is fixed at import, so the run is a process of its own)."""
+    for module in ("tensorboard", "wandb", "mlflow", "trackio"):
+        pytest.importorskip(module, reason=f"the {module} extra is not installed")
+    tree = _tree(tmp_path, stories260k, "run", sample_every=2, num_samples=2, sample_tokens=4,
+                 report_to=["tensorboard", "wandb", "mlflow", "trackio"])
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(tree))
+    env = {**os.environ, "TRACKIO_DIR": str(tmp_path / "trackio"), "HF_HUB_OFFLINE": "1"}
+    for var in ("WANDB_MODE", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "WANDB_PROJECT", "TRACKIO_PROJECT"):
+        env.pop(var, None)
+    proc = subprocess.run([sys.executable, "-m", "tunelab", "train", str(cfg)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    samples = read_metrics(run_dir / "samples.jsonl")
+    ids = json.loads((run_dir / "trackers.json").read_text())
+    assert set(ids) == {"wandb", "mlflow", "trackio"}
+
+    # W&B: the offline run holds every row at its step, the resolved config, the summary and the sample tables
+    records = _wandb_records(run_dir)
+    history = [r["history"]["item"] for r in records if r["type"] == "history"]
+    assert [(h["step"], h["train/loss"]) for h in history if "train/loss" in h] == _pairs(rows, "train", "loss")
+    assert [(h["step"], h["eval/eval_loss"]) for h in history if "eval/eval_loss" in h] == \
+        _pairs(rows, "eval", "eval_loss")
+    (run_record,) = [r["run"] for r in records if r["type"] == "run"]
+    assert run_record["run_id"] == ids["wandb"] and run_record["project"] == "tunelab"
+    assert run_record["config"]["update"]["train"]["max_steps"] == 4
+    summary = {}
+    for r in records:
+        if r["type"] == "summary":
+            summary.update(r["summary"].get("update", {}))
+    peak = next(r["peak_memory_bytes"] for r in rows if r["type"] == "summary")
+    assert summary["summary/peak_memory_bytes"] == peak
+    tables = {h["step"]: h["samples.path"] for h in history if h.get("samples._type") == "table-file"}
+    assert sorted(tables) == [0, 2, 4]
+    (files,) = run_dir.glob("wandb/offline-run-*/files")
+    table = json.loads((files / tables[4]).read_text())
+    assert table["columns"] == list(samples[0])
+    assert [dict(zip(table["columns"], r)) for r in table["data"]] == [s for s in samples if s["step"] == 4]
+
+    # MLflow: the run's metric history, its params (the flattened config), the sample tables, and its status
+    client, run = _mlflow_run(run_dir)
+    assert run.info.run_id == ids["mlflow"] and run.info.status == "FINISHED" and run.info.run_name == "run"
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss")] == \
+        _pairs(rows, "train", "loss")
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "eval/eval_loss")] == \
+        _pairs(rows, "eval", "eval_loss")
+    assert run.data.metrics["summary/peak_memory_bytes"] == peak
+    assert run.data.params["train.max_steps"] == "4" and run.data.params["strategy.name"] == "full"
+    tables = sorted(a.path for a in client.list_artifacts(run.info.run_id, "samples"))
+    assert tables == ["samples/step_000000.json", "samples/step_000002.json", "samples/step_000004.json"]
+
+    # trackio: its local store, read by its own storage class
+    logs, config = _trackio_logs(tmp_path / "trackio", ids["trackio"])
+    assert [(e["step"], e["train/loss"]) for e in logs if "train/loss" in e] == _pairs(rows, "train", "loss")
+    assert [(e["step"], e["eval/eval_loss"]) for e in logs if "eval/eval_loss" in e] == \
+        _pairs(rows, "eval", "eval_loss")
+    assert sorted(e["step"] for e in logs if "samples" in e) == [0, 2, 4]
+    assert config["train"]["max_steps"] == 4
+
+
+def test_a_resumed_run_continues_the_same_wandb_and_mlflow_run(tmp_path, stories260k):
+    for module in ("wandb", "mlflow"):
+        pytest.importorskip(module, reason=f"the {module} extra is not installed")
+    tree = _tree(tmp_path, stories260k, "run", save_every=2, stop_after=3, report_to=["wandb", "mlflow"])
+    train(validate_config(tree))  # steps 1-3 reach the trackers; stop_after saves step 3
+    run_dir = tmp_path / "run"
+    client, run = _mlflow_run(run_dir)
+    assert run.info.status == "KILLED"  # stopped before the end: not finished
+    tree["train"]["stop_after"] = None
+    tree["resume"] = True
+    train(validate_config(tree))
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    want = _pairs(rows, "train", "loss")
+    client, run = _mlflow_run(run_dir)  # one run, continued
+    assert run.info.status == "FINISHED"
+    history = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert history == want and [s for s, _ in history] == [1, 2, 3, 4]
+    records = _wandb_records(run_dir)
+    assert {r["run"]["run_id"] for r in records if r["type"] == "run"} == {run_dir_id(run_dir, "wandb")}
+    steps = [r["history"]["item"] for r in records if r["type"] == "history"]
+    losses = [(h["step"], h["train/loss"]) for h in steps if "train/loss" in h]
+    assert losses == want
+
+
+def run_dir_id(run_dir: Path, tracker: str) -> str:
+    return json.loads((run_dir / "trackers.json").read_text())[tracker]
 
 
 @pytest.mark.parametrize("strategy", ["full", "soft_prompt"])
@@ -96,3 +228,17 @@ def test_sample_predictions_during_training(tmp_path, stories260k, strategy):
     assert "Sample predictions" in html and "step 0" in html and "step 4" in html
     if strategy == "full":  # step 0 is the untrained model (a soft prompt starts with its initial virtual tokens)
         assert rows[0]["prediction"] == base
+
+
+def test_a_prompting_run_reaches_the_trackers_too(tmp_path, stories260k):
+    """Tuning-free prompting trains nothing, but its eval figures are tracked like any run's."""
+    pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
+    tree = _tree(tmp_path, stories260k, "run", report_to=["mlflow"])
+    tree["strategy"] = {"name": "prompting"}
+    train(validate_config(tree))
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    client, run = _mlflow_run(tmp_path / "run")
+    assert run.info.status == "FINISHED"
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "eval/eval_loss")] == \
+        _pairs(rows, "eval", "eval_loss")
+    assert run.data.metrics["params/trainable_params"] == 0

@@ -94,7 +94,8 @@ def seed_everything(seed: int) -> None:
 def evaluate_only(cfg: Config, run_dir: Path, model: Any, params: Any, eval_set: Any, pad_id: int,
                   device: torch.device, autocast: Any, file_log: logging.Handler) -> TrainResult:
     """Tuning-free prompting: nothing trains; the run holds its parameter count and eval figures."""
-    metrics = MetricsWriter(run_dir / "metrics.jsonl")
+    trackers = open_trackers(cfg.train.report_to, run_dir, cfg.model_dump(mode="json"), None)
+    metrics = MetricsWriter(run_dir / "metrics.jsonl", trackers=trackers)
     metrics.write({"type": "params", "step": 0, "trainable_params": 0, "total_params": params.total,
                    "trainable_share": 0.0})
     result = None
