@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunelab.errors import ConfigError
+from tunelab.strategies.registry import STRATEGIES
 
 
 class _Section(BaseModel):
@@ -80,7 +81,7 @@ class FixedPromptSettings(_Section):
 
 
 class StrategyConfig(_Section):
-    name: Literal["prompting", "full", "fixed_prompt", "soft_prompt", "prompt_lm", "lora", "freeze"] = "full"
+    name: Literal[tuple(STRATEGIES)] = "full"  # type: ignore[valid-type]  # the registry's names
     template: Template | None = None  # a plain string is taken as the template's `prompt`
     num_shots: int = Field(default=0, ge=0)
     lora: LoraSettings = Field(default_factory=LoraSettings)
@@ -95,9 +96,10 @@ class StrategyConfig(_Section):
 
     @model_validator(mode="after")
     def _complete(self) -> "StrategyConfig":
-        if self.name == "fixed_prompt" and self.template is None:
-            raise ValueError("strategy fixed_prompt tunes the LM under a fixed discrete prompt: set strategy.template")
-        if self.name == "freeze":
+        strategy = STRATEGIES[self.name]
+        if strategy.requires_template and self.template is None:
+            raise ValueError(f"strategy {self.name} tunes the LM under a fixed discrete prompt: set strategy.template")
+        if strategy.base == "chosen":
             chosen = [k for k in ("trainable_layers", "modules") if getattr(self.freeze, k)]
             if len(chosen) != 1:
                 raise ValueError("strategy freeze needs exactly one of strategy.freeze.trainable_layers (top k layers) "
@@ -173,7 +175,7 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
-        if self.strategy.name != "prompting":  # tuning-free prompting trains nothing
+        if STRATEGIES[self.strategy.name].trains_anything:  # tuning-free prompting trains nothing
             if self.train.max_steps is None and self.train.epochs is None:
                 raise ValueError("set train.max_steps or train.epochs")
         if self.train.max_steps is not None and self.train.epochs is not None:

@@ -11,7 +11,8 @@ from tunelab.config import validate_config
 from tunelab.models.load import load_tokenizer
 from tunelab.plan.advisor import Situation, advise
 from tunelab.plan.estimate import model_shape, parameter_counts
-from tunelab.strategies import count_parameters, prepare_strategy
+from tunelab.strategies.model import count_parameters
+from tunelab.strategies.registry import prepare_strategy
 
 STRATEGIES = [
     {"name": "prompting"}, {"name": "full"}, {"name": "lora"},

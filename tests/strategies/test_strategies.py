@@ -11,7 +11,8 @@ from tests.conftest import VARIED_ROWS, config_tree, write_jsonl
 from tunelab.config import StrategyConfig, validate_config
 from tunelab.errors import ConfigError
 from tunelab.models.load import load_model, load_tokenizer
-from tunelab.strategies import count_parameters, prepare_strategy
+from tunelab.strategies.model import count_parameters
+from tunelab.strategies.registry import prepare_strategy
 from tunelab.strategies.export import export_run, load_final
 from tunelab.train import loop
 from tunelab.train.metrics import read_metrics

@@ -13,6 +13,7 @@ from tunelab.config import Config, ModelConfig, validate_config
 from tunelab.errors import ModelError
 from tunelab.models.load import check_model_folder, check_weights, load_tokenizer, read_adapter_config
 from tunelab.strategies.model import TrainModel
+from tunelab.strategies.registry import resolve
 
 PROMPT_SLOT_TYPES = ("PROMPT_TUNING", "P_TUNING")
 
@@ -56,7 +57,7 @@ def load_for_eval(path: str, adapter: str | None = None, device: str = "cpu") ->
         if (p / "final").is_dir():
             lm = load_final(p / "final")
             tok_dir = p / "final" / ("adapter" if (p / "final" / "adapter").is_dir() else "")
-        elif strategy == "prompting":
+        elif not resolve(run_config.strategy).trains_anything:  # prompting: the run holds only its rendering
             lm, tok_dir = _load_hf(run_config.model.path, run_config.model.trust_remote_code), run_config.model.path
         else:
             raise ModelError(f"run directory '{p}' has no final/ model: the run did not finish. Resume it, or "

@@ -6,14 +6,14 @@ own layer shapes). Memory and time are models with stated terms; tests/plan meas
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tunelab.config import Config, StrategyConfig
+from tunelab.config import Config
+from tunelab.strategies.registry import parameter_counts, resolve  # noqa: F401  (the registry counts parameters)
 
 BYTES_FP32 = 4
 OPTIMIZER_STATES = {"adamw": 2, "sgd": 0}  # fp32 tensors per trainable parameter: AdamW's exp_avg and exp_avg_sq
@@ -34,6 +34,7 @@ class ModelShape:
     layer_params: list[int]
     param_names: dict[str, int]  # name -> numel (unique parameters)
     linears: list[tuple[str, int, int]]  # (module name, in_features, out_features) of the decoder's Linear layers
+    model_type: str = ""  # the config's model_type (peft's per-family adapter targets)
     head_trainable_in_full: bool = True
 
     @property
@@ -72,51 +73,8 @@ def model_shape(model_path: str, trust_remote_code: bool = False) -> ModelShape:
         intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size), vocab=text.vocab_size, heads=heads,
         kv_heads=getattr(text, "num_key_value_heads", None) or heads, head_dim=head_dim,
         layer_params=[sum(p.numel() for p in layer.parameters()) for layer in layers],
-        param_names={n: p.numel() for n, p in model.named_parameters()}, linears=linears)
-
-
-def _lora_targets(shape: ModelShape, targets: list[str] | str) -> list[tuple[str, int, int]]:
-    if targets == "all-linear":
-        return shape.linears
-    return [(n, i, o) for n, i, o in shape.linears if n.rsplit(".", 1)[-1] in targets]
-
-
-def prompt_params(shape: ModelShape, cfg: StrategyConfig) -> int:
-    """Parameters a soft prompt adds (peft's PromptEmbedding, PromptEncoder MLP, PrefixEncoder)."""
-    s, d = cfg.soft_prompt, shape.hidden
-    n = s.num_virtual_tokens
-    if s.method == "prompt_tuning":
-        return n * d
-    if s.method == "p_tuning":
-        h = s.encoder_hidden_size or d
-        return n * d + (d * h + h) + (h * h + h) + (h * d + d)
-    kv = shape.layers * 2 * shape.kv_dim
-    if s.prefix_projection:
-        t = shape.kv_dim  # peft's token_dim for a prefix is the key/value width; its MLP is that wide too
-        return n * t + (t * t + t) + (t * kv + kv)
-    return n * kv
-
-
-def parameter_counts(shape: ModelShape, cfg: StrategyConfig) -> tuple[int, int]:
-    """(trainable, total) parameters of the model as the strategy prepares it."""
-    name, total = cfg.name, shape.total_params
-    if name == "prompting":
-        return 0, total
-    if name == "full" or (name == "fixed_prompt" and cfg.fixed_prompt.tune == "all"):
-        return total, total
-    if name == "freeze":
-        if cfg.freeze.trainable_layers:
-            return sum(shape.layer_params[-cfg.freeze.trainable_layers :]), total
-        hit = {n for n in shape.param_names for pat in cfg.freeze.modules
-               if fnmatch.fnmatch(n, pat) or fnmatch.fnmatch(n, pat + ".*")}
-        return sum(shape.param_names[n] for n in hit), total
-    if name in ("lora", "fixed_prompt"):
-        lora = cfg.lora
-        added = sum(lora.rank * (i + o) + (o if lora.variant == "dora" else 0)
-                    for _, i, o in _lora_targets(shape, lora.target_modules))
-        return added, total + added
-    added = prompt_params(shape, cfg)
-    return (added + total if name == "prompt_lm" else added), total + added
+        param_names={n: p.numel() for n, p in model.named_parameters()}, linears=linears,
+        model_type=config.model_type)
 
 
 @dataclass
@@ -185,17 +143,10 @@ def activation_floats_per_token_layer(s: ModelShape) -> float:
 # soft_prompt and freeze, at 1,024 and 3,072 tokens per step; the fit is within 5% on all but one, medium
 # soft_prompt, +15% and -9%), and checked against the same cases measured on an Intel Xeon on 2026-11-29
 # (within 17%); see BENCHMARKS.md. tests/plan/test_validation.py asserts 25%.
-ACTIVATION_FACTOR = {"weights": 1.25, "lora": 2.5, "frozen": 0.7}
+ACTIVATION_FACTOR = {"weights": 1.25, "adapter": 2.5, "frozen": 0.7}  # by TuningStrategy.cost_class
 # On the CPU, per token of a micro-batch, whatever the model's size: the collated batch and masks, and the
 # allocator's slack around a step's many differently-shaped buffers (35 KiB, fitted as above).
 CPU_BYTES_PER_TOKEN = 35 * 2**10
-
-
-def trains_weights(cfg: StrategyConfig) -> str:
-    """'weights', 'lora' or 'frozen': the class of a strategy for memory and time."""
-    if cfg.name in ("lora",) or (cfg.name == "fixed_prompt" and cfg.fixed_prompt.tune == "lora"):
-        return "lora"
-    return "frozen" if cfg.name in ("soft_prompt", "prompting") else "weights"
 
 
 def memory(shape: ModelShape, w: Workload, cfg: Config, trainable: int, total: int, checkpointing: bool,
@@ -203,17 +154,17 @@ def memory(shape: ModelShape, w: Workload, cfg: Config, trainable: int, total: i
     """Peak memory on one device, by part (bytes). On the CPU (`cpu_runtime` given: the measured
     resident memory of the imported training stack) the loaded weights are counted twice: the
     allocator keeps the load-time copy."""
-    name = cfg.strategy.name
-    frozen_below = name == "freeze" and cfg.strategy.freeze.trainable_layers
-    layers_saved = (cfg.strategy.freeze.trainable_layers if frozen_below else shape.layers) if name != "prompting" else 0
+    s = resolve(cfg.strategy)
+    frozen_below = s.base == "chosen" and cfg.strategy.freeze.trainable_layers
+    layers_saved = (cfg.strategy.freeze.trainable_layers if frozen_below else shape.layers) if s.trains_anything else 0
     per_token_layer = activation_floats_per_token_layer(shape) * BYTES_FP32
     tokens = w.tokens_per_micro_batch
-    factor = ACTIVATION_FACTOR[trains_weights(cfg.strategy)]
+    factor = ACTIVATION_FACTOR[s.cost_class]
     if checkpointing:
         activations = layers_saved * tokens * shape.hidden * BYTES_FP32 + tokens * per_token_layer * factor
     else:
         activations = layers_saved * tokens * per_token_layer * factor
-    head_trains = name in ("full", "prompt_lm") or (name == "fixed_prompt" and cfg.strategy.fixed_prompt.tune == "all")
+    head_trains = s.trains_base_weights
     label_tokens = min(chunk, w.label_tokens_per_step / w.micro_batches_per_step)
     loss = 2 * label_tokens * shape.vocab * BYTES_FP32 + (shape.vocab * shape.hidden * BYTES_FP32 if head_trains else 0)
     parts = {"weights": total * BYTES_FP32 * (2 if cpu_runtime is not None else 1), "gradients": trainable * BYTES_FP32,
@@ -228,20 +179,19 @@ def memory(shape: ModelShape, w: Workload, cfg: Config, trainable: int, total: i
 def flops(shape: ModelShape, w: Workload, data: DataShape, cfg: Config) -> float:
     """FLOPs of the run: forward 2N per token (the head only at target tokens) plus causal attention;
     backward 2x forward where weights train, 1x where only gradients pass through."""
-    name = cfg.strategy.name
-    if name == "prompting":
+    s = resolve(cfg.strategy)
+    if not s.trains_anything:
         return 0.0
     layer_fwd = 2 * shape.body_matmul_params / shape.layers  # per token per layer
     attention_fwd = 2 * 2 * shape.heads * shape.head_dim * data.mean_square_length / data.mean_length / 2
     per_layer = layer_fwd + attention_fwd
     head_fwd = 2 * shape.hidden * shape.vocab * w.label_tokens_per_step
     body_fwd = shape.layers * per_layer * w.tokens_per_step
-    weights_train = name in ("full", "prompt_lm") or (name == "fixed_prompt" and cfg.strategy.fixed_prompt.tune == "all")
-    if weights_train:
+    if s.trains_base_weights:
         backward = 2 * (body_fwd + head_fwd)
-    elif name == "freeze" and cfg.strategy.freeze.trainable_layers:
+    elif s.base == "chosen" and cfg.strategy.freeze.trainable_layers:
         k = cfg.strategy.freeze.trainable_layers
         backward = head_fwd + 2 * k * per_layer * w.tokens_per_step  # no gradient below the lowest trained layer
-    else:  # LoRA and soft prompts: activation gradients through every layer, weight gradients only for adapters
+    else:  # adapters and soft prompts: activation gradients through every layer, weight gradients only for adapters
         backward = head_fwd + body_fwd
     return w.steps * (body_fwd + head_fwd + backward)

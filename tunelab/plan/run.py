@@ -15,8 +15,8 @@ from tunelab.plan.advisor import Advice, Situation, advise
 from tunelab.plan.devices import Device, get_device, runtime_bytes
 from tunelab.plan.estimate import (DataShape, Estimate, ModelShape, Workload, flops, memory, model_shape,
                                    parameter_counts, workload)
+from tunelab.strategies.registry import STRATEGIES, planned_strategies, resolve
 
-STRATEGIES = ["prompting", "soft_prompt", "lora", "freeze", "full", "prompt_lm"]
 # Published pre-training token counts of known families, keyed by (model_type, vocab size).
 PRETRAINING_TOKENS: dict[tuple[str, int], tuple[float, str]] = {
     ("llama", 512): (6.5536e9, "llama2.c stories260K: 100,000 iterations x 128 x 512 tokens (stories260K.md)"),
@@ -51,6 +51,8 @@ class PlanResult:
     def as_dict(self) -> dict[str, Any]:
         out = {name: e.as_dict() for name, e in self.estimates.items()}
         for name, e in out.items():
+            s = STRATEGIES[name]
+            e["taxonomy"] = {"lm": s.lm, "prompt": s.prompt, "trains": s.trains}
             e["recommendation"] = {"strategy": self.advice.strategy, "settings": self.advice.settings,
                                    "reasons": self.advice.reasons} if name == self.advice.strategy else None
         return {"configured_strategy": self.config_strategy, "device": vars(self.device), "data": vars(self.data),
@@ -120,7 +122,8 @@ def fit_changes(shape: ModelShape, w: Workload, cfg: Config, trainable: int, tot
                        f"{', with activation checkpointing' if not checkpointing else ''}: {gib(m)})")
             break
         n *= 2
-    fitting = [f"{k} ({gib(v)})" for k, v in others.items() if v <= cap and k not in (cfg.strategy.name, "prompting")]
+    fitting = [f"{k} ({gib(v)})" for k, v in others.items()
+               if v <= cap and k != cfg.strategy.name and STRATEGIES[k].trains_anything]
     if fitting:
         out.append("another strategy: " + ", ".join(fitting))
     sharded = mem["weights"] + mem["gradients"] + mem["optimizer"]
@@ -147,13 +150,13 @@ def plan(cfg: Config, device_name: str = "cpu", pretraining_tokens: float | None
     runtime = runtime_bytes() if on_cpu else None
     estimates: dict[str, Estimate] = {}
     prepared: dict[str, tuple[Config, Workload]] = {}
-    names = list(dict.fromkeys([cfg.strategy.name, *(strategies or STRATEGIES)]))
+    names = list(dict.fromkeys([cfg.strategy.name, *(strategies or planned_strategies())]))
     for name in names:
         tree = cfg.model_dump(mode="json")
         tree["strategy"]["name"] = name
-        if name == "freeze" and not (cfg.strategy.freeze.trainable_layers or cfg.strategy.freeze.modules):
+        if STRATEGIES[name].base == "chosen" and not (cfg.strategy.freeze.trainable_layers or cfg.strategy.freeze.modules):
             tree["strategy"]["freeze"] = {"trainable_layers": max(1, shape.layers // 4)}
-        if name == "fixed_prompt" and cfg.strategy.template is None:
+        if STRATEGIES[name].requires_template and cfg.strategy.template is None:
             continue
         scfg = Config.model_validate(tree)
         trainable, total = parameter_counts(shape, scfg.strategy)
@@ -172,7 +175,7 @@ def plan(cfg: Config, device_name: str = "cpu", pretraining_tokens: float | None
             if on_cpu:  # a rough bound: real steps run well below a 512^3 product's rate (BENCHMARKS.md)
                 source += (" (this CPU's 512^3 matmul rate; steps not timed: "
                            f"{'it does not fit' if step_timer else 'pass --measure to time them'})")
-        adapter = trainable * 4 if name not in ("full", "freeze", "prompting", "prompt_lm") else 0
+        adapter = trainable * 4 if resolve(scfg.strategy).saves == "adapter" else 0
         estimates[name] = Estimate(name, total, trainable, adapter, mem, run_flops, sec * w.steps, sec, source)
         prepared[name] = (scfg, w)
     totals = {k: e.memory_bytes["total"] for k, e in estimates.items()}

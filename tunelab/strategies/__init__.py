@@ -1,6 +1,2 @@
-"""The tuning strategies: which parameters train, which are added, and how the result is saved."""
-
-from tunelab.strategies.model import ParamCount, TrainModel, count_parameters
-from tunelab.strategies.table import STRATEGIES, prepare_strategy
-
-__all__ = ["STRATEGIES", "ParamCount", "TrainModel", "count_parameters", "prepare_strategy"]
+"""The tuning strategies: the registry of what each one trains and adds (registry.py), how they change a model
+(build.py), the model as training sees it (model.py), and what a run saves (export.py)."""

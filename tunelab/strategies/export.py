@@ -1,10 +1,11 @@
 """What a run leaves in final/, in the formats the rest of the ecosystem loads, and `tunelab export`.
 
-- full, freeze, fixed_prompt (all weights): a Hugging Face checkpoint.
-- lora, fixed_prompt with LoRA, soft_prompt: a peft adapter folder (adapter_config.json,
+By the strategy's `saves` (tunelab/strategies/registry.py):
+- model (full, freeze, fixed_prompt with all weights): a Hugging Face checkpoint.
+- adapter (lora, fixed_prompt with LoRA, soft_prompt): a peft adapter folder (adapter_config.json,
   adapter_model.safetensors) that `peft.PeftModel.from_pretrained` loads onto the base model.
-- prompt_lm: final/base (the tuned LM, a Hugging Face checkpoint) and final/adapter (the soft
-  prompt, whose adapter_config.json points at final/base).
+- model+adapter (prompt_lm): final/base (the tuned LM, a Hugging Face checkpoint) and final/adapter
+  (the soft prompt, whose adapter_config.json points at final/base).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 from tunelab.errors import TunelabError
 from tunelab.strategies.model import TrainModel
+from tunelab.strategies.registry import mergeable_peft_types
 from tunelab.train.checkpoint import atomic_dir, remove_stale_temp
 
 
@@ -27,18 +29,18 @@ def _save_hf(model: Any, tokenizer: Any, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def save_final(run_dir: Path, model: TrainModel, tokenizer: Any, base_path: str) -> Path:
-    """Write final/ atomically in the format of the strategy (see the module docstring); first remove what
-    a killed writer of final/ left in the run directory."""
+def save_final(run_dir: Path, model: TrainModel, tokenizer: Any, base_path: str, saves: str) -> Path:
+    """Write final/ atomically in the format the strategy `saves` (see the module docstring); first remove
+    what a killed writer of final/ left in the run directory."""
     final = Path(run_dir) / "final"
     remove_stale_temp(Path(run_dir))
 
     def write(tmp: Path) -> None:
-        if not model.is_peft:
+        if saves == "model":
             _save_hf(model.lm, tokenizer, tmp)
             return
         peft_config = model.lm.peft_config[model.lm.active_adapter]
-        if model.strategy == "prompt_lm":
+        if saves == "model+adapter":
             _save_hf(model.base, tokenizer, tmp / "base")
             peft_config.base_model_name_or_path = str((final / "base").resolve())
             model.lm.save_pretrained(tmp / "adapter")
@@ -98,7 +100,7 @@ def export_run(run_dir: Path, out_dir: Path, merge: bool) -> str:
     from tunelab.models.load import read_adapter_config
 
     peft_type = read_adapter_config(final if adapter.is_file() else final / "adapter")["peft_type"]
-    if peft_type != "LORA":
+    if peft_type not in mergeable_peft_types():
         shutil.copytree(final, out_dir, dirs_exist_ok=True)
         return (f"a {peft_type.lower().replace('_', ' ')} adapter cannot be merged: its learned prompt is extra input "
                 "(virtual tokens or prefix keys and values) computed at every call, not a change to any weight, so "

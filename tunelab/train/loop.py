@@ -26,7 +26,8 @@ from tunelab.data.dataset import load_datasets
 from tunelab.data.render import spec_from_config
 from tunelab.errors import ConfigError, DiskFullError, NonFiniteError
 from tunelab.models.load import enable_activation_checkpointing, load_model, load_tokenizer, pad_token_id
-from tunelab.strategies import count_parameters, prepare_strategy
+from tunelab.strategies.model import count_parameters
+from tunelab.strategies.registry import prepare_strategy, resolve
 from tunelab.strategies.export import save_final
 from tunelab.train.batches import make_batch_plan, total_steps
 from tunelab.train.checkpoint import disk_full_message, is_disk_full, list_checkpoints, load_checkpoint, save_checkpoint
@@ -244,7 +245,7 @@ def run_recipe(cfg: Config, on_exit: contextlib.ExitStack) -> TrainResult:
     log.info("strategy %s: %s on %s (%s)%s", cfg.strategy.name, params.summary(), device,
              "bf16 autocast" if amp_dtype else "fp32",
              f", {info.world} processes ({cfg.distributed.strategy})" if info.enabled else "")
-    if cfg.strategy.name == "prompting":
+    if not resolve(cfg.strategy).trains_anything:
         return evaluate_only(cfg, run_dir, model, params, eval_set, pad_id, device, autocast, file_log)
     tm = model
     if info.enabled:
@@ -394,10 +395,10 @@ def run_recipe(cfg: Config, on_exit: contextlib.ExitStack) -> TrainResult:
         if info.is_main:
             single = prepare_strategy(load_model(cfg.model), cfg.strategy, tokenizer, cfg.train.seed)
             single.load_state_dict(full)
-            final_dir = save_final(run_dir, single, tokenizer, cfg.model.path)
+            final_dir = save_final(run_dir, single, tokenizer, cfg.model.path, resolve(cfg.strategy).saves)
         barrier()
         final_dir = run_dir / "final"
     else:
-        final_dir = save_final(run_dir, model, tokenizer, cfg.model.path)
+        final_dir = save_final(run_dir, model, tokenizer, cfg.model.path, resolve(cfg.strategy).saves)
     log.info("done: %d steps, final train loss %.4f; model in %s", steps, loss, final_dir)
     return TrainResult(run_dir, steps, loss, eval_result, final_dir, model)

@@ -31,6 +31,7 @@ import torch
 
 from tunelab.config import Config
 from tunelab.data.encode import Encoded
+from tunelab.strategies.registry import resolve
 
 log = logging.getLogger(__name__)
 WARMUP_STEPS = 1  # the first step allocates the optimizer's states and warms the allocator
@@ -66,7 +67,7 @@ def time_cut_model(cfg: Config, model_config: Any, layers: int, examples: list[E
 
     from tunelab.data.batching import count_label_tokens
     from tunelab.models.load import attention_implementation, enable_activation_checkpointing, pad_token_id
-    from tunelab.strategies import prepare_strategy
+    from tunelab.strategies.registry import prepare_strategy
     from tunelab.train.batches import make_batch_plan
     from tunelab.train.loop import optimizer_step, resolve_device, set_denormal_mode
     from tunelab.train.optim import build_optimizer, build_scheduler
@@ -119,7 +120,7 @@ def measured_step_seconds(cfg: Config, layers: int, examples: list[Encoded], tok
         return time_cut_model(c, model_config, n, examples, tokenizer)
 
     log.info("timing %s steps on this CPU with cut copies of the model (%d layers)", cfg.strategy.name, layers)
-    k = cfg.strategy.freeze.trainable_layers if cfg.strategy.name == "freeze" else None
+    k = cfg.strategy.freeze.trainable_layers if resolve(cfg.strategy).base == "chosen" else None
     if k and k < layers and layers >= 2:
         one = timed(1, 1)  # head + a trained layer
         frozen = timed(2, 1) - one  # + a frozen layer below it

@@ -1,60 +1,27 @@
-"""The taxonomy of adapting a pretrained LM (Liu et al. 2021, "Pre-train, Prompt, and Predict", 7.2)
-plus the parameter-efficient family: for each strategy, what trains and what is added.
-"""
+"""How strategies change a model: peft adapters applied, soft prompts initialised from real tokens, chosen modules
+unfrozen. The registry (tunelab/strategies/registry.py) decides which of these a strategy uses."""
 
 from __future__ import annotations
 
 import fnmatch
-import logging
 import random
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from tunelab.config import StrategyConfig
+from tunelab.config import FreezeSettings, SoftPromptSettings
 from tunelab.errors import ConfigError, ModelError
-from tunelab.strategies.model import TrainModel
-
-log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Strategy:
-    lm: str  # what happens to the LM's own parameters
-    prompt: str
-    trains: str
+def get_peft_model_or_explain(model: Any, peft_config: Any, strategy: str) -> Any:
+    """peft's get_peft_model, with peft's refusal of an architecture turned into an error a user can act on."""
+    from peft import get_peft_model
 
-
-STRATEGIES: dict[str, Strategy] = {
-    "prompting": Strategy("frozen", "discrete template, zero- or few-shot", "nothing: it evaluates only"),
-    "full": Strategy("all tuned", "none (optional template)", "all weights"),
-    "fixed_prompt": Strategy("tuned (all, or LoRA)", "a fixed discrete template", "weights (or LoRA)"),
-    "soft_prompt": Strategy("frozen", "learned continuous prompt", "prompt parameters only"),
-    "prompt_lm": Strategy("tuned", "learned continuous prompt", "prompt parameters and all weights"),
-    "lora": Strategy("frozen, plus low-rank adapters", "optional template", "adapters"),
-    "freeze": Strategy("top-k layers or named modules tuned", "optional template", "the chosen modules"),
-}
-
-
-def _linear_module_names(model: torch.nn.Module) -> list[str]:
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-
-
-def _lora(model: Any, cfg: StrategyConfig) -> Any:
-    from peft import LoraConfig, get_peft_model
-
-    s = cfg.lora
-    targets = s.target_modules
-    if targets != "all-linear":
-        present = _linear_module_names(model)
-        missing = [t for t in targets if t not in present]
-        if missing:
-            raise ConfigError(f"strategy.lora.target_modules names {missing}, which match no linear module of this "
-                              f"model. Its linear modules are: {', '.join(present)} (or use all-linear).")
-    peft_cfg = LoraConfig(task_type="CAUSAL_LM", r=s.rank, lora_alpha=s.alpha, lora_dropout=s.dropout,
-                          target_modules=targets, use_dora=s.variant == "dora", use_rslora=s.variant == "rslora")
-    return get_peft_model(model, peft_cfg)
+    try:
+        return get_peft_model(model, peft_config)
+    except (ValueError, KeyError, AttributeError, NotImplementedError) as exc:
+        raise ModelError(f"peft cannot apply strategy {strategy} to a '{model.config.model_type}' model: {exc}. "
+                         "Try strategy.name: lora with strategy.lora.target_modules naming its linear layers.") from None
 
 
 def _init_token_ids(tokenizer: Any, text: str | None, n: int, seed: int) -> list[int]:
@@ -82,11 +49,12 @@ def _prefix_from_activations(model: Any, token_ids: list[int]) -> torch.Tensor:
     return torch.cat(rows, dim=1)
 
 
-def _soft_prompt(model: Any, cfg: StrategyConfig, tokenizer: Any, seed: int) -> tuple[Any, int, bool]:
+def apply_soft_prompt(model: Any, s: SoftPromptSettings, tokenizer: Any, seed: int) -> tuple[Any, int, bool]:
+    """The model wrapped by peft with a soft prompt, its virtual-token slots per example, and whether it is a prefix
+    (whose keys and values peft's own forward supplies)."""
     from peft import (PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, PromptTuningInit,
                       get_peft_model)
 
-    s = cfg.soft_prompt
     n = s.num_virtual_tokens
     init_ids = _init_token_ids(tokenizer, s.init_text, n, seed)
     if s.method == "prompt_tuning":
@@ -112,10 +80,10 @@ def _soft_prompt(model: Any, cfg: StrategyConfig, tokenizer: Any, seed: int) -> 
     return peft_model, (0 if s.method == "prefix_tuning" else n), s.method == "prefix_tuning"
 
 
-def _freeze(model: Any, cfg: StrategyConfig) -> None:
+def choose_trainable(model: Any, s: FreezeSettings) -> None:
+    """Only the chosen modules train: the top k decoder layers, or the parameters matching name patterns."""
     for p in model.parameters():
         p.requires_grad_(False)
-    s = cfg.freeze
     if s.trainable_layers:
         layers = model.get_decoder().layers
         if s.trainable_layers > len(layers):
@@ -135,24 +103,3 @@ def _freeze(model: Any, cfg: StrategyConfig) -> None:
         for name, p in model.named_parameters():
             if name in hits:
                 p.requires_grad_(True)
-
-
-def prepare_strategy(model: Any, cfg: StrategyConfig, tokenizer: Any, seed: int = 0) -> TrainModel:
-    """Set what trains and add what the strategy adds; the result is what the training loop runs."""
-    name = cfg.name
-    if name in ("full", "prompting") or (name == "fixed_prompt" and cfg.fixed_prompt.tune == "all"):
-        for p in model.parameters():
-            p.requires_grad_(name != "prompting")
-        return TrainModel(model, name)
-    if name == "freeze":
-        _freeze(model, cfg)
-        return TrainModel(model, name)
-    if name in ("lora", "fixed_prompt"):
-        return TrainModel(_lora(model, cfg), name)
-    if name in ("soft_prompt", "prompt_lm"):
-        peft_model, virtual, prefix = _soft_prompt(model, cfg, tokenizer, seed)
-        if name == "prompt_lm":
-            for p in peft_model.get_base_model().parameters():
-                p.requires_grad_(True)
-        return TrainModel(peft_model, name, virtual_tokens=virtual, prefix=prefix)
-    raise AssertionError(f"unhandled strategy {name}")

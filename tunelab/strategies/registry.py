@@ -1,0 +1,211 @@
+"""The strategy registry: one `TuningStrategy` per strategy, the one place a strategy is defined.
+
+The taxonomy of adapting a pretrained LM (Liu et al. 2021, "Pre-train, Prompt, and Predict", 7.2) plus the
+parameter-efficient family. Each entry says what trains in the base model, what is added (nothing, a peft
+adapter, a soft prompt), how the result saves and merges, and how many parameters it adds (from the model's
+shape, for the planner). Preparation, export, evaluation loading, the planner and the config read these fields;
+no other module compares strategy names. Adding a strategy is adding an entry here.
+
+This module imports no torch or peft at import time (the config validates strategy names against it).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Literal
+
+from tunelab.errors import ConfigError, ModelError
+
+if TYPE_CHECKING:
+    from tunelab.config import StrategyConfig
+    from tunelab.strategies.model import TrainModel
+
+Base = Literal["none", "all", "chosen"]  # what trains in the base model: nothing, every weight, chosen modules
+Adds = Literal["nothing", "adapter", "soft_prompt"]  # what the strategy adds to the base model
+
+
+@dataclass(frozen=True)
+class TuningStrategy:
+    name: str
+    lm: str  # what happens to the LM's own parameters (prose: plan and docs)
+    prompt: str  # what prompt the model sees
+    trains: str  # what trains
+    base: Base
+    adds: Adds
+    peft_type: str | None = None  # for adds == "adapter": peft's type of the adapter (LORA, IA3)
+    adapter_config: Callable[[Any, StrategyConfig], Any] | None = None  # (model, cfg) -> a peft config
+    count_adapter: Callable[[Any, StrategyConfig], int] | None = None  # (model shape, cfg) -> adapter parameters
+    mergeable: bool = False  # `tunelab export --merge` folds the addition into the weights
+    requires_template: bool = False
+    planned: bool = True  # estimated by `tunelab plan` unless strategies are named
+    refine: Callable[[StrategyConfig], TuningStrategy] | None = None  # a strategy whose settings pick its form
+
+    @property
+    def trains_anything(self) -> bool:
+        return self.base != "none" or self.adds != "nothing"
+
+    @property
+    def trains_base_weights(self) -> bool:
+        """Every base weight (the output head included) trains."""
+        return self.base == "all"
+
+    @property
+    def keeps_base_weights(self) -> bool:
+        """The base model's own weights are unchanged: without the addition, the model is exactly the base."""
+        return self.base == "none"
+
+    @property
+    def cost_class(self) -> str:
+        """'weights', 'adapter' or 'frozen': the class of the strategy for memory and time estimates."""
+        if self.base != "none":
+            return "weights"
+        return "adapter" if self.adds == "adapter" else "frozen"
+
+    @property
+    def saves(self) -> str:
+        """What final/ holds: nothing, a Hugging Face model, a peft adapter, or both (model/ base + adapter/)."""
+        if not self.trains_anything:
+            return "nothing"
+        if self.adds == "nothing":
+            return "model"
+        return "model+adapter" if self.base != "none" else "adapter"
+
+
+# -- adapters (peft configs) and their parameter counts from the model's shape ----------------------------------
+
+def _linear_module_names(model: Any) -> list[str]:
+    import torch
+
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+
+
+def _lora_config(model: Any, cfg: StrategyConfig) -> Any:
+    from peft import LoraConfig
+
+    s = cfg.lora
+    targets = s.target_modules
+    if targets != "all-linear":
+        present = _linear_module_names(model)
+        missing = [t for t in targets if t not in present]
+        if missing:
+            raise ConfigError(f"strategy.lora.target_modules names {missing}, which match no linear module of this "
+                              f"model. Its linear modules are: {', '.join(present)} (or use all-linear).")
+    return LoraConfig(task_type="CAUSAL_LM", r=s.rank, lora_alpha=s.alpha, lora_dropout=s.dropout,
+                      target_modules=targets, use_dora=s.variant == "dora", use_rslora=s.variant == "rslora")
+
+
+def _targets(shape: Any, suffixes: list[str] | str) -> list[tuple[str, int, int]]:
+    """The shape's linear layers (name, in, out) whose last name part is one of `suffixes` (or all of them)."""
+    if suffixes == "all-linear":
+        return shape.linears
+    return [(n, i, o) for n, i, o in shape.linears if n.rsplit(".", 1)[-1] in suffixes]
+
+
+def _count_lora(shape: Any, cfg: StrategyConfig) -> int:
+    s = cfg.lora
+    return sum(s.rank * (i + o) + (o if s.variant == "dora" else 0) for _, i, o in _targets(shape, s.target_modules))
+
+
+def _fixed_prompt(cfg: StrategyConfig) -> TuningStrategy:
+    """fixed_prompt tunes all weights (tune: all) or LoRA adapters (tune: lora) under its template."""
+    if cfg.fixed_prompt.tune == "all":
+        return replace(STRATEGIES["full"], name="fixed_prompt")
+    return replace(STRATEGIES["lora"], name="fixed_prompt")
+
+
+STRATEGIES: dict[str, TuningStrategy] = {s.name: s for s in [
+    TuningStrategy("prompting", "frozen", "discrete template, zero- or few-shot", "nothing: it evaluates only",
+                   base="none", adds="nothing"),
+    TuningStrategy("soft_prompt", "frozen", "learned continuous prompt (prompt tuning, P-tuning, prefix tuning)",
+                   "prompt parameters only", base="none", adds="soft_prompt"),
+    TuningStrategy("lora", "frozen, plus low-rank adapters", "optional template", "adapters", base="none",
+                   adds="adapter", peft_type="LORA", adapter_config=_lora_config, count_adapter=_count_lora,
+                   mergeable=True),
+    TuningStrategy("freeze", "top-k layers or named modules tuned", "optional template", "the chosen modules",
+                   base="chosen", adds="nothing"),
+    TuningStrategy("full", "all tuned", "none (optional template)", "all weights", base="all", adds="nothing"),
+    TuningStrategy("prompt_lm", "tuned", "learned continuous prompt", "prompt parameters and all weights",
+                   base="all", adds="soft_prompt"),
+    TuningStrategy("fixed_prompt", "tuned (all, or LoRA)", "a fixed discrete template", "weights (or LoRA)",
+                   base="all", adds="nothing", requires_template=True, planned=False, refine=_fixed_prompt),
+]}
+
+
+def resolve(cfg: StrategyConfig) -> TuningStrategy:
+    """The strategy a config asks for, in the form its settings pick."""
+    strategy = STRATEGIES[cfg.name]
+    return strategy.refine(cfg) if strategy.refine else strategy
+
+
+def planned_strategies() -> list[str]:
+    return [name for name, s in STRATEGIES.items() if s.planned]
+
+
+def mergeable_peft_types() -> set[str]:
+    return {s.peft_type for s in STRATEGIES.values() if s.mergeable and s.peft_type}
+
+
+# -- preparing a model, and counting what it will train from its shape ------------------------------------------
+
+def prepare_strategy(model: Any, cfg: StrategyConfig, tokenizer: Any, seed: int = 0) -> TrainModel:
+    """Set what trains and add what the strategy adds; the result is what the training loop runs."""
+    from tunelab.strategies.build import apply_soft_prompt, choose_trainable, get_peft_model_or_explain
+    from tunelab.strategies.model import TrainModel
+
+    s = resolve(cfg)
+    virtual, prefix = 0, False
+    if s.adds == "adapter":
+        lm = get_peft_model_or_explain(model, s.adapter_config(model, cfg), s.name)
+    elif s.adds == "soft_prompt":
+        lm, virtual, prefix = apply_soft_prompt(model, cfg.soft_prompt, tokenizer, seed)
+    else:
+        lm = model
+        for p in model.parameters():
+            p.requires_grad_(False)
+    base = lm.get_base_model() if s.adds != "nothing" else lm
+    if s.base == "all":
+        for p in base.parameters():
+            p.requires_grad_(True)
+    elif s.base == "chosen":
+        choose_trainable(base, cfg.freeze)
+    return TrainModel(lm, cfg.name, virtual_tokens=virtual, prefix=prefix)
+
+
+def prompt_params(shape: Any, cfg: StrategyConfig) -> int:
+    """Parameters a soft prompt adds (peft's PromptEmbedding, PromptEncoder MLP, PrefixEncoder)."""
+    s, d = cfg.soft_prompt, shape.hidden
+    n = s.num_virtual_tokens
+    if s.method == "prompt_tuning":
+        return n * d
+    if s.method == "p_tuning":
+        h = s.encoder_hidden_size or d
+        return n * d + (d * h + h) + (h * h + h) + (h * d + d)
+    kv = shape.layers * 2 * shape.kv_dim
+    if s.prefix_projection:
+        t = shape.kv_dim  # peft's token_dim for a prefix is the key/value width; its MLP is that wide too
+        return n * t + (t * t + t) + (t * kv + kv)
+    return n * kv
+
+
+def parameter_counts(shape: Any, cfg: StrategyConfig) -> tuple[int, int]:
+    """(trainable, total) parameters of the model as the strategy prepares it, from the model's shape
+    (plan.estimate.ModelShape: total_params, layer_params, param_names, linears, hidden, layers, kv_dim)."""
+    s, total = resolve(cfg), shape.total_params
+    added = 0
+    if s.adds == "adapter":
+        added = s.count_adapter(shape, cfg)
+    elif s.adds == "soft_prompt":
+        added = prompt_params(shape, cfg)
+    if s.base == "all":
+        base = total
+    elif s.base == "chosen" and cfg.freeze.trainable_layers:
+        base = sum(shape.layer_params[-cfg.freeze.trainable_layers :])
+    elif s.base == "chosen":
+        hit = {n for n in shape.param_names for pat in cfg.freeze.modules
+               if fnmatch.fnmatch(n, pat) or fnmatch.fnmatch(n, pat + ".*")}
+        base = sum(shape.param_names[n] for n in hit)
+    else:
+        base = 0
+    return base + added, total + added
