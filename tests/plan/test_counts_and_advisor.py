@@ -15,7 +15,7 @@ from tunelab.strategies.model import count_parameters
 from tunelab.strategies.registry import prepare_strategy
 
 STRATEGIES = [
-    {"name": "prompting"}, {"name": "full"}, {"name": "lora"},
+    {"name": "prompting"}, {"name": "full"}, {"name": "lora"}, {"name": "ia3"},
     {"name": "lora", "lora": {"rank": 4, "variant": "dora", "target_modules": ["q_proj", "v_proj"]}},
     {"name": "lora", "lora": {"variant": "rslora", "target_modules": ["gate_proj", "down_proj", "up_proj"]}},
     {"name": "soft_prompt", "soft_prompt": {"num_virtual_tokens": 7}},

@@ -108,6 +108,30 @@ def _count_lora(shape: Any, cfg: StrategyConfig) -> int:
     return sum(s.rank * (i + o) + (o if s.variant == "dora" else 0) for _, i, o in _targets(shape, s.target_modules))
 
 
+def _ia3_modules(model_type: str) -> tuple[list[str], list[str]]:
+    """peft's default (IA)^3 targets for a model family: (target modules, the feed-forward ones among them)."""
+    from peft.utils.constants import (TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD,
+                                      TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGETS)
+
+    if model_type not in TARGETS:
+        raise ModelError(f"peft has no (IA)^3 targets for '{model_type}' models (it knows {', '.join(sorted(TARGETS))})."
+                         " Use strategy.name: lora, whose strategy.lora.target_modules can name any linear layer.")
+    return list(TARGETS[model_type]), list(FEEDFORWARD.get(model_type, []))
+
+
+def _ia3_config(model: Any, cfg: StrategyConfig) -> Any:
+    from peft import IA3Config
+
+    targets, feedforward = _ia3_modules(model.config.model_type)
+    return IA3Config(task_type="CAUSAL_LM", target_modules=targets, feedforward_modules=feedforward)
+
+
+def _count_ia3(shape: Any, cfg: StrategyConfig) -> int:
+    """One learned scale per feature: the input of a feed-forward target, the output of the others (peft's IA3Layer)."""
+    targets, feedforward = _ia3_modules(shape.model_type)
+    return sum(i if n.rsplit(".", 1)[-1] in feedforward else o for n, i, o in _targets(shape, targets))
+
+
 def _fixed_prompt(cfg: StrategyConfig) -> TuningStrategy:
     """fixed_prompt tunes all weights (tune: all) or LoRA adapters (tune: lora) under its template."""
     if cfg.fixed_prompt.tune == "all":
@@ -123,6 +147,9 @@ STRATEGIES: dict[str, TuningStrategy] = {s.name: s for s in [
     TuningStrategy("lora", "frozen, plus low-rank adapters", "optional template", "adapters", base="none",
                    adds="adapter", peft_type="LORA", adapter_config=_lora_config, count_adapter=_count_lora,
                    mergeable=True),
+    TuningStrategy("ia3", "frozen, plus learned scales of keys, values and feed-forward inputs ((IA)^3)",
+                   "optional template", "one scale per feature of the targeted layers", base="none", adds="adapter",
+                   peft_type="IA3", adapter_config=_ia3_config, count_adapter=_count_ia3, mergeable=True),
     TuningStrategy("freeze", "top-k layers or named modules tuned", "optional template", "the chosen modules",
                    base="chosen", adds="nothing"),
     TuningStrategy("full", "all tuned", "none (optional template)", "all weights", base="all", adds="nothing"),
