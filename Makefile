@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_CPU := torch==2.13.0
 
-.PHONY: demo test test-fast venv clean chromium
+.PHONY: demo test test-fast venv clean chromium gpu-wheels
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,15 @@ test: $(VENV)/.installed chromium
 
 test-fast: $(VENV)/.installed
 	$(PYTEST) -m "not slow" --durations=15
+
+# What bench/gpu_check.py --wheels .whl installs on the GPU machine (Python 3.12, no network there): TRL, datasets
+# and liger-kernel for the baselines, and what tunelab needs beyond that machine's image (the versions used here).
+GPU_WHEELS = trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 liger-kernel==0.8.5 peft==0.21.2 \
+	pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 nltk==3.10.4 datasketch==2.0.0
+gpu-wheels: $(VENV)/.installed
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+	$(PY) -m pip wheel -q --no-deps -w .whl rouge-score==0.1.2  # an sdist only: built here (pure Python)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

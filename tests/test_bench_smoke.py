@@ -1,4 +1,5 @@
-"""The benchmark's smoke mode runs every system on the CPU, so that bench/ cannot rot (no timing claims)."""
+"""The prepared GPU check (bench/gpu_check.py) and its throughput bench run every path on the CPU in smoke mode,
+so that neither can rot before a GPU is lent (the figures of smoke mode are not measurements)."""
 
 from __future__ import annotations
 
@@ -11,15 +12,31 @@ import pytest
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
+CHECKS = {"loss_equals_transformers", "packed_equals_padded", "strategies_train", "eval_on_device", "fsdp2_one_process"}
 
 
-def test_bench_smoke_runs_every_system(tmp_path):
+def _gpu_check(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu", "--smoke",
+                           "--out", str(out), *extra], capture_output=True, text=True, timeout=900)
+
+
+def test_gpu_check_smoke_runs_every_check_and_the_bench(tmp_path):
     pytest.importorskip("trl", reason="the bench extra (pip install -e .[bench]) is not installed")
-    out = tmp_path / "smoke.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "sft_throughput.py"), "--smoke", "--json", str(out)],
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    results = json.loads(out.read_text())["results"]
+    proc = _gpu_check(tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    checks = report["checks"]
+    assert set(checks) == CHECKS and all(c["ok"] for c in checks.values())
+    fp32 = checks["loss_equals_transformers"]["fp32"]  # against transformers' own loss, on the same batch
+    assert fp32["loss_rel_diff"] <= 1e-5 and fp32["grad_rel_diff"] <= 1e-3
+    assert checks["packed_equals_padded"]["packed_rows"] < checks["packed_equals_padded"]["examples"]
+    fsdp2 = checks["fsdp2_one_process"]  # one FSDP2 process trains as the plain single-process run does
+    assert fsdp2["losses"] == pytest.approx(fsdp2["single_process_losses"], rel=1e-5)
+    assert checks["eval_on_device"]["lora"]["parameters_on"] == ["cpu"]
+    markdown = (tmp_path / "gpu_check.md").read_text()
+    assert all(f"| {name} | ok |" in markdown for name in CHECKS) and "| tunelab |" in markdown
+
+    results = report["throughput"]["results"]
     assert set(results) == {"tunelab", "hf_trainer", "trl", "trl_packed"}
     for name, r in results.items():
         assert r["tokens"] > 0 and r["seconds"] > 0 and r["steps"] == 2, name
@@ -27,3 +44,19 @@ def test_bench_smoke_runs_every_system(tmp_path):
     per_step = [r["tokens"] / r["steps"] for r in results.values()]
     assert max(per_step) < 1.6 * min(per_step)
     assert "smoke mode" in proc.stdout
+
+
+def test_carried_wheels_are_installed_before_the_checks(tmp_path):
+    """--wheels: the GPU machine has no network, so the check installs the folder's wheels and runs with them."""
+    src = tmp_path / "probe"
+    (src / "tunelab_wheel_probe").mkdir(parents=True)
+    (src / "tunelab_wheel_probe" / "__init__.py").write_text("__version__ = '1.0'\n")
+    (src / "pyproject.toml").write_text('[project]\nname = "tunelab-wheel-probe"\nversion = "1.0"\n')
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "wheels"), str(src)], check=True, capture_output=True)
+    proc = _gpu_check(tmp_path / "out", "--wheels", str(tmp_path / "wheels"), "--checks", "loss_equals_transformers",
+                      "--no-throughput")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert report["environment"]["carried"] == ["tunelab_wheel_probe-1.0.dist-info"]
+    assert report["checks"]["loss_equals_transformers"]["ok"]

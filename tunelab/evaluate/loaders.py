@@ -12,6 +12,7 @@ import yaml
 from tunelab.config import Config, ModelConfig, validate_config
 from tunelab.errors import ModelError
 from tunelab.models.load import check_model_folder, check_weights, load_tokenizer, read_adapter_config
+from tunelab.models.device import choose_device
 from tunelab.strategies.model import TrainModel
 from tunelab.strategies.registry import resolve
 
@@ -43,8 +44,9 @@ def _load_hf(path: str, trust_remote_code: bool = False) -> Any:
     return load_model(ModelConfig(path=path, trust_remote_code=trust_remote_code))
 
 
-def load_for_eval(path: str, adapter: str | None = None, device: str = "cpu") -> EvalModel:
-    """Load what `path` names, ready for evaluation (eval mode, KV cache on)."""
+def load_for_eval(path: str, adapter: str | None = None, device: str = "auto") -> EvalModel:
+    """Load what `path` names, ready for evaluation (eval mode, KV cache on) on the device: auto (a GPU when there
+    is one, tunelab.models.device), cuda or cpu."""
     from peft import PeftModel
 
     from tunelab.strategies.export import load_final
@@ -77,6 +79,6 @@ def load_for_eval(path: str, adapter: str | None = None, device: str = "cpu") ->
     else:
         lm, tok_dir, strategy, name = _load_hf(path), path, "model", path
     tokenizer = load_tokenizer(ModelConfig(path=str(tok_dir)))
-    model = _wrap(lm, strategy).to(device).eval()
+    model = _wrap(lm, strategy).to(choose_device(device).device).eval()
     model.base.config.use_cache = True
     return EvalModel(model, tokenizer, name, run_config)

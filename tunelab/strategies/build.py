@@ -24,15 +24,17 @@ def get_peft_model_or_explain(model: Any, peft_config: Any, strategy: str) -> An
                          "Try strategy.name: lora with strategy.lora.target_modules naming its linear layers.") from None
 
 
-def _init_token_ids(tokenizer: Any, text: str | None, n: int, seed: int) -> list[int]:
-    """Token ids whose embeddings initialise a soft prompt: the text (repeated to length n) or sampled vocabulary."""
+def _init_token_ids(tokenizer: Any, text: str | None, n: int, seed: int, num_embeddings: int) -> list[int]:
+    """Token ids whose embeddings initialise a soft prompt: the text (repeated to length n) or sampled vocabulary
+    (the tokenizer's ordinary tokens that have an embedding row; every non-special row where it has none)."""
     if text:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if not ids:
             raise ConfigError("strategy.soft_prompt.init_text tokenizes to nothing; give a non-empty text")
         return (ids * (n // len(ids) + 1))[:n]
     special = set(tokenizer.all_special_ids)
-    vocab = [i for i in range(len(tokenizer)) if i not in special]
+    vocab = [i for i in range(min(len(tokenizer), num_embeddings)) if i not in special] or \
+        [i for i in range(num_embeddings) if i not in special]
     return random.Random(seed).sample(vocab, n) if len(vocab) >= n else random.Random(seed).choices(vocab, k=n)
 
 
@@ -56,7 +58,7 @@ def apply_soft_prompt(model: Any, s: SoftPromptSettings, tokenizer: Any, seed: i
                       get_peft_model)
 
     n = s.num_virtual_tokens
-    init_ids = _init_token_ids(tokenizer, s.init_text, n, seed)
+    init_ids = _init_token_ids(tokenizer, s.init_text, n, seed, model.get_input_embeddings().num_embeddings)
     if s.method == "prompt_tuning":
         peft_cfg = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n, prompt_tuning_init=PromptTuningInit.RANDOM)
     elif s.method == "p_tuning":

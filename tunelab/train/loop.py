@@ -26,6 +26,7 @@ from tunelab.data.dataset import load_datasets
 from tunelab.data.render import spec_from_config
 from tunelab.errors import ConfigError, DiskFullError, NonFiniteError
 from tunelab.models.load import enable_activation_checkpointing, load_model, load_tokenizer, pad_token_id
+from tunelab.models.device import choose_device
 from tunelab.strategies.model import count_parameters
 from tunelab.strategies.registry import prepare_strategy, resolve
 from tunelab.strategies.export import save_final
@@ -57,16 +58,9 @@ class TrainResult:
 
 
 def resolve_device(cfg: TrainConfig, info: DistInfo = DistInfo()) -> tuple[torch.device, torch.dtype | None]:
-    """The device (this rank's GPU under torchrun), and the autocast dtype (None: full float32)."""
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device is 'cuda' but no CUDA device is available; use train.device: auto or cpu")
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          cfg.device if cfg.device != "auto" else "cpu")
-    if device.type == "cuda" and info.enabled:
-        device = torch.device("cuda", info.local_rank)
-    if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
-        return device, torch.bfloat16
-    return device, None
+    """train.device and train.precision through the one device decision (this rank's GPU under torchrun)."""
+    choice = choose_device(cfg.device, cfg.precision, info.local_rank if info.enabled else None, "train.device")
+    return choice.device, choice.autocast_dtype
 
 
 def set_denormal_mode(cfg: TrainConfig, device: torch.device) -> None:
