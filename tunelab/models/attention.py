@@ -57,6 +57,15 @@ def block_causal_mask(positions: torch.Tensor) -> torch.Tensor:
     return (same & causal)[:, None]
 
 
+def packing_refusal(model: Any) -> str | None:
+    """Why packed rows would not stay apart in this model, or None when they do: an architecture whose attention
+    does not go through transformers' attention interface (and masks) ignores the restarting position ids."""
+    if not getattr(type(model), "_supports_attention_backend", False):
+        return (f"'{model.config.model_type}' models compute attention their own way, not through transformers' "
+                "attention interface, so packed examples would attend to each other")
+    return None
+
+
 def packed_inputs(batch: dict[str, torch.Tensor], attn_implementation: str) -> dict[str, Any]:
     """Model inputs for a packed batch (input_ids, position_ids), laid out for the attention in use.
 

@@ -116,17 +116,37 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     return tok
 
 
-def attention_implementation(requested: str, device_type: str) -> str:
-    """`auto`: flash-attn's variable-length kernel on CUDA where installed, else tunelab's varlen SDPA.
+def _causal_lm_class(config: Any) -> Any:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:  # remote code: its own class, not in transformers' table
+        return None
+
+
+def attention_implementation(requested: str, device_type: str, config: Any = None) -> str:
+    """`auto`: flash-attn's variable-length kernel on CUDA where installed, else tunelab's varlen SDPA, where the
+    architecture can use them; else the architecture's own attention.
 
     Packed rows are kept apart on every path: `tunelab_varlen` runs SDPA per packed example,
     flash-attn reads the example bounds from the restarting position ids, and for `sdpa`,
-    `eager` or `flex_attention` transformers builds a block-diagonal causal mask from them.
+    `eager` or `flex_attention` transformers builds a block-diagonal causal mask from them. An
+    architecture whose attention does not go through transformers' attention interface (Falcon's and
+    Bloom's own classes, with ALiBi) cannot take tunelab_varlen; one with an attention-logit soft cap
+    (Gemma 2) cannot take SDPA, so it gets eager attention.
     """
     from tunelab.models.attention import VARLEN
 
     if requested != "auto":
         return requested
+    if config is not None:
+        cls = _causal_lm_class(config)
+        if cls is not None and not getattr(cls, "_supports_attention_backend", False):
+            return "sdpa" if getattr(cls, "_supports_sdpa", False) else "eager"
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        if getattr(text, "attn_logit_softcapping", None):
+            return "eager"
     if device_type == "cuda":
         import importlib.util
 
@@ -138,16 +158,17 @@ def attention_implementation(requested: str, device_type: str) -> str:
 def load_model(cfg: ModelConfig, dtype: Any = None, device_type: str = "cpu") -> Any:
     """The causal LM in training-ready form (float32 master weights unless `dtype` says otherwise)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     local = check_model_folder(cfg.path, cfg.allow_pickle)
     if local:
         check_weights(cfg.path)
     try:
+        config = AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            cfg.path, trust_remote_code=cfg.trust_remote_code, dtype=dtype or torch.float32,
+            cfg.path, config=config, trust_remote_code=cfg.trust_remote_code, dtype=dtype or torch.float32,
             use_safetensors=None if cfg.allow_pickle or not local else True,
-            attn_implementation=attention_implementation(cfg.attn_implementation, device_type),
+            attn_implementation=attention_implementation(cfg.attn_implementation, device_type, config),
         )
     except (OSError, ValueError, ImportError) as exc:
         raise ModelError(f"cannot load a causal LM from '{cfg.path}': {exc}") from None

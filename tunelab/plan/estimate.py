@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from tunelab.config import Config
+from tunelab.models.layers import decoder_layers
 from tunelab.strategies.registry import parameter_counts, resolve  # noqa: F401  (the registry counts parameters)
 
 BYTES_FP32 = 4
@@ -35,6 +36,7 @@ class ModelShape:
     param_names: dict[str, int]  # name -> numel (unique parameters)
     linears: list[tuple[str, int, int]]  # (module name, in_features, out_features) of the decoder's Linear layers
     model_type: str = ""  # the config's model_type (peft's per-family adapter targets)
+    embedding_dim: int = 0  # the token embeddings' width (0: the hidden size; OPT-350m's is narrower)
     head_trainable_in_full: bool = True
 
     @property
@@ -45,6 +47,17 @@ class ModelShape:
     def body_matmul_params(self) -> int:
         """Parameters used in matrix products per token, except the output head."""
         return sum(i * o for _, i, o in self.linears)
+
+
+def linear_features(module: torch.nn.Module) -> tuple[int, int] | None:
+    """(in, out) of a linear layer: torch's Linear, or transformers' Conv1D (GPT-2's, whose weight is (in, out))."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0], module.weight.shape[1]
+    return None
 
 
 def model_shape(model_path: str, trust_remote_code: bool = False) -> ModelShape:
@@ -65,16 +78,16 @@ def model_shape(model_path: str, trust_remote_code: bool = False) -> ModelShape:
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     head = model.get_output_embeddings()
-    linears = [(n, m.in_features, m.out_features) for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and m is not head]
-    layers = model.get_decoder().layers
+    linears = [(n, *linear_features(m)) for n, m in model.named_modules()
+               if linear_features(m) is not None and m is not head]
+    layers = decoder_layers(model)
     return ModelShape(
         total_params=sum(p.numel() for p in model.parameters()), layers=len(layers), hidden=text.hidden_size,
         intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size), vocab=text.vocab_size, heads=heads,
         kv_heads=getattr(text, "num_key_value_heads", None) or heads, head_dim=head_dim,
         layer_params=[sum(p.numel() for p in layer.parameters()) for layer in layers],
         param_names={n: p.numel() for n, p in model.named_parameters()}, linears=linears,
-        model_type=config.model_type)
+        model_type=config.model_type, embedding_dim=model.get_input_embeddings().embedding_dim)
 
 
 @dataclass

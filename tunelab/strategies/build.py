@@ -11,6 +11,7 @@ import torch
 
 from tunelab.config import FreezeSettings, SoftPromptSettings
 from tunelab.errors import ConfigError, ModelError
+from tunelab.models.layers import decoder_layers
 
 
 def get_peft_model_or_explain(model: Any, peft_config: Any, strategy: str) -> Any:
@@ -58,11 +59,14 @@ def apply_soft_prompt(model: Any, s: SoftPromptSettings, tokenizer: Any, seed: i
                       get_peft_model)
 
     n = s.num_virtual_tokens
-    init_ids = _init_token_ids(tokenizer, s.init_text, n, seed, model.get_input_embeddings().num_embeddings)
+    embeddings = model.get_input_embeddings()
+    init_ids = _init_token_ids(tokenizer, s.init_text, n, seed, embeddings.num_embeddings)
+    width = embeddings.embedding_dim  # the prompt lives where token embeddings do (OPT-350m's are narrower than hidden)
     if s.method == "prompt_tuning":
-        peft_cfg = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n, prompt_tuning_init=PromptTuningInit.RANDOM)
+        peft_cfg = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n, token_dim=width,
+                                      prompt_tuning_init=PromptTuningInit.RANDOM)
     elif s.method == "p_tuning":
-        peft_cfg = PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=n,
+        peft_cfg = PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=n, token_dim=width,
                                        encoder_hidden_size=s.encoder_hidden_size or model.config.hidden_size)
     else:
         peft_cfg = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n, prefix_projection=s.prefix_projection)
@@ -74,9 +78,10 @@ def apply_soft_prompt(model: Any, s: SoftPromptSettings, tokenizer: Any, seed: i
                          "strategy.soft_prompt.method: prompt_tuning, or strategy.name: lora.") from None
     encoder = peft_model.prompt_encoder[peft_model.active_adapter]
     with torch.no_grad():
-        if s.method in ("prompt_tuning", "p_tuning"):  # the (encoder's input) embeddings of real tokens
-            table = model.get_input_embeddings().weight
-            encoder.embedding.weight.copy_(table[torch.tensor(init_ids, device=table.device)])
+        if s.method in ("prompt_tuning", "p_tuning"):  # the (encoder's input) embeddings of real tokens, as the
+            # embedding module gives them: at their scale where it scales them (Gemma's sqrt(hidden))
+            ids = torch.tensor(init_ids, device=embeddings.weight.device)
+            encoder.embedding.weight.copy_(embeddings(ids).to(encoder.embedding.weight.dtype))
         elif not s.prefix_projection:
             encoder.embedding.weight.copy_(prefix_init)
     return peft_model, (0 if s.method == "prefix_tuning" else n), s.method == "prefix_tuning"
@@ -87,7 +92,7 @@ def choose_trainable(model: Any, s: FreezeSettings) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     if s.trainable_layers:
-        layers = model.get_decoder().layers
+        layers = decoder_layers(model)
         if s.trainable_layers > len(layers):
             raise ConfigError(f"strategy.freeze.trainable_layers is {s.trainable_layers} but the model has "
                               f"{len(layers)} decoder layers.")

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from tunelab.models.attention import packed_inputs
+from tunelab.models.attention import packed_inputs, packing_refusal
 
 
 @dataclass(frozen=True)
@@ -62,8 +62,15 @@ class TrainModel(torch.nn.Module):
         return self.base.get_output_embeddings()
 
     @property
+    def pack_refusal(self) -> str | None:
+        """Why this model cannot see packed rows (None: it can)."""
+        if self.prefix:
+            return "prefix tuning's keys and values are laid out per row, not per packed example"
+        return packing_refusal(self.base)
+
+    @property
     def can_pack(self) -> bool:
-        return not self.prefix
+        return self.pack_refusal is None
 
     def forward(self, batch: dict[str, torch.Tensor], chunk_size: int = 1024,
                 count_correct: bool = False) -> tuple[torch.Tensor, int, torch.Tensor | None]:

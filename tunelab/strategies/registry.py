@@ -77,8 +77,10 @@ class TuningStrategy:
 
 def _linear_module_names(model: Any) -> list[str]:
     import torch
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
 
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if isinstance(m, (torch.nn.Linear, Conv1D))})
 
 
 def _lora_config(model: Any, cfg: StrategyConfig) -> Any:
@@ -202,12 +204,12 @@ def prepare_strategy(model: Any, cfg: StrategyConfig, tokenizer: Any, seed: int 
 
 def prompt_params(shape: Any, cfg: StrategyConfig) -> int:
     """Parameters a soft prompt adds (peft's PromptEmbedding, PromptEncoder MLP, PrefixEncoder)."""
-    s, d = cfg.soft_prompt, shape.hidden
+    s, d = cfg.soft_prompt, shape.embedding_dim or shape.hidden  # prompts live where token embeddings do
     n = s.num_virtual_tokens
     if s.method == "prompt_tuning":
         return n * d
     if s.method == "p_tuning":
-        h = s.encoder_hidden_size or d
+        h = s.encoder_hidden_size or shape.hidden
         return n * d + (d * h + h) + (h * h + h) + (h * d + d)
     kv = shape.layers * 2 * shape.kv_dim
     if s.prefix_projection:

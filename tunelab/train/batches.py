@@ -47,12 +47,14 @@ class BatchPlan:
 
 
 def make_batch_plan(cfg: Config, examples: list[Encoded], pad_id: int, can_pack: bool = True,
-                    virtual_tokens: int = 0, rank: int = 0, world: int = 1) -> BatchPlan:
+                    virtual_tokens: int = 0, rank: int = 0, world: int = 1, why_not_packed: str | None = None
+                    ) -> BatchPlan:
     """Padded batches of `train.batch_size`, or packed rows when `train.tokens_per_step` is set.
 
-    `virtual_tokens` soft-prompt slots precede every example (they count against a row's length).
+    `virtual_tokens` soft-prompt slots precede every example (they count against a row's length);
+    `why_not_packed` says, in the log, why a model that cannot see packed rows gets padded batches.
     """
-    plan = _plan(cfg, examples, pad_id, can_pack, virtual_tokens)
+    plan = _plan(cfg, examples, pad_id, can_pack, virtual_tokens, why_not_packed)
     plan.rank, plan.world = rank, world
     per_step = plan.rows_per_micro_batch * world
     if per_step > len(plan.stream.units(0)):
@@ -64,7 +66,8 @@ def make_batch_plan(cfg: Config, examples: list[Encoded], pad_id: int, can_pack:
     return plan
 
 
-def _plan(cfg: Config, examples: list[Encoded], pad_id: int, can_pack: bool, virtual_tokens: int) -> BatchPlan:
+def _plan(cfg: Config, examples: list[Encoded], pad_id: int, can_pack: bool, virtual_tokens: int,
+          why_not_packed: str | None = None) -> BatchPlan:
     t, v = cfg.train, virtual_tokens
     row_length = cfg.data.max_length + v
     lengths = [len(e.input_ids) for e in examples]
@@ -78,8 +81,8 @@ def _plan(cfg: Config, examples: list[Encoded], pad_id: int, can_pack: bool, vir
     micro = t.tokens_per_micro_batch or t.tokens_per_step
     if not can_pack:
         per_micro = max(1, round(micro / (sum(lengths) / len(lengths))))
-        log.info("this strategy cannot see packed rows: using padded batches of %d examples (the token budget "
-                 "%d / the mean example length)", per_micro, micro)
+        log.info("%s, so this run cannot see packed rows: using padded batches of %d examples (the token budget %d "
+                 "/ the mean example length)", why_not_packed or "by its strategy", per_micro, micro)
         return BatchPlan(UnitStream(shuffled_examples(len(examples), t.seed)), per_micro, t.tokens_per_step // micro,
                          padded, False, lengths)
     return BatchPlan(UnitStream(packed_rows([n + v for n in lengths], row_length, t.seed)),

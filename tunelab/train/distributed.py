@@ -64,8 +64,10 @@ def wrap(model: Any, strategy: str, device: torch.device, bf16: bool) -> Any:
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    from tunelab.models.layers import decoder_layers
+
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-    for layer in model.base.get_decoder().layers:
+    for layer in decoder_layers(model.base):
         fully_shard(layer, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     return model

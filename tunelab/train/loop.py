@@ -247,6 +247,7 @@ def run_recipe(cfg: Config, on_exit: contextlib.ExitStack) -> TrainResult:
 
     # 4. batches, optimizer, schedule; restore all of them when resuming
     plan = make_batch_plan(cfg, train_set, pad_id, can_pack=tm.can_pack, virtual_tokens=tm.virtual_tokens,
+                           why_not_packed=tm.pack_refusal,
                            rank=info.rank, world=info.world)
     steps = total_steps(cfg, plan)
     optimizer = build_optimizer(model, cfg.train, device)

@@ -78,7 +78,8 @@ def time_cut_model(cfg: Config, model_config: Any, layers: int, examples: list[E
     torch.manual_seed(cfg.train.seed)
     base = AutoModelForCausalLM.from_config(_cut_config(model_config, layers), dtype=torch.float32,
                                             trust_remote_code=cfg.model.trust_remote_code,
-                                            attn_implementation=attention_implementation(cfg.model.attn_implementation, "cpu"))
+                                            attn_implementation=attention_implementation(cfg.model.attn_implementation, "cpu",
+                                                                                         model_config))
     model = prepare_strategy(base, cfg.strategy, tokenizer, cfg.train.seed)
     model.train()
     if cfg.train.activation_checkpointing:
