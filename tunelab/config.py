@@ -51,6 +51,7 @@ class DataConfig(_Section):
     render: Literal["auto", "template", "chat"] = "auto"
     chat_template: str | None = None  # a Jinja template that replaces the tokenizer's own
     last_turn_only: bool = False
+    append_eos: bool = False  # chat: also train an EOS after each assistant turn where the template renders none
     max_examples: int | None = Field(default=None, ge=1)  # a seeded random sample of the training file
     max_eval_examples: int | None = Field(default=None, ge=1)  # a seeded random sample of the eval data
 

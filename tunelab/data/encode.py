@@ -146,8 +146,9 @@ def encode_examples(rendered: list[Rendered], tokenizer: Any, max_length: int, t
         if enc is not None:
             out.append(enc)
     eos_id = tokenizer.eos_token_id
-    missing_eos = [e.source for e in out if eos_id not in e.labels]
-    if out and len(missing_eos) == len(out) and stats.targets_truncated < len(out):
+    ends_with_eos = {r.source for r in rendered if tokenizer.eos_token and tokenizer.eos_token in r.target}
+    expected = [e for e in out if e.source in ends_with_eos]  # targets whose text ends with EOS
+    if expected and all(eos_id not in e.labels for e in expected) and stats.targets_truncated < len(out):
         raise DataError(f"the tokenizer does not turn its EOS text {tokenizer.eos_token!r} into its EOS id {eos_id}; "
                         "targets would never teach the model to stop.")
     return out

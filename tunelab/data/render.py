@@ -3,7 +3,13 @@
 Two renderers: a discrete prompt template (`str.format` over the record's fields, optional few-shot
 demonstrations drawn from the training set with a seed) and the tokenizer's chat template (each
 assistant turn is found by rendering the conversation up to it, so any prefix-stable Jinja
-template works). Every target ends with the tokenizer's EOS token.
+template works).
+
+What a target trains is what the model must generate to end it: a discrete template's target ends
+with the tokenizer's EOS token; a chat turn is the assistant's content and the end of turn exactly as
+the template renders it (its own end-of-turn token, `<|im_end|>` or `<end_of_turn>`, or an EOS where
+the template writes one), not the template's whitespace after it and no EOS it does not render
+(`data.append_eos: true` adds one).
 """
 
 from __future__ import annotations
@@ -70,12 +76,14 @@ class RenderSpec:
     seed: int = 0
     last_turn_only: bool = False
     chat_template: str | None = None
+    append_eos: bool = False  # chat: train an EOS after each assistant turn even where the template renders none
 
 
 def spec_from_config(cfg: Any) -> RenderSpec:
     """The rendering a run's config describes (data and strategy sections)."""
     return RenderSpec(mode=cfg.data.render, template=cfg.strategy.template, num_shots=cfg.strategy.num_shots,
-                      seed=cfg.train.seed, last_turn_only=cfg.data.last_turn_only, chat_template=cfg.data.chat_template)
+                      seed=cfg.train.seed, last_turn_only=cfg.data.last_turn_only, chat_template=cfg.data.chat_template,
+                      append_eos=cfg.data.append_eos)
 
 
 def _fields(ex: Example) -> dict[str, Any]:
@@ -171,12 +179,39 @@ def _render_chat(ex: Example, spec: RenderSpec, tokenizer: ChatTokenizer, demos:
             )
         spans.append((start, end))
     eos = tokenizer.eos_token or ""
-    # a turn is trained up to and including its EOS, not the template's whitespace after it
-    spans = [(s, s + full[s:e].rindex(eos) + len(eos)) if eos in full[s:e] else (s, e) for s, e in spans]
-    if eos not in full[spans[-1][0] : spans[-1][1]]:  # make the final target end with EOS
-        full = full[: spans[-1][1]] + eos + full[spans[-1][1] :]
-        spans[-1] = (spans[-1][0], spans[-1][1] + len(eos))
+    # a turn is trained up to and including its EOS where the template writes one, else up to its end of turn;
+    # never the template's whitespace after it
+    spans = [(s, s + full[s:e].rindex(eos) + len(eos)) if eos in full[s:e] else (s, s + len(full[s:e].rstrip()))
+             for s, e in spans]
+    if spec.append_eos:
+        for k in reversed(range(len(spans))):
+            s, e = spans[k]
+            if not full[s:e].endswith(eos):
+                full = full[:e] + eos + full[e:]
+                spans = spans[:k] + [(s, e + len(eos))] + [(a + len(eos), b + len(eos)) for a, b in spans[k + 1:]]
+    content = messages[turns[-1]]["content"].strip()
+    if content and full[spans[-1][0] : spans[-1][1]].endswith(content):
+        raise DataError(f"{ex.source}: the chat template ends an assistant turn with nothing after its content (no "
+                        "end-of-turn token, no EOS), so the model could not learn to stop. Set data.append_eos: true, "
+                        "or data.chat_template to a template that closes its turns.")
     return Rendered(full, spans, ex.source, ex.row)
+
+
+def turn_end(spec: RenderSpec, tokenizer: ChatTokenizer, chat_records: bool) -> str:
+    """The text that ends a target under this rendering: EOS for a discrete template; for a chat template what it
+    trains after an assistant's content (its end-of-turn token, or EOS), found on a two-turn conversation."""
+    eos = tokenizer.eos_token or ""
+    if not (spec.mode == "chat" or (spec.mode == "auto" and chat_records)):
+        return eos
+    answer = "tunelab"
+    probe = Example("chat", {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": answer}]},
+                    "turn end", 0)
+    try:
+        rendered = _render_chat(probe, spec, tokenizer, [])
+    except DataError:
+        return eos
+    target = rendered.target
+    return target[target.rindex(answer) + len(answer):] if answer in target else eos
 
 
 def render_example(ex: Example, spec: RenderSpec, tokenizer: ChatTokenizer, pool: list[Example] | None = None) -> Rendered:

@@ -11,6 +11,7 @@ import torch
 from tunelab.data.batching import left_pad
 from tunelab.data.encode import adds_bos
 from tunelab.evaluate.loaders import EvalModel
+from tunelab.models.load import stop_token_ids
 
 
 @dataclass
@@ -31,11 +32,15 @@ def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
 def generate(em: EvalModel, prompts: list[str], max_new_tokens: int = 64, do_sample: bool = False,
              temperature: float = 1.0, top_p: float = 1.0, stop_strings: list[str] | None = None,
              batch_size: int = 16, seed: int = 0, streamer: Any = None) -> list[Generation]:
-    """Continue each prompt; the text is cut at the first stop string (EOS always stops). A transformers
-    streamer (one prompt only) receives the tokens as they are generated."""
+    """Continue each prompt; the text is cut at the first stop string. EOS, the model's own end ids and the run's
+    end of turn always stop, and count as ending the answer (`ended_with_eos`). A transformers streamer (one prompt
+    only) receives the tokens as they are generated."""
     tok, lm = em.tokenizer, em.model.lm
     device = next(em.model.parameters()).device
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    ends = [t for t in em.stop_texts if t]  # the run's end of turn (chat templates), besides EOS
+    stop_ids = stop_token_ids(tok, em.model.base, ends)
+    multi_token = [t for t in ends if len(tok(t, add_special_tokens=False)["input_ids"]) > 1]
     ids = encode_prompts(tok, prompts)
     torch.manual_seed(seed)
     out: list[Generation | None] = [None] * len(prompts)
@@ -44,8 +49,10 @@ def generate(em: EvalModel, prompts: list[str], max_new_tokens: int = 64, do_sam
         chunk = order[s : s + batch_size]
         input_ids, mask = left_pad([ids[i] for i in chunk], pad_id)
         width = input_ids.shape[1]
-        kwargs = {"do_sample": do_sample, "max_new_tokens": max_new_tokens, "eos_token_id": tok.eos_token_id,
+        kwargs = {"do_sample": do_sample, "max_new_tokens": max_new_tokens, "eos_token_id": stop_ids,
                   "pad_token_id": pad_id, "streamer": streamer}
+        if multi_token:  # an end of turn written as text: transformers stops at it
+            kwargs.update(stop_strings=multi_token, tokenizer=tok)
         if do_sample:
             kwargs.update(temperature=temperature, top_p=top_p)
         else:
@@ -54,12 +61,15 @@ def generate(em: EvalModel, prompts: list[str], max_new_tokens: int = 64, do_sam
         new = generated[:, width:]  # generate returns the prompt, then the new tokens
         for row, i in enumerate(chunk):
             tokens = new[row].tolist()
-            eos = tok.eos_token_id in tokens
-            if eos:
-                tokens = tokens[: tokens.index(tok.eos_token_id)]
+            stops = [k for k, t in enumerate(tokens) if t in stop_ids]
+            tokens = tokens[: stops[0]] if stops else tokens
             text = tok.decode(tokens, skip_special_tokens=True)
+            ended = bool(stops)
+            for stop in multi_token:
+                if stop in text:
+                    text, ended = text[: text.index(stop)], True
             for stop in stop_strings or []:
                 if stop and stop in text:
                     text = text[: text.index(stop)]
-            out[i] = Generation(text, eos, len(tokens))
+            out[i] = Generation(text, ended, len(tokens))
     return out  # type: ignore[return-value]

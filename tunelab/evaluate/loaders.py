@@ -3,7 +3,7 @@ or a tunelab run directory (whose config also says how the data was rendered in 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ class EvalModel:
     tokenizer: Any
     name: str  # what was loaded, for reports
     run_config: Config | None = None  # the training run's config, when a run directory was given
+    stop_texts: list[str] = field(default_factory=list)  # what ends an answer besides EOS (a chat turn's end)
 
 
 def _wrap(lm: Any, strategy: str) -> TrainModel:
@@ -81,4 +82,14 @@ def load_for_eval(path: str, adapter: str | None = None, device: str = "auto") -
     tokenizer = load_tokenizer(ModelConfig(path=str(tok_dir)))
     model = _wrap(lm, strategy).to(choose_device(device).device).eval()
     model.base.config.use_cache = True
-    return EvalModel(model, tokenizer, name, run_config)
+    return EvalModel(model, tokenizer, name, run_config, _turn_end(p) if run_config else [])
+
+
+def _turn_end(run_dir: Path) -> list[str]:
+    """The end of turn the run trained (its metrics' data row), when it is not the EOS token."""
+    from tunelab.train.metrics import read_metrics
+
+    path = run_dir / "metrics.jsonl"
+    rows = read_metrics(path) if path.is_file() else []
+    end = next((r.get("turn_end") for r in rows if r.get("type") == "data"), None)
+    return [end] if end else []

@@ -189,3 +189,16 @@ def enable_activation_checkpointing(model: Any) -> None:
 def pad_token_id(tokenizer: Any) -> int:
     """The id used to pad batches (its positions are masked, so EOS serves when there is no pad token)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def stop_token_ids(tokenizer: Any, model: Any, stop_texts: list[str] = ()) -> list[int]:
+    """The ids that end a generation: the tokenizer's EOS, the model's generation config's EOS ids (an instruct
+    model's end-of-turn tokens are there), and each stop text that is one token (a chat template's end of turn)."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    config_ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += config_ids if isinstance(config_ids, list) else [config_ids] if config_ids is not None else []
+    for text in stop_texts:
+        tokens = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        if len(tokens) == 1:
+            ids.append(tokens[0])
+    return list(dict.fromkeys(ids))

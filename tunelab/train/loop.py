@@ -23,7 +23,7 @@ from tunelab.config import Config, TrainConfig
 from tunelab.data.audit import check_trainable
 from tunelab.data.batching import DataPosition, count_label_tokens
 from tunelab.data.dataset import load_datasets
-from tunelab.data.render import spec_from_config
+from tunelab.data.render import spec_from_config, turn_end
 from tunelab.errors import ConfigError, DiskFullError, NonFiniteError
 from tunelab.models.load import enable_activation_checkpointing, load_model, load_tokenizer, pad_token_id
 from tunelab.models.device import choose_device
@@ -275,7 +275,8 @@ def run_recipe(cfg: Config, on_exit: contextlib.ExitStack) -> TrainResult:
         st = train_split.stats
         metrics.write({"type": "data", "step": 0, "num_examples": st.num_examples, "num_tokens": st.num_tokens,
                        "num_label_tokens": st.num_label_tokens, "prompts_truncated": st.prompts_truncated,
-                       "targets_truncated": st.targets_truncated, "dropped": st.dropped})
+                       "targets_truncated": st.targets_truncated, "dropped": st.dropped,
+                       "turn_end": turn_end(spec_from_config(cfg), tokenizer, train_split.examples[0].shape == "chat")})
 
     def run_eval(step: int) -> dict[str, float]:
         result = evaluate_loss(model, eval_set, cfg.train.batch_size, pad_id, device, autocast(), tm.virtual_tokens)
@@ -290,9 +291,10 @@ def run_recipe(cfg: Config, on_exit: contextlib.ExitStack) -> TrainResult:
         raise ConfigError("train.sample_every generates on one process, and this run has "
                           f"{info.world}: remove it, or sample with `tunelab generate` after the run.")
     samples = MetricsWriter(run_dir / "samples.jsonl", resume_step=resume_step, enabled=bool(sampled))
+    stop_text = turn_end(spec_from_config(cfg), tokenizer, train_split.examples[0].shape == "chat")
 
     def run_samples(step: int) -> None:
-        rows = sample_predictions(tm, sampled, tokenizer, pad_id, cfg.train.sample_tokens, step, device)
+        rows = sample_predictions(tm, sampled, tokenizer, pad_id, cfg.train.sample_tokens, step, device, stop_text)
         for row in rows:
             samples.write(row)
         for tracker in trackers:

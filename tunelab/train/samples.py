@@ -12,6 +12,7 @@ import torch
 
 from tunelab.data.batching import left_pad
 from tunelab.data.encode import IGNORE, Encoded
+from tunelab.models.load import stop_token_ids
 
 
 def sample_examples(eval_set: list[Encoded] | None, train_set: list[Encoded], n: int) -> list[Encoded]:
@@ -21,8 +22,9 @@ def sample_examples(eval_set: list[Encoded] | None, train_set: list[Encoded], n:
 
 @torch.no_grad()
 def sample_predictions(tm: Any, examples: list[Encoded], tokenizer: Any, pad_id: int, max_new_tokens: int,
-                       step: int, device: torch.device) -> list[dict[str, Any]]:
-    """One row per example: step, index, prompt, reference (the trained tokens), prediction (greedy)."""
+                       step: int, device: torch.device, turn_end: str = "") -> list[dict[str, Any]]:
+    """One row per example: step, index, prompt, reference (the trained tokens), prediction (greedy, ended by EOS,
+    the model's end ids or the run's end of turn `turn_end`)."""
     was_training = tm.training
     tm.eval()
     prompts, refs = [], []
@@ -32,15 +34,16 @@ def sample_predictions(tm: Any, examples: list[Encoded], tokenizer: Any, pad_id:
         refs.append([t for t in ex.labels if t != IGNORE])
     ids, mask = left_pad(prompts, pad_id)
     width = ids.shape[1]
+    stop_ids = stop_token_ids(tokenizer, tm.base, [turn_end])
     out = tm.lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                         max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id,
+                         max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id,
                          temperature=None, top_p=None, top_k=None, use_cache=True)
     tm.train(was_training)
-    rows = []
-    for i, (p, ref, new) in enumerate(zip(prompts, refs, out[:, width:].tolist())):
-        if tokenizer.eos_token_id in new:
-            new = new[: new.index(tokenizer.eos_token_id)]
-        rows.append({"step": step, "index": i, "prompt": tokenizer.decode(p, skip_special_tokens=True),
-                     "reference": tokenizer.decode(ref, skip_special_tokens=True).strip(),
-                     "prediction": tokenizer.decode(new, skip_special_tokens=True).strip()})
-    return rows
+
+    def text(tokens: list[int]) -> str:
+        stops = [k for k, t in enumerate(tokens) if t in stop_ids]
+        decoded = tokenizer.decode(tokens[: stops[0]] if stops else tokens, skip_special_tokens=True)
+        return (decoded.split(turn_end)[0] if turn_end else decoded).strip()
+
+    return [{"step": step, "index": i, "prompt": tokenizer.decode(p, skip_special_tokens=True), "reference": text(ref),
+             "prediction": text(new)} for i, (p, ref, new) in enumerate(zip(prompts, refs, out[:, width:].tolist()))]

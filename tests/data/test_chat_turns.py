@@ -1,0 +1,99 @@
+"""A chat turn trains exactly what the model must generate to end it, as each family's real template renders it:
+the assistant's content and the template's own end of turn; not the whitespace after it, and no EOS the template
+does not write (unless data.append_eos asks for one).
+
+The templates are data, copied from the models' tokenizer_config.json files as mistral.rs quotes them in the test
+of its chat templates (mistralrs-core/src/pipeline/mod.rs, `test_chat_templates`), each named by its model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from tests.data.test_encode_labels import _encode, _labeled_runs
+from tunelab.data.render import RenderSpec, turn_end
+from tunelab.errors import DataError
+from tunelab.models.load import stop_token_ids
+
+TEMPLATES = {
+    # teknium/OpenHermes-2.5-Mistral-7B (ChatML, as Qwen2.5 also writes it)
+    "chatml": "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+              "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
+    # google/gemma-7b-it
+    "gemma": "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+             "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+             "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+             "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+             "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+             "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}",
+    # meta-llama/Meta-Llama-3-8B-Instruct (as vLLM's serving log and many fine-tuning scripts quote it)
+    "llama3": "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' "
+              "+ message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if "
+              "loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if "
+              "add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}",
+    # mistralai/Mistral-7B-Instruct-v0.1 (EOS, then a space, after each answer)
+    "mistral": "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+               "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+               "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+               "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token + ' ' }}"
+               "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}",
+}
+MARKERS = ["<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_turn>", "<|start_header_id|>", "<|end_header_id|>",
+           "<|eot_id|>"]
+CHAT = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"},
+                     {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "See you"}]}
+
+
+@pytest.fixture(scope="module")
+def family_tokenizer(tokenizer):
+    """stories260K's tokenizer with the families' turn markers as special tokens, as their tokenizers have them."""
+    tok = copy.deepcopy(tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": MARKERS})
+    return tok
+
+
+@pytest.mark.parametrize("family, runs, end", [
+    ("chatml", ["Hello there<|im_end|>", "See you<|im_end|>"], "<|im_end|>"),
+    ("gemma", ["Hello there<end_of_turn>", "See you<end_of_turn>"], "<end_of_turn>"),
+    ("llama3", ["Hello there<|eot_id|>", "See you<|eot_id|>"], "<|eot_id|>"),
+    ("mistral", ["Hello there</s>", "See you</s>"], "</s>"),
+])
+def test_each_turn_trains_its_content_and_the_templates_own_end(family_tokenizer, family, runs, end):
+    spec = RenderSpec(chat_template=TEMPLATES[family])
+    _, rendered, (enc,), _ = _encode([CHAT], family_tokenizer, spec)
+    assert [r.strip() for r in _labeled_runs(enc, family_tokenizer)] == runs
+    if family != "mistral":  # no EOS the template does not write
+        assert family_tokenizer.eos_token not in rendered[0].text
+        assert family_tokenizer.eos_token_id not in enc.input_ids
+    assert turn_end(spec, family_tokenizer, True) == end
+    eos = family_tokenizer.eos_token  # records that are not chats render with a discrete template: EOS ends them
+    assert turn_end(spec, family_tokenizer, False) == eos
+    assert turn_end(RenderSpec(mode="chat", chat_template=TEMPLATES[family]), family_tokenizer, False) == end
+
+
+def test_append_eos_adds_one_after_each_turn(family_tokenizer):
+    spec = RenderSpec(chat_template=TEMPLATES["chatml"], append_eos=True)
+    _, rendered, (enc,), _ = _encode([CHAT], family_tokenizer, spec)
+    assert [r.strip() for r in _labeled_runs(enc, family_tokenizer)] == ["Hello there<|im_end|></s>",
+                                                                          "See you<|im_end|></s>"]
+    assert rendered[0].text.count("</s>") == 2 and rendered[0].text.endswith("</s>\n")
+
+
+def test_a_template_that_never_closes_a_turn_is_refused(family_tokenizer):
+    open_ended = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                  "{% if add_generation_prompt %}assistant:{% endif %}")
+    with pytest.raises(DataError, match="data.append_eos: true"):
+        _encode([CHAT], family_tokenizer, RenderSpec(chat_template=open_ended))
+    _, _, (enc,), _ = _encode([CHAT], family_tokenizer, RenderSpec(chat_template=open_ended, append_eos=True))
+    assert [r.strip() for r in _labeled_runs(enc, family_tokenizer)] == ["Hello there</s>", "See you</s>"]
+
+
+def test_generation_stops_at_the_end_of_turn_and_the_models_own_end_ids(family_tokenizer):
+    class Model:  # an instruct model's generation config lists its end-of-turn ids (Gemma: <eos>, <end_of_turn>)
+        class generation_config:
+            eos_token_id = [family_tokenizer.eos_token_id, 7]
+
+    end_of_turn = family_tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    ids = stop_token_ids(family_tokenizer, Model, ["<end_of_turn>", "two tokens"])
+    assert ids == [family_tokenizer.eos_token_id, 7, end_of_turn]  # a multi-token text is a stop string instead
