@@ -59,6 +59,41 @@ def adds_bos(tokenizer: Any) -> bool:
     return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
 
 
+def _adds_only_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer's own special-token handling adds exactly one BOS in front, and nothing else."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return tokenizer("a", add_special_tokens=True)["input_ids"] == [tokenizer.bos_token_id, *plain]
+
+
+def tokenize_texts(tokenizer: Any, texts: list[str], offsets: bool = False) -> tuple[list[list[int]], list[Any]]:
+    """Each text's ids as the tokenizer gives them for the whole text with its own special-token handling, and with
+    `offsets` each token's character range in the text ((-1, -1) for a BOS the tokenizer adds).
+
+    A tokenizer that puts BOS in front (Llama, Mistral) gets the text through `add_special_tokens=True`, so a
+    SentencePiece-style tokenizer still opens the first word with its space marker ("<s> How", not "<s> H ow"
+    as tokenizing "<s>How" gives); a text that already starts with BOS (a chat template wrote it) is tokenized
+    as it is. A tokenizer whose special tokens are more than one BOS gets the BOS text prepended instead."""
+    bos = tokenizer.bos_token if adds_bos(tokenizer) else None
+    if bos is None:
+        batch = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=offsets)
+        return batch["input_ids"], batch["offset_mapping"] if offsets else [None] * len(texts)
+    own = _adds_only_bos(tokenizer)
+    ids_out: list[list[int]] = []
+    offsets_out: list[Any] = []
+    for text in texts:
+        if text.startswith(bos) or not own:
+            full = text if text.startswith(bos) else bos + text
+            enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=offsets)
+            shift = len(full) - len(text)
+            spans = [(a - shift, b - shift) for a, b in enc["offset_mapping"]] if offsets else None
+        else:
+            enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=offsets)
+            spans = [(-1, -1), *enc["offset_mapping"][1:]] if offsets else None
+        ids_out.append(enc["input_ids"])
+        offsets_out.append(spans)
+    return ids_out, offsets_out
+
+
 def _label_tokens(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> tuple[list[bool], int]:
     trained, boundary = [], 0
     for start, end in offsets:
@@ -128,13 +163,10 @@ def encode_examples(rendered: list[Rendered], tokenizer: Any, max_length: int, t
     `stats.untrainable_rows` and left out instead of stopping.
     """
     stats = stats if stats is not None else EncodeStats()
-    bos = tokenizer.bos_token if adds_bos(tokenizer) else None
-    texts = [r.text if bos is None or r.text.startswith(bos) else bos + r.text for r in rendered]
-    shift = [len(t) - len(r.text) for t, r in zip(texts, rendered)]
-    batch = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    all_ids, all_offsets = tokenize_texts(tokenizer, [r.text for r in rendered], offsets=True)
     out = []
-    for r, ids, offsets, delta in zip(rendered, batch["input_ids"], batch["offset_mapping"], shift):
-        trained, boundary = _label_tokens(offsets, [(s + delta, e + delta) for s, e in r.spans])
+    for r, ids, offsets in zip(rendered, all_ids, all_offsets):
+        trained, boundary = _label_tokens(offsets, r.spans)
         stats.boundary_tokens += boundary
         if not any(trained) and lenient:
             stats.untrainable_rows.append(r.row)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from tunelab.data.batching import left_pad
-from tunelab.data.encode import adds_bos
+from tunelab.data.encode import tokenize_texts
 from tunelab.evaluate.loaders import EvalModel
 from tunelab.models.load import stop_token_ids
 
@@ -22,10 +22,8 @@ class Generation:
 
 
 def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
-    """Prompt ids exactly as training tokenizes the start of an example (BOS when the tokenizer adds it)."""
-    bos = tokenizer.bos_token if adds_bos(tokenizer) else None
-    texts = [p if bos is None or p.startswith(bos) else bos + p for p in prompts]
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    """Prompt ids exactly as training tokenizes the start of an example (BOS where the tokenizer adds it)."""
+    return tokenize_texts(tokenizer, prompts)[0]
 
 
 @torch.no_grad()
