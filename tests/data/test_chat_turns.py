@@ -32,6 +32,12 @@ TEMPLATES = {
               "+ message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if "
               "loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if "
               "add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}",
+    # microsoft/Phi-3-mini-4k-instruct (closes the whole conversation, not a turn, with EOS)
+    "phi3": "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + "
+            "'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+            "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}"
+            "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}"
+            "{% endif %}",
     # mistralai/Mistral-7B-Instruct-v0.1 (EOS, then a space, after each answer)
     "mistral": "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
                "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
@@ -40,7 +46,7 @@ TEMPLATES = {
                "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}",
 }
 MARKERS = ["<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_turn>", "<|start_header_id|>", "<|end_header_id|>",
-           "<|eot_id|>"]
+           "<|eot_id|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 CHAT = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"},
                      {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "See you"}]}
 
@@ -57,13 +63,17 @@ def family_tokenizer(tokenizer):
     ("chatml", ["Hello there<|im_end|>", "See you<|im_end|>"], "<|im_end|>"),
     ("gemma", ["Hello there<end_of_turn>", "See you<end_of_turn>"], "<end_of_turn>"),
     ("llama3", ["Hello there<|eot_id|>", "See you<|eot_id|>"], "<|eot_id|>"),
+    ("phi3", ["Hello there<|end|>", "See you<|end|>"], "<|end|>"),
     ("mistral", ["Hello there</s>", "See you</s>"], "</s>"),
 ])
 def test_each_turn_trains_its_content_and_the_templates_own_end(family_tokenizer, family, runs, end):
     spec = RenderSpec(chat_template=TEMPLATES[family])
     _, rendered, (enc,), _ = _encode([CHAT], family_tokenizer, spec)
     assert [r.strip() for r in _labeled_runs(enc, family_tokenizer)] == runs
-    if family != "mistral":  # no EOS the template does not write
+    if family == "phi3":  # its EOS closes the conversation: it is in the text, after the last turn, untrained
+        assert rendered[0].text.endswith("<|end|>\n" + family_tokenizer.eos_token)
+        assert family_tokenizer.eos_token_id not in [t for t in enc.labels if t != -100]
+    elif family != "mistral":  # no EOS the template does not write
         assert family_tokenizer.eos_token not in rendered[0].text
         assert family_tokenizer.eos_token_id not in enc.input_ids
     assert turn_end(spec, family_tokenizer, True) == end

@@ -170,7 +170,7 @@ def _render_chat(ex: Example, spec: RenderSpec, tokenizer: ChatTokenizer, demos:
         turns = turns[-1:]
     spans = []
     for i in turns:
-        upto = render(messages[: i + 1], False)
+        upto = _turn_text(render, tokenizer, messages[: i + 1])
         start, end = len(render(messages[:i], True)), len(upto)
         if not full.startswith(upto) or start > end:
             raise DataError(
@@ -195,6 +195,27 @@ def _render_chat(ex: Example, spec: RenderSpec, tokenizer: ChatTokenizer, demos:
                         "end-of-turn token, no EOS), so the model could not learn to stop. Set data.append_eos: true, "
                         "or data.chat_template to a template that closes its turns.")
     return Rendered(full, spans, ex.source, ex.row)
+
+
+def _turn_text(render: Any, tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """The conversation rendered up to the end of its last (assistant) turn: the tokens it has in common with the
+    same conversation continued by a user, so that what a template writes only at the very end (Phi-3 closes the
+    whole conversation with EOS) is not part of the turn."""
+    upto = render(messages, False)
+    try:
+        more = render([*messages, {"role": "user", "content": "\u2063"}], False)
+    except DataError:  # the template refuses a conversation that goes on: the turn is all there is
+        return upto
+    if more.startswith(upto):
+        return upto
+    mine = tokenizer(upto, add_special_tokens=False, return_offsets_mapping=True)
+    theirs = tokenizer(more, add_special_tokens=False)["input_ids"]
+    common = 0
+    for a, b in zip(mine["input_ids"], theirs):
+        if a != b:
+            break
+        common += 1
+    return upto[: mine["offset_mapping"][common - 1][1]] if common else ""
 
 
 def turn_end(spec: RenderSpec, tokenizer: ChatTokenizer, chat_records: bool) -> str:
