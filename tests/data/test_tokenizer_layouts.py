@@ -6,33 +6,19 @@ the training ids' prefix. Both tokenizers are trained here with the `tokenizers`
 from __future__ import annotations
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaTokenizerFast, PreTrainedTokenizerFast
-
+from tests import tokenizer_layouts as layouts
 from tests.data.test_encode_labels import _encode, _labeled_runs
 from tunelab.evaluate.generate import encode_prompts
 
-CORPUS = ["How are you today?", "Once upon a time there was a little cat.", "Fine, thank you.", "How do you do?"] * 50
 ROW = {"prompt": "How are you today?", "completion": " Fine, thank you."}
 
 
-def sentencepiece_style() -> LlamaTokenizerFast:
-    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
-    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return LlamaTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                              add_bos_token=True, add_eos_token=False)
+def sentencepiece_style():
+    return layouts.sentencepiece_style("<s>", "</s>", "<unk>", vocab_size=300)
 
 
-def byte_level() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+def byte_level():
+    return layouts.byte_level("<|endoftext|>")
 
 
 @pytest.mark.parametrize("make", [sentencepiece_style, byte_level], ids=["sentencepiece", "byte_level_bpe"])

@@ -40,6 +40,11 @@ ARCHITECTURES = {
                                                    num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                                                    attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
                                                    pad_token_id=0, **SPECIAL), True),
+    # a sliding window shorter than the examples: packed rows must keep it (tunelab_varlen would not)
+    "gemma3": (T.Gemma3ForCausalLM, T.Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                                       sliding_window=8, query_pre_attn_scalar=8, pad_token_id=0,
+                                                       **SPECIAL), True),
 }
 STRATEGIES = [{"name": "full"}, {"name": "lora"}, {"name": "soft_prompt", "soft_prompt": {"num_virtual_tokens": 4}},
               {"name": "soft_prompt", "soft_prompt": {"method": "p_tuning", "num_virtual_tokens": 4}},

@@ -232,7 +232,8 @@ def turn_end(spec: RenderSpec, tokenizer: ChatTokenizer, chat_records: bool) -> 
     except DataError:
         return eos
     target = rendered.target
-    return target[target.rindex(answer) + len(answer):] if answer in target else eos
+    end = target[target.rindex(answer) + len(answer):].strip() if answer in target else ""
+    return end or eos
 
 
 def render_example(ex: Example, spec: RenderSpec, tokenizer: ChatTokenizer, pool: list[Example] | None = None) -> Rendered:

@@ -134,7 +134,8 @@ def attention_implementation(requested: str, device_type: str, config: Any = Non
     `eager` or `flex_attention` transformers builds a block-diagonal causal mask from them. An
     architecture whose attention does not go through transformers' attention interface (Falcon's and
     Bloom's own classes, with ALiBi) cannot take tunelab_varlen; one with an attention-logit soft cap
-    (Gemma 2) cannot take SDPA, so it gets eager attention.
+    (Gemma 2) cannot take SDPA, so it gets eager attention; one with a sliding window (Gemma 3, Mistral
+    where set) gets SDPA with transformers' masks, which keep the window.
     """
     from tunelab.models.attention import VARLEN
 
@@ -147,6 +148,8 @@ def attention_implementation(requested: str, device_type: str, config: Any = Non
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         if getattr(text, "attn_logit_softcapping", None):
             return "eager"
+        if getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True):
+            return "sdpa"  # transformers' masks keep the window within each packed example; tunelab_varlen has none
     if device_type == "cuda":
         import importlib.util
 

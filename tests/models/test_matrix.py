@@ -1,0 +1,150 @@
+"""The architecture matrix: tiny random models of 14 families built from their transformers configs, each with a
+tokenizer in its family's layout and special tokens (tests/tokenizer_layouts.py) and its real chat template where
+the family ships one (the base-model families get tunelab's fallback template, as a user of a base model would).
+
+For each family and each of full, LoRA, a soft prompt, prompt+LM and freeze: the trained tokens of every assistant
+turn are exactly its content and the template's end of turn; the step-1 loss of a real training run equals the loss
+that transformers (through peft for the soft prompts) computes on the same examples and mask; final/ loads with
+plain transformers/peft; the run evaluates (generation on the device)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as T
+
+from tests import tokenizer_layouts as layouts
+from tests.conftest import config_tree, write_jsonl
+from tests.data.test_chat_turns import TEMPLATES
+from tests.data.test_encode_labels import _labeled_runs
+from tunelab.config import validate_config
+from tunelab.data.batching import pad_collate
+from tunelab.data.dataset import load_datasets
+from tunelab.data.render import spec_from_config
+from tunelab.evaluate.generate import generate
+from tunelab.evaluate.loaders import load_for_eval
+from tunelab.models.load import load_model, load_tokenizer
+from tunelab.strategies.export import load_final
+from tunelab.strategies.registry import prepare_strategy
+from tunelab.train.loop import seed_everything, train
+from tunelab.train.metrics import read_metrics
+
+# meta-llama/Llama-2-13b-chat-hf, as mistral.rs's test of chat templates quotes it (see tests/data/test_chat_turns.py)
+LLAMA2 = ("{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = "
+          "messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}"
+          "{% endif %}{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+          "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+          "{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + "
+          "'\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}"
+          "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+          "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}"
+          "{% endfor %}")
+CHATML_MARKERS = ["<|im_start|>", "<|im_end|>"]
+GEMMA_MARKERS = ["<start_of_turn>", "<end_of_turn>"]
+PHI3_MARKERS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+NO_DROPOUT = {"attention_dropout": 0.0}
+SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=256)
+
+
+def _sp(bos="<s>", eos="</s>", extra=(), pad=None):
+    return lambda: layouts.sentencepiece_style(bos, eos, "<unk>", list(extra), pad=pad)
+
+
+def _bl(eos="<|endoftext|>", bos=None, extra=(), pad=None, add_bos=False):
+    return lambda: layouts.byte_level(eos, bos, list(extra), pad=pad, add_bos=add_bos)
+
+
+# family: (model class, config kwargs, tokenizer, chat template or None, how a turn's trained text ends)
+FAMILIES = {
+    "llama": (T.LlamaForCausalLM, dict(SMALL, tie_word_embeddings=False), _sp(), LLAMA2, " </s>"),
+    "mistral": (T.MistralForCausalLM, dict(SMALL, sliding_window=None), _sp(), TEMPLATES["mistral"], "</s>"),
+    "qwen2": (T.Qwen2ForCausalLM, dict(SMALL, tie_word_embeddings=True),
+              _bl("<|im_end|>", extra=CHATML_MARKERS, pad="<|endoftext|>"), TEMPLATES["chatml"], "<|im_end|>"),
+    "qwen3": (T.Qwen3ForCausalLM, dict(SMALL, head_dim=8), _bl("<|im_end|>", extra=CHATML_MARKERS,
+                                                               pad="<|endoftext|>"), TEMPLATES["chatml"], "<|im_end|>"),
+    "gemma2": (T.Gemma2ForCausalLM, dict(SMALL, head_dim=8, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                                         query_pre_attn_scalar=8),
+               _sp("<bos>", "<eos>", GEMMA_MARKERS, pad="<pad>"), TEMPLATES["gemma"], "<end_of_turn>"),
+    "gemma3": (T.Gemma3ForCausalLM, dict(SMALL, head_dim=8, query_pre_attn_scalar=8, sliding_window=64),
+               _sp("<bos>", "<eos>", GEMMA_MARKERS, pad="<pad>"), TEMPLATES["gemma"], "<end_of_turn>"),
+    "phi3": (T.Phi3ForCausalLM, dict(SMALL, resid_pdrop=0.0, embd_pdrop=0.0, pad_token_id=None),
+             _sp(eos="<|endoftext|>", extra=PHI3_MARKERS), TEMPLATES["phi3"], "<|end|>"),
+    "gpt2": (T.GPT2LMHeadModel, dict(n_embd=32, n_layer=2, n_head=4, n_positions=256, resid_pdrop=0.0, embd_pdrop=0.0,
+                                     attn_pdrop=0.0), _bl(), None, "<|endoftext|>"),
+    "gpt_neox": (T.GPTNeoXForCausalLM, dict(SMALL, hidden_dropout=0.0), _bl(), None, "<|endoftext|>"),
+    "opt": (T.OPTForCausalLM, dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                                   word_embed_proj_dim=16, dropout=0.0, max_position_embeddings=256),
+            _bl("</s>", bos="</s>", pad="<pad>", add_bos=True), None, "</s>"),
+    "falcon": (T.FalconForCausalLM, dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         hidden_dropout=0.0), _bl(), None, "<|endoftext|>"),
+    "olmo2": (T.Olmo2ForCausalLM, dict(SMALL), _bl(pad="<|pad|>"), None, "<|endoftext|>"),
+    "cohere": (T.CohereForCausalLM, dict(SMALL, logit_scale=0.25), _bl("<|END_OF_TURN_TOKEN|>", bos="<BOS_TOKEN>",
+                                                                       pad="<PAD>", add_bos=True), None,
+               "<|END_OF_TURN_TOKEN|>"),
+    "qwen2_moe": (T.Qwen2MoeForCausalLM, dict(SMALL, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+                                              num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1),
+                  _bl("<|im_end|>", extra=CHATML_MARKERS, pad="<|endoftext|>"), TEMPLATES["chatml"], "<|im_end|>"),
+}
+STRATEGIES = {"full": {"name": "full"}, "lora": {"name": "lora", "lora": {"dropout": 0.0}},
+              "soft_prompt": {"name": "soft_prompt", "soft_prompt": {"num_virtual_tokens": 3}},
+              "prompt_lm": {"name": "prompt_lm", "soft_prompt": {"num_virtual_tokens": 3}},
+              "freeze": {"name": "freeze", "freeze": {"trainable_layers": 1}}}
+CHATS = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a},
+                       {"role": "user", "content": "And then?"}, {"role": "assistant", "content": "See you tomorrow."}]}
+         for q, a in [("How are you today?", "Fine, thank you."), ("What colour is the sky?", "It is blue."),
+                      ("Tell me a story.", "Once upon a time there was a little cat.")]]
+
+
+def _build(family: str, out: Path) -> Path:
+    cls, kwargs, make_tokenizer, template, _ = FAMILIES[family]
+    tok = make_tokenizer()
+    if template:
+        tok.chat_template = template
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+           "pad_token_id": tok.pad_token_id if "pad_token_id" not in kwargs else kwargs["pad_token_id"]}
+    config = cls.config_class(vocab_size=len(tok), **{**kwargs, **ids})
+    torch.manual_seed(0)
+    cls(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family(family, tmp_path, caplog):
+    model_dir = _build(family, tmp_path / "model")
+    data = write_jsonl(tmp_path / "chats.jsonl", CHATS)
+    end = FAMILIES[family][4]
+    for name, strategy in STRATEGIES.items():
+        cfg = validate_config(config_tree(model_dir, data, tmp_path / name, strategy=strategy, data={"max_length": 96},
+                                          train={"max_steps": 1, "batch_size": len(CHATS), "learning_rate": 1e-3}))
+        tokenizer = load_tokenizer(cfg.model)
+        encoded = load_datasets(cfg.data, spec_from_config(cfg), tokenizer, 0)[0].encoded
+        if name == "full":  # the mask: each assistant turn's content and the template's end of turn, nothing else
+            for chat, enc in zip(CHATS, encoded):
+                want = [m["content"] + end for m in chat["messages"] if m["role"] == "assistant"]
+                assert [r.strip() for r in _labeled_runs(enc, tokenizer)] == want, (family, enc.source)
+
+        # transformers' own loss (peft's forward for the soft prompts) on the same examples, mask and weights
+        seed_everything(cfg.train.seed)
+        reference_model = prepare_strategy(load_model(cfg.model), cfg.strategy, tokenizer, cfg.train.seed)
+        reference_model.train()  # as the first step runs it (every dropout is 0 in these configs)
+        batch = pad_collate(encoded, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else
+                            tokenizer.eos_token_id)
+        with torch.no_grad():
+            reference = reference_model.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                           labels=batch["labels"]).loss
+
+        with caplog.at_level(logging.WARNING):
+            train(cfg)
+        first = next(r for r in read_metrics(Path(cfg.output_dir) / "metrics.jsonl") if r["type"] == "train")
+        assert first["loss"] == pytest.approx(float(reference), rel=2e-5), (family, name)
+
+        final = load_final(Path(cfg.output_dir) / "final")  # plain transformers / peft
+        assert final is not None
+        em = load_for_eval(cfg.output_dir)
+        (gen,) = generate(em, ["How are you today?"], max_new_tokens=3)
+        assert gen.num_tokens <= 3
