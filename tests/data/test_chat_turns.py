@@ -107,3 +107,39 @@ def test_generation_stops_at_the_end_of_turn_and_the_models_own_end_ids(family_t
     end_of_turn = family_tokenizer.convert_tokens_to_ids("<end_of_turn>")
     ids = stop_token_ids(family_tokenizer, Model, ["<end_of_turn>", "two tokens"])
     assert ids == [family_tokenizer.eos_token_id, 7, end_of_turn]  # a multi-token text is a stop string instead
+
+
+# ChatML with the assistant's content and end of turn in a {% generation %} block, as TRL's assistant_only_loss
+# expects (the form quoted by TRL users; transformers records the block's characters)
+CHATML_GENERATION = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+                     "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}"
+                     "{% endgeneration %}{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}"
+                     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def test_generation_blocks_agree_with_the_rendered_turns_and_are_what_trains(family_tokenizer, caplog):
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    _, rendered, (enc,), _ = _encode([CHAT], family_tokenizer, RenderSpec(chat_template=CHATML_GENERATION))
+    assert [r.strip() for r in _labeled_runs(enc, family_tokenizer)] == ["Hello there<|im_end|>", "See you<|im_end|>"]
+    _, (blocks,) = render_jinja_template([CHAT["messages"]], chat_template=CHATML_GENERATION,
+                                         return_assistant_tokens_mask=True, **family_tokenizer.special_tokens_map)
+    assert rendered[0].spans == [tuple(b) for b in blocks]  # the offset-based turns are transformers' blocks
+    assert "differ" not in caplog.text
+    # a block that also holds the newline: the template's author marked it, so it trains (and the log says so)
+    with_newline = CHATML_GENERATION.replace("'<|im_end|>' }}{% endgeneration %}", "'<|im_end|>\\n' }}"
+                                             "{% endgeneration %}").replace("{% endif %}{{ '\\n' }}", "{% endif %}")
+    _, rendered, _, _ = _encode([CHAT], family_tokenizer, RenderSpec(chat_template=with_newline))
+    assert rendered[0].target == "See you<|im_end|>\n"
+    assert "differ from the turns found by rendering" in caplog.text
+
+
+def test_data_check_counts_the_end_of_turn_as_the_end(family_tokenizer, tmp_path):
+    from tests.conftest import write_jsonl
+    from tunelab.config import DataConfig
+    from tunelab.data.audit import audit
+
+    path = write_jsonl(tmp_path / "chats.jsonl", [CHAT, CHAT | {"messages": CHAT["messages"][:2]}])
+    cfg = DataConfig(train=str(path))
+    result = audit(str(path), cfg, RenderSpec(chat_template=TEMPLATES["gemma"]), family_tokenizer)
+    assert result["missing_eos"]["count"] == 0 and "'<end_of_turn>'" in result["missing_eos"]["message"]

@@ -14,7 +14,7 @@ from tunelab.config import DataConfig
 from tunelab.data.encode import IGNORE, EncodeStats, Encoded, encode_examples, encode_pretokenized
 from tunelab.data.read import Record, read_records
 from tunelab.data.records import SHAPES, Example, check_same_shape, to_examples
-from tunelab.data.render import Rendered, RenderSpec, render_example
+from tunelab.data.render import Rendered, RenderSpec, render_example, turn_end
 from tunelab.errors import DataError
 
 FINDING_KEYS = ("exact_duplicates", "near_duplicates", "conflicts", "leakage", "truncated", "empty_targets")
@@ -229,12 +229,14 @@ def audit(train_path: str, cfg: DataConfig, spec: RenderSpec, tokenizer: Any, ev
     train = _prepare(train_path, cfg, spec, tokenizer, None)
     st = train.stats
     findings: dict[str, Finding] = blocking_findings(st, len(train.examples), cfg.max_length, train.empty)
-    eos = tokenizer.eos_token_id
     cut = set(st.target_cut_rows)
-    # the last trained token, not the last token: a chat template's text after EOS (a newline) is masked
-    no_eos = [e.row for e in train.encoded if last_label(e) != eos and e.row not in cut]
-    findings["missing_eos"] = Finding("warning", "targets that do not end with the EOS token: the model will not "
-                                      "learn to stop", no_eos)
+    # the last trained tokens, not the last tokens: EOS, or the chat template's own end of turn
+    end = turn_end(spec, tokenizer, bool(train.examples) and train.examples[0].shape == "chat")
+    end_ids = tokenizer(end, add_special_tokens=False)["input_ids"] if end else []
+    no_eos = [e.row for e in train.encoded if e.row not in cut and
+              [t for t in e.labels if t != IGNORE][-len(end_ids):] != end_ids] if end_ids else []
+    findings["missing_eos"] = Finding("warning", f"targets that do not end with {end!r} (EOS, or the chat template's "
+                                      "end of turn): the model will not learn to stop", no_eos)
     findings.update(_duplicates(train, threshold))
 
     result: dict[str, Any] = {"train": train_path, "eval": eval_path, "num_records": len(train.records),

@@ -14,13 +14,17 @@ the template writes one), not the template's whitespace after it and no EOS it d
 
 from __future__ import annotations
 
+import logging
 import random
+import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from tunelab.config import Template
 from tunelab.data.records import Example
 from tunelab.errors import DataError
+
+log = logging.getLogger(__name__)
 
 ALPACA = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 ALPACA_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -189,12 +193,45 @@ def _render_chat(ex: Example, spec: RenderSpec, tokenizer: ChatTokenizer, demos:
             if not full[s:e].endswith(eos):
                 full = full[:e] + eos + full[e:]
                 spans = spans[:k] + [(s, e + len(eos))] + [(a + len(eos), b + len(eos)) for a, b in spans[k + 1:]]
+    marked = _generation_spans(template, messages, tokenizer, full, ex.source)
+    if marked is not None:  # the template marks what the assistant generates: that is what trains
+        if spec.last_turn_only or ex.shape != "chat":
+            marked = marked[-1:]
+        differ = marked != spans
+        if differ and template not in _WARNED:
+            _WARNED.add(template)
+            log.warning("%s: the chat template's {%% generation %%} blocks (%s) differ from the turns found by "
+                        "rendering (%s); the generation blocks are trained", ex.source,
+                        [full[a:b] for a, b in marked], [full[a:b] for a, b in spans])
+        spans = marked
     content = messages[turns[-1]]["content"].strip()
     if content and full[spans[-1][0] : spans[-1][1]].endswith(content):
         raise DataError(f"{ex.source}: the chat template ends an assistant turn with nothing after its content (no "
                         "end-of-turn token, no EOS), so the model could not learn to stop. Set data.append_eos: true, "
                         "or data.chat_template to a template that closes its turns.")
     return Rendered(full, spans, ex.source, ex.row)
+
+
+GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
+_WARNED: set[str] = set()  # templates whose generation blocks and rendered turns were found to differ (logged once)
+
+
+def _generation_spans(template: str, messages: list[dict[str, str]], tokenizer: Any, full: str,
+                      source: str) -> list[tuple[int, int]] | None:
+    """The character spans of the template's `{% generation %}` blocks (transformers' own renderer records them),
+    or None when the template has none."""
+    if not GENERATION_BLOCK.search(template):
+        return None
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    try:
+        rendered, spans = render_jinja_template([messages], chat_template=template, return_assistant_tokens_mask=True,
+                                                **getattr(tokenizer, "special_tokens_map", {}))
+    except Exception as exc:  # Jinja raises many types
+        raise DataError(f"{source}: the chat template failed on this conversation: {exc}") from None
+    if rendered[0] != full or not spans[0]:
+        return None
+    return [tuple(span) for span in spans[0]]
 
 
 def _turn_text(render: Any, tokenizer: Any, messages: list[dict[str, str]]) -> str:
