@@ -119,3 +119,24 @@ def test_packed_rows_equal_padded_and_transformers_loss(arch, tmp_path):
     torch.testing.assert_close(loss_pack.detach(), loss_pad.detach(), rtol=1e-5, atol=1e-6)
     for n, g in g_pad.items():
         torch.testing.assert_close(g_pack[n], g, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_a_soft_prompt_starts_at_the_scale_of_real_token_embeddings(tmp_path, stories260k):
+    """Gemma 3 multiplies token embeddings by sqrt(hidden) inside its embedding module: a soft prompt copied from the
+    raw rows would start 1/sqrt(hidden) as large as the tokens beside it."""
+    cls, config, _ = ARCHITECTURES["gemma3"]
+    out = tmp_path / "gemma3"
+    torch.manual_seed(0)
+    cls(config).save_pretrained(out)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(stories260k / f, out / f)
+    cfg = _cfg(tmp_path, out, {"name": "soft_prompt", "soft_prompt": {"num_virtual_tokens": 4, "init_text": "Once"}})
+    tokenizer = load_tokenizer(cfg.model)
+    tm = prepare_strategy(load_model(cfg.model), cfg.strategy, tokenizer)
+    prompt = tm.soft_prompt().detach()  # (virtual tokens, hidden)
+    ids = tokenizer("Once", add_special_tokens=False)["input_ids"]
+    embeddings = tm.base.get_input_embeddings()
+    real = embeddings(torch.tensor(ids * 4)[:4]).detach()
+    torch.testing.assert_close(prompt, real)
+    raw = embeddings.weight[torch.tensor(ids)].detach()
+    assert float(prompt[0].norm()) == pytest.approx(float(raw[0].norm()) * config.hidden_size ** 0.5, rel=1e-2)
