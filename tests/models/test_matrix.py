@@ -9,6 +9,7 @@ plain transformers/peft; the run evaluates (generation on the device)."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -24,8 +25,7 @@ from tunelab.config import validate_config
 from tunelab.data.batching import pad_collate
 from tunelab.data.dataset import load_datasets
 from tunelab.data.render import spec_from_config
-from tunelab.evaluate.generate import generate
-from tunelab.evaluate.loaders import load_for_eval
+from tunelab.cli import main
 from tunelab.models.load import load_model, load_tokenizer
 from tunelab.strategies.export import load_final
 from tunelab.strategies.registry import prepare_strategy
@@ -93,6 +93,9 @@ STRATEGIES = {"full": {"name": "full"}, "lora": {"name": "lora", "lora": {"dropo
               "soft_prompt": {"name": "soft_prompt", "soft_prompt": {"num_virtual_tokens": 3}},
               "prompt_lm": {"name": "prompt_lm", "soft_prompt": {"num_virtual_tokens": 3}},
               "freeze": {"name": "freeze", "freeze": {"trainable_layers": 1}}}
+# peft's generate with a soft prompt breaks inside OPT's position embeddings (transformers 5.24, peft 0.21): eval
+# refuses it by name; scoring and training are unaffected
+CANNOT_GENERATE = {("opt", "soft_prompt"), ("opt", "prompt_lm")}
 CHATS = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a},
                        {"role": "user", "content": "And then?"}, {"role": "assistant", "content": "See you tomorrow."}]}
          for q, a in [("How are you today?", "Fine, thank you."), ("What colour is the sky?", "It is blue."),
@@ -114,7 +117,7 @@ def _build(family: str, out: Path) -> Path:
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_family(family, tmp_path, caplog):
+def test_family(family, tmp_path, caplog, capsys):
     model_dir = _build(family, tmp_path / "model")
     data = write_jsonl(tmp_path / "chats.jsonl", CHATS)
     end = FAMILIES[family][4]
@@ -145,6 +148,12 @@ def test_family(family, tmp_path, caplog):
 
         final = load_final(Path(cfg.output_dir) / "final")  # plain transformers / peft
         assert final is not None
-        em = load_for_eval(cfg.output_dir)
-        (gen,) = generate(em, ["How are you today?"], max_new_tokens=3)
-        assert gen.num_tokens <= 3
+        out = tmp_path / f"eval-{name}.json"  # `tunelab eval` of the run on its chats, generating on the device
+        code = main(["eval", cfg.output_dir, str(data), "--mode", "generate", "--max-new-tokens", "3",
+                     "--output", str(out)])
+        if (family, name) in CANNOT_GENERATE:  # refused with a clear error, not a traceback
+            assert code == 2 and "peft cannot generate with a soft prompt" in capsys.readouterr().err
+            continue
+        assert code == 0, (family, name, capsys.readouterr().err[-2000:])
+        summary = json.loads(out.read_text())
+        assert summary["num_examples"] == len(CHATS) and "rouge_l" in summary["metrics"]

@@ -11,6 +11,7 @@ import torch
 from tunelab.data.batching import left_pad
 from tunelab.data.encode import tokenize_texts
 from tunelab.evaluate.loaders import EvalModel
+from tunelab.errors import ModelError
 from tunelab.models.load import stop_token_ids
 
 
@@ -24,6 +25,19 @@ class Generation:
 def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
     """Prompt ids exactly as training tokenizes the start of an example (BOS where the tokenizer adds it)."""
     return tokenize_texts(tokenizer, prompts)[0]
+
+
+def _peft_aware_generate(em: EvalModel, input_ids: torch.Tensor, mask: torch.Tensor, kwargs: dict[str, Any]) -> Any:
+    """transformers' generate (through peft's, which prepends a soft prompt); where peft cannot generate with a soft
+    prompt on this architecture, a clear error instead of a shape error from inside the model."""
+    try:
+        return em.model.lm.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+    except RuntimeError as exc:
+        if not em.model.virtual_tokens:
+            raise
+        raise ModelError(f"peft cannot generate with a soft prompt on '{em.model.config.model_type}' models ({exc}). "
+                         "Score label options instead (tunelab eval --mode score), or train a strategy without "
+                         "virtual tokens (lora, full).") from None
 
 
 @torch.no_grad()
@@ -55,7 +69,7 @@ def generate(em: EvalModel, prompts: list[str], max_new_tokens: int = 64, do_sam
             kwargs.update(temperature=temperature, top_p=top_p)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
-        generated = lm.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), **kwargs)
+        generated = _peft_aware_generate(em, input_ids.to(device), mask.to(device), kwargs)
         new = generated[:, width:]  # generate returns the prompt, then the new tokens
         for row, i in enumerate(chunk):
             tokens = new[row].tolist()
