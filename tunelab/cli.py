@@ -117,16 +117,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_settings(args: argparse.Namespace) -> Any:
-    from tunelab.evaluate.run import EvalSettings
-
-    return EvalSettings(mode=args.mode, metrics=args.metric or None, max_new_tokens=args.max_new_tokens,
-                        do_sample=args.sample, temperature=args.temperature, top_p=args.top_p,
-                        stop_strings=args.stop or [], batch_size=args.batch_size, max_examples=args.max_examples,
-                        seed=args.seed)
+# flag -> key of the config's eval: section (a flag given on the command line overrides the key)
+EVAL_FLAGS = {"mode": "mode", "metric": "metrics", "max_new_tokens": "max_new_tokens", "sample": "do_sample",
+              "temperature": "temperature", "top_p": "top_p", "stop": "stop_strings", "batch_size": "batch_size",
+              "max_examples": "max_examples", "seed": "seed"}
+DIFF_FLAGS = {"reference_text": "reference_text", "probes": "probes", "seed": "seed"}
 
 
-def _eval_data(args: argparse.Namespace, em: Any) -> Any:
+def _section_with_flags(section: Any, flags: dict[str, str], args: argparse.Namespace, key: str) -> Any:
+    """A config section (eval: or diff:) with the flags the command line gave, validated."""
+    from tunelab.config import validate_section
+
+    given = {field: getattr(args, flag) for flag, field in flags.items() if getattr(args, flag, None) is not None}
+    return validate_section(type(section), {**section.model_dump(), **given}, key, "the command line")
+
+
+def _settings(args: argparse.Namespace, cfg: Any = None) -> tuple[Any, Any]:
+    """(eval, diff) settings: the config's eval: and diff: sections (a run's, --config's, or the defaults), then the
+    command line's flags over them."""
+    from tunelab.config import DiffConfig, EvalConfig, load_config
+
+    if cfg is None and getattr(args, "config", None) and args.config.endswith((".yaml", ".yml")):
+        cfg = load_config(args.config)
+    eval_cfg, diff_cfg = (cfg.eval, cfg.diff) if cfg is not None else (EvalConfig(), DiffConfig())
+    return _section_with_flags(eval_cfg, EVAL_FLAGS, args, "eval"), _section_with_flags(diff_cfg, DIFF_FLAGS, args,
+                                                                                         "diff")
+
+
+def _eval_data(args: argparse.Namespace, em: Any, settings: Any) -> Any:
     """Render the data as the run did (a run directory), as a config says (--config), or from the flags."""
     from tunelab.config import DataConfig, Template, load_config
     from tunelab.data.render import RenderSpec, spec_from_config
@@ -135,12 +153,13 @@ def _eval_data(args: argparse.Namespace, em: Any) -> Any:
     cfg = em.run_config or (load_config(args.config) if args.config else None)
     if cfg is not None:
         data_cfg = cfg.data.model_copy(update={"max_examples": None})
-        return load_eval_data(args.data, data_cfg, spec_from_config(cfg), cfg.data.train, args.max_examples, args.seed)
+        return load_eval_data(args.data, data_cfg, spec_from_config(cfg), cfg.data.train, settings.max_examples,
+                              settings.seed)
     columns = dict(c.split("=", 1) for c in args.column or [])
     data_cfg = DataConfig(train=args.data, format=args.format, columns=columns, max_length=args.max_length)
     template = Template(prompt=args.template, target=args.target_template) if args.template else None
-    spec = RenderSpec(template=template, num_shots=args.num_shots, seed=args.seed)
-    return load_eval_data(args.data, data_cfg, spec, args.train_file, args.max_examples, args.seed)
+    spec = RenderSpec(template=template, num_shots=args.num_shots, seed=settings.seed)
+    return load_eval_data(args.data, data_cfg, spec, args.train_file, settings.max_examples, settings.seed)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -149,7 +168,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tunelab.evaluate.run import evaluate, write_outputs
 
     em = load_for_eval(args.model, args.adapter)
-    summary, rows = evaluate(em, _eval_data(args, em), _eval_settings(args))
+    settings = _settings(args, em.run_config)[0]
+    summary, rows = evaluate(em, _eval_data(args, em, settings), settings)
     write_outputs(summary, rows, args.output, args.predictions)
     print(f"{summary['num_examples']} examples ({summary['mode']}): " +
           ", ".join(f"{k} {v:.4f}" for k, v in summary["metrics"].items()))
@@ -205,14 +225,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_diff(args: argparse.Namespace) -> int:
     import json
 
-    from tunelab.evaluate.diff import DiffSettings, diff
+    from tunelab.evaluate.diff import diff
     from tunelab.evaluate.loaders import load_for_eval
     from tunelab.report.run_report import report_run
 
     base, tuned = load_for_eval(args.base), load_for_eval(args.tuned)
-    data = _eval_data(args, tuned) if args.data else None
-    settings = DiffSettings(reference_text=args.reference_text, probes=args.probes, seed=args.seed)
-    result = diff(base, tuned, data, settings, _eval_settings(args))
+    eval_settings, diff_settings = _settings(args, tuned.run_config)
+    data = _eval_data(args, tuned, eval_settings) if args.data else None
+    result = diff(base, tuned, data, diff_settings, eval_settings)
     out = Path(args.output) if args.output else Path(args.tuned) / "diff.json"
     out.write_text(json.dumps(result, indent=2))
     for section in ("task", "forgetting", "probes", "drift"):
@@ -227,7 +247,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from tunelab.compare import compare
     from tunelab.config import load_config
     from tunelab.evaluate.baselines import describe
-    from tunelab.evaluate.diff import DiffSettings
     from tunelab.report.page import fmt
     from tunelab.report.run_report import report_run
     from tunelab.train.loop import resolve_device, set_denormal_mode
@@ -244,8 +263,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
             raise ConfigError(f"--set '{item}' must look like STRATEGY:dotted.key=value, e.g. lora:train.learning_rate=1e-2")
         per_strategy.setdefault(name, []).append(override)
-    result = compare(cfg, args.strategies.split(","), out, _eval_settings(args),
-                     DiffSettings(reference_text=args.reference_text, probes=args.probes, seed=args.seed), per_strategy)
+    eval_settings, diff_settings = _settings(args, cfg)
+    cfg = cfg.model_copy(update={"eval": eval_settings, "diff": diff_settings})
+    result = compare(cfg, args.strategies.split(","), out, per_strategy)
     cols = ["strategy", "trainable params", "wall time s", "peak memory MiB", "tokens/s", "train loss", "eval loss",
             result["metric"], "perplexity ratio", "KL base->tuned"]
     print("  ".join(f"{c:>14}" for c in cols))
@@ -264,14 +284,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_decoding_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
+def _add_decoding_flags(p: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """Decoding flags; without `defaults` an absent flag is None, so that the config's eval: section decides."""
+    def value(v: Any) -> Any:
+        return v if defaults else None
+
+    p.add_argument("--max-new-tokens", type=int, default=value(64))
+    p.add_argument("--sample", action="store_true", default=value(False), help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=value(1.0))
+    p.add_argument("--top-p", type=float, default=value(1.0))
     p.add_argument("--stop", action="append", help="a stop string (repeatable)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=value(16))
+    p.add_argument("--seed", type=int, default=value(0))
 
 
 def _add_eval_flags(p: argparse.ArgumentParser, data_positional: bool = True) -> None:
@@ -279,9 +303,9 @@ def _add_eval_flags(p: argparse.ArgumentParser, data_positional: bool = True) ->
         p.add_argument("data", help="labeled data in any format training reads")
     p.add_argument("--metric", action="append", help="exact_match, accuracy, macro_f1, token_f1, rouge_l, bleu, "
                    "numeric_match (repeatable; default: by task)")
-    p.add_argument("--mode", choices=["auto", "generate", "score"], default="auto",
-                   help="score: rank the label options by log-likelihood; generate: free text")
-    _add_decoding_flags(p)
+    p.add_argument("--mode", choices=["auto", "generate", "score"],
+                   help="score: rank the label options by log-likelihood; generate: free text (default: eval.mode)")
+    _add_decoding_flags(p, defaults=False)  # absent flags: the config's eval: section
     p.add_argument("--max-examples", type=int, help="a seeded sample of the data")
     p.add_argument("--config", help="render the data as this training config says")
     p.add_argument("--template", help="a discrete prompt template, e.g. '{text}\nIntent:'")

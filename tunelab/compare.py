@@ -16,9 +16,9 @@ import yaml
 from tunelab.config import Config, dump_config, validate_config
 from tunelab.errors import TunelabError
 from tunelab.evaluate.baselines import bar
-from tunelab.evaluate.diff import DiffSettings, diff, reference_texts
+from tunelab.evaluate.diff import diff, reference_texts
 from tunelab.evaluate.loaders import load_for_eval
-from tunelab.evaluate.run import EvalSettings, eval_data_from_config, evaluate
+from tunelab.evaluate.run import eval_data_from_config, evaluate
 from tunelab.train.metrics import read_metrics
 
 log = logging.getLogger(__name__)
@@ -74,9 +74,10 @@ def run_row(name: str, cfg: Config, seconds: float) -> dict[str, Any]:
             "train loss": train[-1]["loss"] if train else None, "eval loss": evals[-1]["eval_loss"] if evals else None}
 
 
-def compare(cfg: Config, strategies: list[str], out_dir: Path, eval_settings: EvalSettings,
-            diff_settings: DiffSettings, overrides: dict[str, list[str]] | None = None) -> dict[str, Any]:
-    """Train, evaluate and diff each strategy; write out_dir/compare.json and the report."""
+def compare(cfg: Config, strategies: list[str], out_dir: Path,
+            overrides: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """Train, evaluate (cfg.eval) and diff (cfg.diff) each strategy; write out_dir/compare.json and the report."""
+    eval_settings, diff_settings = cfg.eval, cfg.diff
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     configs = strategy_configs(cfg, strategies, out_dir, overrides)
@@ -126,7 +127,8 @@ def compare(cfg: Config, strategies: list[str], out_dir: Path, eval_settings: Ev
               "table": table, "eval_data": data.path, "num_eval_examples": len(data.examples), "reference": reference[1],
               "note": f"same data, seed and step budget for every strategy; task metric on {len(data.examples)} "
                       f"held-out examples of {data.path}; forgetting on {reference[1]}",
-              "recommended": recommended, "recommendation": recommendation}
+              "recommended": recommended, "recommendation": recommendation,
+              "settings": {"eval": eval_settings.model_dump(mode="json"), "diff": diff_settings.model_dump(mode="json")}}
     (out_dir / "compare.json").write_text(json.dumps(result, indent=2))
     (out_dir / "config.yaml").write_text(yaml.safe_dump({"compare": strategies, **cfg.model_dump(mode="json")}))
     return result

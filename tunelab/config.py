@@ -155,6 +155,32 @@ class TrainConfig(_Section):
 
 
 
+class EvalConfig(_Section):
+    """`tunelab eval` (and the task part of diff and compare); the CLI's flags override these."""
+
+    mode: Literal["auto", "generate", "score"] = "auto"  # auto: rank label options for label data, else generate
+    metrics: list[str] | None = None  # default: chosen from the mode and the references
+    max_new_tokens: int = Field(default=64, ge=1)
+    do_sample: bool = False
+    temperature: float = Field(default=1.0, gt=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    stop_strings: list[str] = []
+    batch_size: int = Field(default=16, ge=1)  # sequences per forward call (bounds eval memory)
+    max_examples: int | None = Field(default=None, ge=1)  # a seeded sample of the eval data
+    seed: int = 0
+
+
+class DiffConfig(_Section):
+    """`tunelab diff` (and the forgetting part of compare); the CLI's flags override these."""
+
+    reference_text: str | None = None  # a file of general text; default: samples of the base model itself
+    probes: str | None = None  # JSONL of {prompt, answer}
+    num_samples: int = Field(default=8, ge=1)  # base-model samples when there is no reference text
+    sample_tokens: int = Field(default=128, ge=1)
+    max_new_tokens: int = Field(default=48, ge=1)  # of each probe and drift generation
+    seed: int = 0
+
+
 class DistributedConfig(_Section):
     strategy: Literal["fsdp2", "ddp"] = "fsdp2"  # used when launched with torchrun (or tunelab train --nproc N)
 
@@ -169,6 +195,8 @@ class Config(_Section):
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     plan: PlanConfig = Field(default_factory=PlanConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    diff: DiffConfig = Field(default_factory=DiffConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     output_dir: str
     resume: bool = False
@@ -270,6 +298,19 @@ def validate_config(tree: dict[str, Any], source: str = "config") -> Config:
         seen: list[str] = []
         for err in exc.errors():
             msg = _explain(err)
+            if msg not in seen:
+                seen.append(msg)
+        raise ConfigError(f"{source}: " + " ".join(seen)) from None
+
+
+def validate_section(section: type[BaseModel], values: dict[str, Any], key: str, source: str) -> Any:
+    """One section of the tree (e.g. `eval` with the CLI's flags applied), or one `ConfigError` naming its keys."""
+    try:
+        return section.model_validate(values)
+    except ValidationError as exc:
+        seen: list[str] = []
+        for err in exc.errors():
+            msg = _explain({**err, "loc": (key, *err["loc"])})
             if msg not in seen:
                 seen.append(msg)
         raise ConfigError(f"{source}: " + " ".join(seen)) from None

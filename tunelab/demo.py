@@ -19,8 +19,6 @@ from tunelab.compare import compare
 from tunelab.config import validate_config
 from tunelab.demo_world.build import MODEL_DIR
 from tunelab.demo_world.data import write_demo_data
-from tunelab.evaluate.diff import DiffSettings
-from tunelab.evaluate.run import EvalSettings
 from tunelab.report.page import Section, fmt, write_report
 from tunelab.report.run_report import compare_sections
 
@@ -31,6 +29,9 @@ TOKENS_PER_STEP = 1024
 
 
 def _config(data: dict[str, Path], task: str, out: Path, steps: int, max_eval: int) -> Any:
+    summary = task == "summary"
+    evaluation = ({"metrics": ["rouge_l", "exact_match"], "max_new_tokens": 40, "batch_size": 32} if summary else
+                  {"mode": "score"})
     return validate_config({
         "model": {"path": str(MODEL_DIR)},
         "data": {"train": str(data[f"{task}_train"]), "eval": str(data[f"{task}_eval"]), "max_length": 192,
@@ -40,6 +41,8 @@ def _config(data: dict[str, Path], task: str, out: Path, steps: int, max_eval: i
                      "lora": {"rank": 16, "alpha": 32, "dropout": 0.0}},
         "train": {"max_steps": steps, "learning_rate": LEARNING_RATES["full"], "tokens_per_step": TOKENS_PER_STEP,
                   "warmup_steps": max(1, steps // 20), "seed": 0, "progress": False},
+        "eval": {**evaluation, "max_examples": max_eval},
+        "diff": {"reference_text": str(data["reference"]), "probes": str(data["probes"]), "max_new_tokens": 12},
         "output_dir": str(out / task),
     })
 
@@ -63,18 +66,13 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False, steps: int | No
     steps, max_eval = (steps or 10, 12) if quick else (steps or DEFAULT_STEPS, 60)
     print(f"tunelab demo: the built-in base model ({MODEL_DIR}, pre-trained by tunelab on a generated world; "
           f"`python -m tunelab.demo_world.build` rebuilds it); 400 labeled tickets, {max_eval} held out")
-    eval_settings = EvalSettings(metrics=["rouge_l", "exact_match"], max_new_tokens=40, batch_size=32,
-                                 max_examples=max_eval)
-    diff_settings = DiffSettings(reference_text=str(data["reference"]), probes=str(data["probes"]),
-                                 max_new_tokens=12)
     strategies = ["zero-shot=prompting", "few-shot=prompting", "soft_prompt", "lora", "full"]
     if quick:
         strategies = ["zero-shot=prompting", "lora"]
     overrides = {name: [f"train.learning_rate={lr}"] for name, lr in LEARNING_RATES.items()}
     overrides["few-shot"] = ["strategy.num_shots=2", "data.max_length=400"]  # room for two demonstrations
     print(f"1-3. task 1, summaries: {', '.join(strategies)}; {steps} steps of {TOKENS_PER_STEP:,} tokens each")
-    summary = compare(_config(data, "summary", out, steps, max_eval), strategies, out / "summary-compare",
-                      eval_settings, diff_settings, overrides)
+    summary = compare(_config(data, "summary", out, steps, max_eval), strategies, out / "summary-compare", overrides)
     _print_table("Task 1: ticket -> concise summary (held-out tickets; forgetting on the base's general text "
                  "and 60 probes)", summary, ["rouge_l", "exact_match"])
     # the labels are a harder target for this small model: full tuning at a gentler rate learns some of
@@ -82,7 +80,7 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False, steps: int | No
     triage_strategies = ["few-shot=prompting", "full"]
     triage_overrides = {**overrides, "full": ["train.learning_rate=3e-4"]}
     triage = compare(_config(data, "triage", out, steps, max_eval), triage_strategies, out / "triage-compare",
-                     EvalSettings(mode="score", max_examples=max_eval), diff_settings, triage_overrides)
+                     triage_overrides)
     _print_table("Task 2: ticket -> intent and urgency (12 label options, ranked by likelihood)", triage,
                  ["accuracy", "macro_f1"])
 

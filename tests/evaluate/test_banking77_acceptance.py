@@ -11,8 +11,6 @@ import pytest
 from tests.conftest import shared_file
 from tunelab.compare import compare
 from tunelab.config import validate_config
-from tunelab.evaluate.diff import DiffSettings
-from tunelab.evaluate.run import EvalSettings
 from tunelab.train.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -28,12 +26,12 @@ def test_full_and_lora_beat_chance_and_prompting_and_forgetting_is_measured(tmp_
                      "lora": {"rank": 16, "alpha": 32}},
         "train": {"max_steps": STEPS, "learning_rate": 3e-3, "batch_size": 16, "warmup_steps": 10, "seed": 0,
                   "eval_every": STEPS // 2, "progress": False},
+        "diff": {"num_samples": 8, "sample_tokens": 96},
         "output_dir": str(tmp_path / "b77"),
     })
     # (a soft prompt's forgetting in a comparison is checked by the demo's test, tests/test_demo.py: scoring 77
     # options behind virtual tokens cannot share the prompt's KV cache, which made it the slowest row here)
-    result = compare(cfg, ["prompting", "lora", "full"], tmp_path / "cmp", EvalSettings(),
-                     DiffSettings(num_samples=8, sample_tokens=96), {"lora": ["train.learning_rate=5e-3"]})
+    result = compare(cfg, ["prompting", "lora", "full"], tmp_path / "cmp", {"lora": ["train.learning_rate=5e-3"]})
     rows = {r["strategy"]: r for r in result["table"]}
     print(json.dumps(result["table"], indent=1))
     chance = 1 / 77

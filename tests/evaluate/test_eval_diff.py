@@ -9,9 +9,10 @@ import pytest
 from tests.conftest import config_tree, write_jsonl
 from tunelab.cli import main
 from tunelab.config import validate_config
-from tunelab.evaluate.diff import DiffSettings, diff
+from tunelab.config import DiffConfig, EvalConfig
+from tunelab.evaluate.diff import diff
 from tunelab.evaluate.loaders import load_for_eval
-from tunelab.evaluate.run import EvalSettings, eval_data_from_config, evaluate
+from tunelab.evaluate.run import eval_data_from_config, evaluate
 from tunelab.train.loop import train
 
 ROWS = [{"text": f"Tom saw a {c} {a}.", "label": c} for c in ("red", "blue", "green") for a in
@@ -51,7 +52,7 @@ def test_eval_of_a_run_directory_scores_the_labels(colour_run, capsys):
 def test_generation_mode_reports_eos_and_lengths(colour_run):
     cfg, _ = colour_run
     em = load_for_eval(cfg.output_dir)
-    summary, rows = evaluate(em, eval_data_from_config(cfg), EvalSettings(mode="generate", max_new_tokens=8))
+    summary, rows = evaluate(em, eval_data_from_config(cfg), EvalConfig(mode="generate", max_new_tokens=8))
     assert summary["mode"] == "generate" and summary["eos_rate"] > 0.5
     assert {"exact_match", "token_f1", "rouge_l"} == set(summary["metrics"])
     assert summary["metrics"]["exact_match"] == sum(r["correct"] for r in rows) / len(rows)
@@ -65,7 +66,7 @@ def test_prompting_baseline_goes_through_the_same_path(colour_run, stories260k, 
     prompting = validate_config(tree)
     train(prompting)
     em = load_for_eval(prompting.output_dir)
-    summary, rows = evaluate(em, eval_data_from_config(prompting), EvalSettings())
+    summary, rows = evaluate(em, eval_data_from_config(prompting), EvalConfig())
     assert summary["rendering"]["num_shots"] == 2
     assert all(r["input"].count("Colour:") == 3 for r in rows)  # two demonstrations, then the question
     assert 0.0 <= summary["metrics"]["accuracy"] <= 1.0
@@ -74,15 +75,15 @@ def test_prompting_baseline_goes_through_the_same_path(colour_run, stories260k, 
 def test_diff_against_itself_is_zero_and_against_the_tuned_model_is_not(colour_run, stories260k, tmp_path):
     cfg, _ = colour_run
     base, tuned = load_for_eval(str(stories260k)), load_for_eval(cfg.output_dir)
-    settings = DiffSettings(num_samples=4, sample_tokens=48, max_new_tokens=16)
-    same = diff(base, base, None, settings, EvalSettings())
+    settings = DiffConfig(num_samples=4, sample_tokens=48, max_new_tokens=16)
+    same = diff(base, base, None, settings, EvalConfig())
     assert same["forgetting"]["kl_base_to_tuned"] == pytest.approx(0.0, abs=1e-6)
     assert same["forgetting"]["perplexity_ratio"] == pytest.approx(1.0)
     assert same["forgetting"]["perplexity_verdict"].startswith("no measurable forgetting")
     probes = write_jsonl(tmp_path / "probes.jsonl", [{"prompt": "Once upon a time, there was a little girl named",
                                                       "answer": "Lily"}])
-    d = diff(base, tuned, eval_data_from_config(cfg), DiffSettings(probes=str(probes), num_samples=4, sample_tokens=48,
-                                                                   max_new_tokens=16), EvalSettings())
+    d = diff(base, tuned, eval_data_from_config(cfg), DiffConfig(probes=str(probes), num_samples=4, sample_tokens=48,
+                                                                   max_new_tokens=16), EvalConfig())
     f = d["forgetting"]
     assert f["kl_base_to_tuned"] > 0.01 and f["perplexity_tuned"] != f["perplexity_base"]
     # each verdict names its figure, with the value it reports

@@ -16,11 +16,12 @@ from tunelab.data.encode import EncodeStats, encode_examples
 from tunelab.data.read import read_records
 from tunelab.data.records import Example
 from tunelab.data.render import RenderSpec, render_example
+from tunelab.config import DiffConfig, EvalConfig
 from tunelab.errors import DataError
 from tunelab.evaluate.generate import generate
 from tunelab.evaluate.loaders import EvalModel
 from tunelab.evaluate.metrics import normalize
-from tunelab.evaluate.run import EvalData, EvalSettings, evaluate, label_options
+from tunelab.evaluate.run import EvalData, evaluate, label_options
 from tunelab.evaluate.score import label_log_probs, sequence_log_probs
 from tunelab.data.batching import pad_collate
 
@@ -32,17 +33,7 @@ EOS_DROP = 0.5  # EOS share fell below half of the base's
 COLLAPSE = 0.2  # share of outputs on unrelated prompts that look like task outputs
 
 
-@dataclass
-class DiffSettings:
-    reference_text: str | None = None  # a file of general text; default: samples of the base model itself
-    probes: str | None = None  # JSONL of {prompt, answer}
-    num_samples: int = 8
-    sample_tokens: int = 128
-    max_new_tokens: int = 48
-    seed: int = 0
-
-
-def reference_texts(base: EvalModel, settings: DiffSettings) -> tuple[list[str], str]:
+def reference_texts(base: EvalModel, settings: DiffConfig) -> tuple[list[str], str]:
     """General text to measure forgetting on, and where it came from."""
     if settings.reference_text:
         path = Path(settings.reference_text)
@@ -132,12 +123,14 @@ def _task_like(text: str, labels: set[str], template_prefix: str) -> bool:
     return normalize(stripped) in labels or (bool(template_prefix) and stripped.startswith(template_prefix))
 
 
-def diff(base: EvalModel, tuned: EvalModel, data: EvalData | None, settings: DiffSettings,
-         eval_settings: EvalSettings, reference: tuple[list[str], str] | None = None,
+def diff(base: EvalModel, tuned: EvalModel, data: EvalData | None, settings: DiffConfig,
+         eval_settings: EvalConfig, reference: tuple[list[str], str] | None = None,
          base_eval: dict[str, Any] | None = None, base_cache: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every figure of the diff, each with its verdict. `reference`, `base_eval` and `base_cache` (a dict
     this fills) reuse figures of the base model that a comparison of several tuned models shares."""
-    out: dict[str, Any] = {"base": base.name, "tuned": tuned.name}
+    out: dict[str, Any] = {"base": base.name, "tuned": tuned.name,  # and the resolved settings it ran with
+                           "settings": {"eval": eval_settings.model_dump(mode="json"),
+                                        "diff": settings.model_dump(mode="json")}}
     labels: set[str] = set()
     template_prefix = ""
     if data is not None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunelab.config import DataConfig
+from tunelab.config import DataConfig, EvalConfig
 from tunelab.data.dataset import load_examples, sample
 from tunelab.data.records import Example, check_same_shape
 from tunelab.data.render import RenderSpec, render_example
@@ -20,20 +20,6 @@ from tunelab.evaluate.metrics import compute, normalize
 from tunelab.evaluate.score import rank_options
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EvalSettings:
-    mode: str = "auto"  # auto: rank label options for text/label data, else generate
-    metrics: list[str] | None = None  # default: chosen from the mode and the references
-    max_new_tokens: int = 64
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop_strings: list[str] = field(default_factory=list)
-    batch_size: int = 16
-    max_examples: int | None = None
-    seed: int = 0
 
 
 @dataclass
@@ -60,7 +46,7 @@ def label_options(data: EvalData) -> list[str]:
     return sorted({ex.target for ex in data.examples} | {ex.target for ex in data.pool})
 
 
-def predict(em: EvalModel, data: EvalData, settings: EvalSettings) -> tuple[str, list[dict[str, Any]]]:
+def predict(em: EvalModel, data: EvalData, settings: EvalConfig) -> tuple[str, list[dict[str, Any]]]:
     """(mode used, one row per example: input, reference, prediction, and for generation whether it stopped)."""
     shape = data.examples[0].shape
     if shape in ("text", "tokenized"):
@@ -85,7 +71,7 @@ def predict(em: EvalModel, data: EvalData, settings: EvalSettings) -> tuple[str,
     return mode, rows
 
 
-def evaluate(em: EvalModel, data: EvalData, settings: EvalSettings) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def evaluate(em: EvalModel, data: EvalData, settings: EvalConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The JSON summary and the per-example predictions."""
     mode, rows = predict(em, data, settings)
     preds, refs = [r["prediction"] for r in rows], [r["reference"] for r in rows]
@@ -100,6 +86,7 @@ def evaluate(em: EvalModel, data: EvalData, settings: EvalSettings) -> tuple[dic
         "rendering": {"render": data.spec.mode, "template": data.spec.template.model_dump() if data.spec.template else None,
                       "num_shots": data.spec.num_shots, "chat_template": data.spec.chat_template is not None,
                       "max_length": data.data_cfg.max_length},
+        "settings": settings.model_dump(mode="json"),  # the resolved eval: section it ran with
     }
     if mode == "generate":
         summary["eos_rate"] = sum(r["ended_with_eos"] for r in rows) / len(rows)
