@@ -69,12 +69,31 @@ def test_healthy_run_gets_a_clean_bill(tmp_path, stories260k, capsys):
 def test_never_emits_eos_and_forgetting_from_diff(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"type": "train", "step": 1, "loss": 1.0, "grad_norm": 1.0,
                                                         "num_tokens": 100, "num_label_tokens": 40}) + "\n")
-    (tmp_path / "diff.json").write_text(json.dumps({
-        "forgetting": {"perplexity_verdict": "strong forgetting (1.6x)", "kl_verdict": "large shift (0.9)",
-                       "perplexity_ratio": 1.6},
-        "drift": {"eos_share_tuned": 0.0, "collapse_verdict": "collapsed into the task format: 0% -> 80%"}}))
+    (tmp_path / "diff.json").write_text(json.dumps(_diff("strong forgetting (1.6x)", "large shift (0.9)",
+                                                         "collapsed into the task format: 0% -> 80%")))
     whats = _whats(diagnose(tmp_path))
     assert whats == ["the tuned model never emits EOS", "format collapse", "forgetting above the threshold"]
+
+
+def _diff(ppl_text: str, kl_text: str, collapse_text: str, levels: tuple[str, str, str] = ("bad", "bad", "bad")):
+    """A diff.json as tunelab diff writes it: each verdict {figure, value, threshold, level, text}."""
+    def verdict(figure, value, level, text):
+        return {"figure": figure, "value": value, "threshold": [1.05, 1.25], "level": level, "text": text}
+
+    return {"forgetting": {"perplexity_verdict": verdict("general-text perplexity", 1.6, levels[0], ppl_text),
+                           "kl_verdict": verdict("KL(base||tuned)", 0.9, levels[1], kl_text), "perplexity_ratio": 1.6},
+            "drift": {"eos_share_tuned": 0.0, "collapse_verdict": verdict("task-format share", 0.8, levels[2],
+                                                                          collapse_text)}}
+
+
+def test_diagnoses_read_the_verdicts_level_not_their_wording(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"type": "train", "step": 1, "loss": 1.0, "grad_norm": 1.0,
+                                                        "num_tokens": 100, "num_label_tokens": 40}) + "\n")
+    (tmp_path / "diff.json").write_text(json.dumps(_diff("reworded: much higher", "reworded", "reworded")))
+    assert _whats(diagnose(tmp_path))[1:] == ["format collapse", "forgetting above the threshold"]
+    (tmp_path / "diff.json").write_text(json.dumps(_diff("strong forgetting", "large shift", "collapsed",
+                                                         ("warning", "ok", "ok"))))
+    assert _whats(diagnose(tmp_path)) == ["the tuned model never emits EOS"]
 
 
 def test_exit_code_is_1_for_an_error_finding_and_0_for_warnings(tmp_path, capsys):

@@ -238,7 +238,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     for section in ("task", "forgetting", "probes", "drift"):
         for key, value in result.get(section, {}).items():
             if key.endswith("verdict"):
-                print(f"{section}: {value}")
+                print(f"{section}: {value['text']}")
     print(f"diff: {out}\nreport: {report_run(out.parent)}")
     return 0
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
+from tunelab.evaluate.verdicts import verdict_level, verdict_text
 
 
 @dataclass
@@ -183,13 +184,13 @@ def _from_results(run_dir: Path) -> list[Diagnosis]:
                              "outputs run to max_new_tokens: slow, and rambling past the answer",
                              "make targets end with EOS (`tunelab data check` lists those that do not); do not let "
                              "data.max_length cut targets; train longer", "error"))
-    if d and d["drift"]["collapse_verdict"].startswith("collapsed"):
-        out.append(Diagnosis("format collapse", d["drift"]["collapse_verdict"], "the model answers everything "
+    if d and verdict_level(d["drift"]["collapse_verdict"]) == "bad":
+        out.append(Diagnosis("format collapse", verdict_text(d["drift"]["collapse_verdict"]), "the model answers everything "
                              "in the task's format, even unrelated prompts", "tune fewer parameters (strategy.name: "
                              "lora or soft_prompt), fewer steps, or mix general examples into data.train"))
     if d:
         f = d["forgetting"]
-        if f["perplexity_verdict"].startswith("strong") or f["kl_verdict"].startswith("large"):
+        if "bad" in (verdict_level(f["perplexity_verdict"]), verdict_level(f["kl_verdict"])):
             measured = ""
             compare = run_dir.parent / "compare.json"
             if compare.is_file():
@@ -198,7 +199,8 @@ def _from_results(run_dir: Path) -> list[Diagnosis]:
                               key=lambda r: r["perplexity ratio"])
                 measured = "; measured here, these forgot less: " + ", ".join(
                     f"{r['strategy']} (x{r['perplexity ratio']:.2f})" for r in less)
-            out.append(Diagnosis("forgetting above the threshold", f"{f['perplexity_verdict']}; {f['kl_verdict']}",
+            out.append(Diagnosis("forgetting above the threshold",
+                                 f"{verdict_text(f['perplexity_verdict'])}; {verdict_text(f['kl_verdict'])}",
                                  "the model lost part of what it knew before tuning",
                                  "tune fewer parameters (strategy.name: lora with a small strategy.lora.rank, or "
                                  "soft_prompt), lower train.learning_rate or train.max_steps" + measured))

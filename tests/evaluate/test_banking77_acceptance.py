@@ -48,7 +48,7 @@ def test_full_and_lora_beat_chance_and_prompting_and_forgetting_is_measured(tmp_
     # the comparison says which forgot more, as measured
     assert rows["full"]["perplexity ratio"] > rows["lora"]["perplexity ratio"]
     diff = json.loads((tmp_path / "cmp" / "full" / "diff.json").read_text())
-    assert "forgetting" in diff["forgetting"]["perplexity_verdict"]
+    assert "forgetting" in diff["forgetting"]["perplexity_verdict"]["text"]
     assert (tmp_path / "cmp" / "compare.json").is_file()
 
     # full tuning's held-out loss on the 200 test questions falls far below the base model's

@@ -79,7 +79,8 @@ def test_diff_against_itself_is_zero_and_against_the_tuned_model_is_not(colour_r
     same = diff(base, base, None, settings, EvalConfig())
     assert same["forgetting"]["kl_base_to_tuned"] == pytest.approx(0.0, abs=1e-6)
     assert same["forgetting"]["perplexity_ratio"] == pytest.approx(1.0)
-    assert same["forgetting"]["perplexity_verdict"].startswith("no measurable forgetting")
+    assert same["forgetting"]["perplexity_verdict"]["text"].startswith("no measurable forgetting")
+    assert same["forgetting"]["perplexity_verdict"]["level"] == "ok" and same["forgetting"]["kl_verdict"]["level"] == "ok"
     probes = write_jsonl(tmp_path / "probes.jsonl", [{"prompt": "Once upon a time, there was a little girl named",
                                                       "answer": "Lily"}])
     d = diff(base, tuned, eval_data_from_config(cfg), DiffConfig(probes=str(probes), num_samples=4, sample_tokens=48,
@@ -90,9 +91,10 @@ def test_diff_against_itself_is_zero_and_against_the_tuned_model_is_not(colour_r
     def shown(v):
         return f"{v:,.0f}" if v >= 1000 else f"{v:.3g}"
 
-    assert f"general-text perplexity x{shown(f['perplexity_ratio'])} (thresholds x" in f["perplexity_verdict"]
-    assert f"KL(base||tuned) {shown(f['kl_base_to_tuned'])} nats per token (thresholds " in f["kl_verdict"]
+    assert f"general-text perplexity x{shown(f['perplexity_ratio'])} (thresholds x" in f["perplexity_verdict"]["text"]
+    assert f"KL(base||tuned) {shown(f['kl_base_to_tuned'])} nats per token (thresholds " in f["kl_verdict"]["text"]
+    assert f["perplexity_verdict"]["value"] == f["perplexity_ratio"] and f["perplexity_verdict"]["threshold"] == [1.05, 1.25]
     assert d["task"]["tuned"]["accuracy"] >= d["task"]["base"]["accuracy"]
     assert d["probes"]["right_base"] == 1  # the base model knows its heroine
     for key in ("length_verdict", "eos_verdict", "collapse_verdict"):
-        assert "threshold" in d["drift"][key]
+        assert "threshold" in d["drift"][key]["text"] and d["drift"][key]["level"] in ("ok", "warning", "bad")

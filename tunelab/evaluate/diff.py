@@ -1,6 +1,7 @@
 """`tunelab diff`: the tuned model against its base, on the same inputs: what the tuning bought on the
 task and what it changed elsewhere (forgetting, probe answers, output length, EOS, format collapse).
-Every figure comes with a plain-language verdict and the threshold that produced it."""
+Every figure comes with a verdict (tunelab/evaluate/verdicts.py): its value, the threshold that judged it, a
+level and a plain-language sentence."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from tunelab.evaluate.loaders import EvalModel
 from tunelab.evaluate.metrics import normalize
 from tunelab.evaluate.run import EvalData, evaluate, label_options
 from tunelab.evaluate.score import label_log_probs, sequence_log_probs
+from tunelab.evaluate.verdicts import graded, judged
 from tunelab.data.batching import pad_collate
 
 # thresholds of the verdicts (stated in every verdict)
@@ -102,17 +104,6 @@ def read_probes(path: str) -> list[dict[str, str]]:
     return probes
 
 
-def _number(value: float) -> str:
-    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
-
-
-def _verdict(value: float, cuts: tuple[float, float], words: tuple[str, str, str], figure: str, unit: str) -> str:
-    """'word: figure value (thresholds ...)'; `unit` places a number, e.g. 'x{}' or '{} nats per token'."""
-    low, high = cuts
-    word = words[0] if value < low else words[1] if value < high else words[2]
-    return f"{word}: {figure} {unit.format(_number(value))} (thresholds {unit.format(low)} and {unit.format(high)})"
-
-
 def _lengths(gens: list[Any]) -> dict[str, float]:
     n = sorted(g.num_tokens for g in gens)
     return {"mean": statistics.fmean(n), "median": statistics.median(n), "p90": n[min(len(n) - 1, int(0.9 * len(n)))]}
@@ -140,8 +131,10 @@ def diff(base: EvalModel, tuned: EvalModel, data: EvalData | None, settings: Dif
         gain = st["metrics"][metric] - sb["metrics"][metric]
         out["task"] = {"metric": metric, "base": sb["metrics"], "tuned": st["metrics"], "gain": gain,
                        "mode": st["mode"], "num_examples": st["num_examples"],
-                       "verdict": f"{'better' if gain > 0 else 'not better'} on the task: {metric} "
-                                  f"{sb['metrics'][metric]:.3f} -> {st['metrics'][metric]:.3f} (threshold: any gain > 0)"}
+                       "verdict": judged(f"task {metric}", gain, "any gain > 0", gain <= 0,
+                                         f"{'better' if gain > 0 else 'not better'} on the task: {metric} "
+                                         f"{sb['metrics'][metric]:.3f} -> {st['metrics'][metric]:.3f} "
+                                         "(threshold: any gain > 0)")}
         if st["mode"] == "score":
             labels = {normalize(o) for o in label_options(data)}
         if data.spec.template is not None:
@@ -154,10 +147,10 @@ def diff(base: EvalModel, tuned: EvalModel, data: EvalData | None, settings: Dif
     out["forgetting"] = {
         "reference": source, "num_texts": len(texts), "perplexity_base": ppl_b, "perplexity_tuned": ppl_t,
         "perplexity_ratio": ppl_t / ppl_b, "kl_base_to_tuned": kl,
-        "perplexity_verdict": _verdict(ppl_t / ppl_b, (PPL_MILD, PPL_STRONG),
+        "perplexity_verdict": graded(ppl_t / ppl_b, (PPL_MILD, PPL_STRONG),
                                        ("no measurable forgetting", "mild forgetting", "strong forgetting"),
                                        "general-text perplexity", "x{}"),
-        "kl_verdict": _verdict(kl, (KL_SMALL, KL_LARGE), ("close to the base", "moderate shift", "large shift"),
+        "kl_verdict": graded(kl, (KL_SMALL, KL_LARGE), ("close to the base", "moderate shift", "large shift"),
                                "KL(base||tuned)", "{} nats per token"),
     }
 
@@ -172,9 +165,10 @@ def diff(base: EvalModel, tuned: EvalModel, data: EvalData | None, settings: Dif
         gained = [p["prompt"] for p, b, t in zip(probes, right_b, right_t) if t and not b]
         out["probes"] = {"num": len(probes), "right_base": sum(right_b), "right_tuned": sum(right_t), "lost": lost,
                          "gained": gained, "rule": "right when the normalised answer appears in the normalised output",
-                         "verdict": f"{'forgot' if lost else 'kept'} probe answers: {sum(right_b)} -> {sum(right_t)} of "
-                                    f"{len(probes)} right, {len(lost)} lost, {len(gained)} gained "
-                                    "(threshold: any lost answer is forgetting)"}
+                         "verdict": judged("probe answers lost", len(lost), "any lost answer is forgetting", bool(lost),
+                                           f"{'forgot' if lost else 'kept'} probe answers: {sum(right_b)} -> "
+                                           f"{sum(right_t)} of {len(probes)} right, {len(lost)} lost, {len(gained)} "
+                                           "gained (threshold: any lost answer is forgetting)")}
         gens_b, gens_t = before, after  # drift is read on the same generations
     else:
         prompts = [base.tokenizer.decode(base.tokenizer(t, add_special_tokens=False)["input_ids"][:8]) for t in texts]
@@ -186,17 +180,24 @@ def diff(base: EvalModel, tuned: EvalModel, data: EvalData | None, settings: Dif
     collapse_b = sum(_task_like(g.text, labels, template_prefix) for g in gens_b) / len(gens_b)
     collapse_t = sum(_task_like(g.text, labels, template_prefix) for g in gens_t) / len(gens_t)
     ratio = (len_t["mean"] + 1) / (len_b["mean"] + 1)
+    drifted = not 1 / LENGTH_RATIO <= ratio <= LENGTH_RATIO
+    stops_less = eos_t < EOS_DROP * eos_b
+    collapsed = collapse_t > COLLAPSE and collapse_t > collapse_b
     out["drift"] = {
         "prompts": "probe prompts" if settings.probes else "the first 8 tokens of each reference text",
         "length_base": len_b, "length_tuned": len_t, "eos_share_base": eos_b, "eos_share_tuned": eos_t,
         "format_collapse_base": collapse_b, "format_collapse_tuned": collapse_t,
-        "length_verdict": (f"output length {'drifted' if not 1 / LENGTH_RATIO <= ratio <= LENGTH_RATIO else 'kept'}: "
-                           f"mean {len_b['mean']:.1f} -> {len_t['mean']:.1f} tokens (threshold: a factor of {LENGTH_RATIO})"),
-        "eos_verdict": (f"{'stops less often' if eos_t < EOS_DROP * eos_b else 'still stops'}: EOS in "
-                        f"{100 * eos_b:.0f}% -> {100 * eos_t:.0f}% of outputs (threshold: below {EOS_DROP:.0%} of the base's)"),
-        "collapse_verdict": (f"{'collapsed into the task format' if collapse_t > COLLAPSE and collapse_t > collapse_b else 'no format collapse'}: "
-                             f"{100 * collapse_b:.0f}% -> {100 * collapse_t:.0f}% of unrelated prompts answered in the task's "
-                             f"label set or output template (threshold: {COLLAPSE:.0%})"),
+        "length_verdict": judged("output length ratio", ratio, LENGTH_RATIO, drifted,
+                                 f"output length {'drifted' if drifted else 'kept'}: mean {len_b['mean']:.1f} -> "
+                                 f"{len_t['mean']:.1f} tokens (threshold: a factor of {LENGTH_RATIO})", "warning"),
+        "eos_verdict": judged("EOS share", eos_t, EOS_DROP * eos_b, stops_less,
+                              f"{'stops less often' if stops_less else 'still stops'}: EOS in {100 * eos_b:.0f}% -> "
+                              f"{100 * eos_t:.0f}% of outputs (threshold: below {EOS_DROP:.0%} of the base's)",
+                              "warning"),
+        "collapse_verdict": judged("task-format share of unrelated prompts", collapse_t, COLLAPSE, collapsed,
+                                   f"{'collapsed into the task format' if collapsed else 'no format collapse'}: "
+                                   f"{100 * collapse_b:.0f}% -> {100 * collapse_t:.0f}% of unrelated prompts answered "
+                                   f"in the task's label set or output template (threshold: {COLLAPSE:.0%})"),
         "examples": [{"prompt": p, "base": b.text, "tuned": t.text} for p, b, t in list(zip(prompts, gens_b, gens_t))[:5]],
     }
     return out

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.evaluate.baselines import describe
+from tunelab.evaluate.verdicts import verdict_text
 from tunelab.report import plots
 from tunelab.report.page import Section, write_report
 
@@ -68,7 +69,7 @@ def diff_sections(d: dict[str, Any]) -> list[Section]:
     if "task" in d:
         t = d["task"]
         names = list(t["tuned"])
-        s = Section("Task: base vs tuned", verdicts=[t["verdict"]])
+        s = Section("Task: base vs tuned", verdicts=[verdict_text(t["verdict"])])
         s.table = [{"metric": n, "base": t["base"][n], "tuned": t["tuned"][n]} for n in names]
         s.images.append(("task metrics before and after",
                          plots.bar_plot(names, {"base": [t["base"][n] for n in names],
@@ -76,16 +77,16 @@ def diff_sections(d: dict[str, Any]) -> list[Section]:
         out.append(s)
     f = d["forgetting"]
     out.append(Section("Forgetting", text=[f"Reference text: {f['reference']}."],
-                       verdicts=[f["perplexity_verdict"], f["kl_verdict"]],
+                       verdicts=[verdict_text(f["perplexity_verdict"]), verdict_text(f["kl_verdict"])],
                        table=[{"figure": "perplexity", "base": f["perplexity_base"], "tuned": f["perplexity_tuned"]},
                               {"figure": "KL(base || tuned) per token", "base": 0.0, "tuned": f["kl_base_to_tuned"]}]))
     if "probes" in d:
         p = d["probes"]
-        out.append(Section("Probe questions", text=[p["rule"]], verdicts=[p["verdict"]],
+        out.append(Section("Probe questions", text=[p["rule"]], verdicts=[verdict_text(p["verdict"])],
                            table=[{"probes": p["num"], "right before": p["right_base"], "right after": p["right_tuned"]}]))
     dr = d["drift"]
     s = Section("Drift on unrelated prompts", text=[f"Prompts: {dr['prompts']}."],
-                verdicts=[dr["length_verdict"], dr["eos_verdict"], dr["collapse_verdict"]])
+                verdicts=[verdict_text(dr[k]) for k in ("length_verdict", "eos_verdict", "collapse_verdict")])
     s.table = [{"": "mean length", "base": dr["length_base"]["mean"], "tuned": dr["length_tuned"]["mean"]},
                {"": "ends with EOS", "base": dr["eos_share_base"], "tuned": dr["eos_share_tuned"]},
                {"": "task-format outputs", "base": dr["format_collapse_base"], "tuned": dr["format_collapse_tuned"]}]
