@@ -248,7 +248,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from tunelab.config import load_config
     from tunelab.evaluate.baselines import describe
     from tunelab.report.page import fmt
-    from tunelab.report.run_report import report_run
+    from tunelab.report.run_report import COMPARE_LABELS, report_run
     from tunelab.train.loop import resolve_device, set_denormal_mode
 
     cfg = load_config(args.config, args.overrides)
@@ -266,9 +266,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     eval_settings, diff_settings = _settings(args, cfg)
     cfg = cfg.model_copy(update={"eval": eval_settings, "diff": diff_settings})
     result = compare(cfg, args.strategies.split(","), out, per_strategy)
-    cols = ["strategy", "trainable params", "wall time s", "peak memory MiB", "tokens/s", "train loss", "eval loss",
-            result["metric"], "perplexity ratio", "KL base->tuned"]
-    print("  ".join(f"{c:>14}" for c in cols))
+    cols = ["strategy", "trainable_params", "wall_time_s", "peak_memory_mib", "tokens_per_s", "train_loss",
+            "eval_loss", result["metric"], "perplexity_ratio", "kl_base_to_tuned"]
+    print("  ".join(f"{COMPARE_LABELS.get(c, c):>14}" for c in cols))
     for row in result["table"]:
         print("  ".join(f"{fmt(row.get(c)):>14}" for c in cols))
     print(describe(result["baselines"]))

@@ -8,6 +8,7 @@ import logging
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from tunelab.evaluate.baselines import bar
 from tunelab.evaluate.diff import diff, reference_texts
 from tunelab.evaluate.loaders import load_for_eval
 from tunelab.evaluate.run import eval_data_from_config, evaluate
+from tunelab.strategies.registry import resolve
 from tunelab.train.metrics import read_metrics
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,7 @@ def _train_in_subprocess(cfg: Config, work: Path) -> float:
     path = work / f"{Path(cfg.output_dir).name}.yaml"
     path.write_text(dump_config(cfg))
     t0 = time.perf_counter()
-    if cfg.strategy.name == "prompting":
+    if not resolve(cfg.strategy).trains_anything:
         from tunelab.train.loop import train
 
         train(cfg)
@@ -61,17 +63,46 @@ def _train_in_subprocess(cfg: Config, work: Path) -> float:
     return time.perf_counter() - t0
 
 
-def run_row(name: str, cfg: Config, seconds: float) -> dict[str, Any]:
+@dataclass
+class CompareRow:
+    """One strategy's line of the comparison. compare.json's table holds `as_dict()`: these names, with each task
+    metric under its own name in place of `metrics` (the report and the CLI put words on them)."""
+
+    strategy: str
+    trainable_params: int
+    share_trained: float
+    wall_time_s: float
+    peak_memory_mib: float | None  # None: the run shared this process (prompting), no training memory of its own
+    tokens_per_s: float | None
+    train_loss: float | None
+    eval_loss: float | None
+    learning_rate: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    perplexity_ratio: float = 1.0  # tuned / base perplexity on the general reference text
+    kl_base_to_tuned: float = 0.0  # nats per token
+    eos_share: float | None = None
+    task_format_share: float | None = None
+    probes_right: int | None = None
+    probes_right_base: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        fields = asdict(self)
+        metrics = fields.pop("metrics")
+        head = list(fields)[: list(fields).index("learning_rate") + 1]
+        return {**{k: fields[k] for k in head}, **metrics, **{k: v for k, v in fields.items() if k not in head}}
+
+
+def run_row(name: str, cfg: Config, seconds: float) -> CompareRow:
     rows = read_metrics(Path(cfg.output_dir) / "metrics.jsonl")
     params = rows[0]
     train = [r for r in rows if r["type"] == "train"]
     evals = [r for r in rows if r["type"] == "eval"]
     summary = next((r for r in rows if r["type"] == "summary"), {})
-    return {"strategy": name, "trainable params": params["trainable_params"],
-            "share trained": params["trainable_share"], "wall time s": seconds,
-            "peak memory MiB": summary.get("peak_memory_bytes", 0) / 2**20,
-            "tokens/s": (sum(r["num_tokens"] for r in train) / sum(r["seconds"] for r in train)) if train else None,
-            "train loss": train[-1]["loss"] if train else None, "eval loss": evals[-1]["eval_loss"] if evals else None}
+    return CompareRow(name, params["trainable_params"], params["trainable_share"], seconds,
+                      summary.get("peak_memory_bytes", 0) / 2**20,
+                      (sum(r["num_tokens"] for r in train) / sum(r["seconds"] for r in train)) if train else None,
+                      train[-1]["loss"] if train else None, evals[-1]["eval_loss"] if evals else None,
+                      cfg.train.learning_rate)
 
 
 def compare(cfg: Config, strategies: list[str], out_dir: Path,
@@ -86,45 +117,41 @@ def compare(cfg: Config, strategies: list[str], out_dir: Path,
     reference = reference_texts(base, diff_settings)
     base_eval = None
     base_cache: dict[str, Any] = {}
-    table = []
+    table: list[CompareRow] = []
     for name, scfg in configs.items():
         log.info("compare: strategy %s", name)
         seconds = _train_in_subprocess(scfg, out_dir)
         row = run_row(name, scfg, seconds)
-        row["learning rate"] = scfg.train.learning_rate
         tuned = load_for_eval(scfg.output_dir)
         if base_eval is None:
             base_eval = evaluate(base, data, eval_settings)[0]
-        if scfg.strategy.name == "prompting":  # nothing trained: the weights are the base's, nothing to forget
-            row["peak memory MiB"] = None  # its run shared this process: no training memory of its own
+        if not resolve(scfg.strategy).trains_anything:  # the weights are the base's: nothing to forget
+            row.peak_memory_mib = None  # its run shared this process: no training memory of its own
             task_data = eval_data_from_config(scfg, eval_settings.max_examples)
             # the base's weights on the base's rendering of the same examples: its evaluation is the base's
             same_as_base = (task_data.spec, task_data.data_cfg, task_data.path) == (data.spec, data.data_cfg, data.path)
-            metrics = base_eval["metrics"] if same_as_base else evaluate(tuned, task_data, eval_settings)[0]["metrics"]
-            row.update(metrics)
-            row.update({"perplexity ratio": 1.0, "KL base->tuned": 0.0})
+            row.metrics = base_eval["metrics"] if same_as_base else evaluate(tuned, task_data, eval_settings)[0]["metrics"]
             table.append(row)
             continue
         d = diff(base, tuned, data, diff_settings, eval_settings, reference=reference, base_eval=base_eval,
                  base_cache=base_cache)
         (Path(scfg.output_dir) / "diff.json").write_text(json.dumps(d, indent=2))
-        row.update(d["task"]["tuned"])
         f = d["forgetting"]
-        row.update({"perplexity ratio": f["perplexity_ratio"], "KL base->tuned": f["kl_base_to_tuned"],
-                    "EOS share": d["drift"]["eos_share_tuned"], "task-format share": d["drift"]["format_collapse_tuned"]})
+        row.metrics, row.perplexity_ratio, row.kl_base_to_tuned = d["task"]["tuned"], f["perplexity_ratio"], \
+            f["kl_base_to_tuned"]
+        row.eos_share, row.task_format_share = d["drift"]["eos_share_tuned"], d["drift"]["format_collapse_tuned"]
         if "probes" in d:
-            row["probes right"] = d["probes"]["right_tuned"]
-            row.setdefault("probes right (base)", d["probes"]["right_base"])
+            row.probes_right, row.probes_right_base = d["probes"]["right_tuned"], d["probes"]["right_base"]
         table.append(row)
-    base_probes = next((r["probes right (base)"] for r in table if "probes right (base)" in r), None)
+    base_probes = next((r.probes_right_base for r in table if r.probes_right_base is not None), None)
     for row in table:
-        if row["strategy"] in configs and configs[row["strategy"]].strategy.name == "prompting" and base_probes is not None:
-            row["probes right"] = base_probes  # prompting runs the base's weights
+        if not resolve(configs[row.strategy].strategy).trains_anything and base_probes is not None:
+            row.probes_right = base_probes  # it runs the base's weights
     metric = next(iter(base_eval["metrics"])) if base_eval else None
     no_model = base_eval["baselines"] if base_eval else None
     recommended, recommendation = measured_recommendation(table, metric, no_model)
     result = {"metric": metric, "base_metrics": base_eval["metrics"] if base_eval else None, "baselines": no_model,
-              "table": table, "eval_data": data.path, "num_eval_examples": len(data.examples), "reference": reference[1],
+              "table": [r.as_dict() for r in table], "eval_data": data.path, "num_eval_examples": len(data.examples), "reference": reference[1],
               "note": f"same data, seed and step budget for every strategy; task metric on {len(data.examples)} "
                       f"held-out examples of {data.path}; forgetting on {reference[1]}",
               "recommended": recommended, "recommendation": recommendation,
@@ -134,7 +161,7 @@ def compare(cfg: Config, strategies: list[str], out_dir: Path,
     return result
 
 
-def measured_recommendation(table: list[dict[str, Any]], metric: str | None,
+def measured_recommendation(table: list[CompareRow], metric: str | None,
                             no_model: dict[str, dict[str, Any]] | None = None, tolerance: float = 0.02
                             ) -> tuple[str | None, str]:
     """(strategy, why): among the strategies that beat the strongest model-free baseline (`no_model`, e.g.
@@ -143,16 +170,17 @@ def measured_recommendation(table: list[dict[str, Any]], metric: str | None,
     if not metric or not table:
         return None, ""
     floor = bar(no_model, metric)
-    beating = [r for r in table if floor is None or r[metric] > floor[1]]
+    beating = [r for r in table if floor is None or r.metrics[metric] > floor[1]]
     if not beating:
-        best = max(table, key=lambda r: r[metric])
+        best = max(table, key=lambda r: r.metrics[metric])
         return None, (f"measured: no strategy beats {floor[0]} ({metric} {floor[1]:.3f}, {no_model[floor[0]]['answer']}); "
-                      f"the best, {best['strategy']}, scored {best[metric]:.3f}: none is worth its cost on this data.")
-    best = max(r[metric] for r in beating)
-    close = [r for r in beating if r[metric] >= best - tolerance]
-    pick = min(close, key=lambda r: (r["perplexity ratio"], -r[metric]))
+                      f"the best, {best.strategy}, scored {best.metrics[metric]:.3f}: none is worth its cost on this "
+                      "data.")
+    best = max(r.metrics[metric] for r in beating)
+    close = [r for r in beating if r.metrics[metric] >= best - tolerance]
+    pick = min(close, key=lambda r: (r.perplexity_ratio, -r.metrics[metric]))
     above = f"; above {floor[0]}'s {floor[1]:.3f}" if floor else ""
-    return pick["strategy"], (
-        f"measured: {pick['strategy']} — {metric} {pick[metric]:.3f} (best {best:.3f}; strategies within "
+    return pick.strategy, (
+        f"measured: {pick.strategy} — {metric} {pick.metrics[metric]:.3f} (best {best:.3f}; strategies within "
         f"{tolerance} of the best count as tied{above}) with the least forgetting among them (general-text "
-        f"perplexity x{pick['perplexity ratio']:.3f}).")
+        f"perplexity x{pick.perplexity_ratio:.3f}).")

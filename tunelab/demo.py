@@ -20,7 +20,7 @@ from tunelab.config import validate_config
 from tunelab.demo_world.build import MODEL_DIR
 from tunelab.demo_world.data import write_demo_data
 from tunelab.report.page import Section, fmt, write_report
-from tunelab.report.run_report import compare_sections
+from tunelab.report.run_report import COMPARE_LABELS, compare_sections
 
 SUMMARY_TEMPLATE = {"prompt": "Ticket: {prompt}\nSummary:", "target": " {completion}"}
 TRIAGE_TEMPLATE = {"prompt": "Ticket: {prompt}\nIntent and urgency:", "target": " {completion}"}
@@ -48,9 +48,9 @@ def _config(data: dict[str, Path], task: str, out: Path, steps: int, max_eval: i
 
 
 def _print_table(title: str, result: dict[str, Any], metric_names: list[str]) -> None:
-    cols = ["strategy", "trainable params", "wall time s", *metric_names, "perplexity ratio", "probes right"]
+    cols = ["strategy", "trainable_params", "wall_time_s", *metric_names, "perplexity_ratio", "probes_right"]
     print(f"\n{title}")
-    print("  ".join(f"{c:>16}" for c in cols))
+    print("  ".join(f"{COMPARE_LABELS.get(c, c):>16}" for c in cols))
     for row in result["table"]:
         print("  ".join(f"{fmt(row.get(c)):>16}" for c in cols))
 

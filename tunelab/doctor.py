@@ -195,10 +195,10 @@ def _from_results(run_dir: Path) -> list[Diagnosis]:
             compare = run_dir.parent / "compare.json"
             if compare.is_file():
                 rows = json.loads(compare.read_text())["table"]
-                less = sorted((r for r in rows if r["perplexity ratio"] < f["perplexity_ratio"]),
-                              key=lambda r: r["perplexity ratio"])
+                less = sorted((r for r in rows if r["perplexity_ratio"] < f["perplexity_ratio"]),
+                              key=lambda r: r["perplexity_ratio"])
                 measured = "; measured here, these forgot less: " + ", ".join(
-                    f"{r['strategy']} (x{r['perplexity ratio']:.2f})" for r in less)
+                    f"{r['strategy']} (x{r['perplexity_ratio']:.2f})" for r in less)
             out.append(Diagnosis("forgetting above the threshold",
                                  f"{verdict_text(f['perplexity_verdict'])}; {verdict_text(f['kl_verdict'])}",
                                  "the model lost part of what it knew before tuning",

@@ -44,9 +44,9 @@ def test_full_and_lora_beat_chance_and_prompting_and_forgetting_is_measured(tmp_
         assert rows[name]["accuracy"] > 8 * chance, name
         assert rows[name]["accuracy"] > rows["prompting"]["accuracy"] + 0.1, name
     for name in ("lora", "full"):
-        assert rows[name]["KL base->tuned"] > 0 and rows[name]["perplexity ratio"] != 1.0
+        assert rows[name]["kl_base_to_tuned"] > 0 and rows[name]["perplexity_ratio"] != 1.0
     # the comparison says which forgot more, as measured
-    assert rows["full"]["perplexity ratio"] > rows["lora"]["perplexity ratio"]
+    assert rows["full"]["perplexity_ratio"] > rows["lora"]["perplexity_ratio"]
     diff = json.loads((tmp_path / "cmp" / "full" / "diff.json").read_text())
     assert "forgetting" in diff["forgetting"]["perplexity_verdict"]["text"]
     assert (tmp_path / "cmp" / "compare.json").is_file()

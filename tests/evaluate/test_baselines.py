@@ -8,7 +8,7 @@ import json
 import pytest
 
 from tests.conftest import shared_file
-from tunelab.compare import measured_recommendation
+from tunelab.compare import CompareRow, measured_recommendation
 from tunelab.data.records import Example
 from tunelab.evaluate.baselines import baselines
 from tunelab.evaluate.metrics import compute
@@ -52,7 +52,7 @@ def test_copy_the_prompt_scores_the_raw_prompt():
 
 
 def _row(name, acc, ppl):
-    return {"strategy": name, "accuracy": acc, "perplexity ratio": ppl}
+    return CompareRow(name, 1, 0.1, 1.0, None, None, None, None, 1e-3, metrics={"accuracy": acc}, perplexity_ratio=ppl)
 
 
 FLOOR = {"majority": {"answer": "ham", "source": "s", "accuracy": 0.875}, "chance": {"answer": "c", "source": "s",

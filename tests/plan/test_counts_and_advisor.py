@@ -87,8 +87,12 @@ def test_measured_comparison_outranks_the_rules(tmp_path):
     import json
 
     path = tmp_path / "compare.json"
-    path.write_text(json.dumps({"recommendation": "measured: lora — accuracy 0.800 (best 0.810; ...)"}))
+    path.write_text(json.dumps({"recommended": "lora",
+                                "recommendation": "measured: lora — accuracy 0.800 (best 0.810; ...)"}))
     s = Situation(50_000, 5_000_000, "short_answer", "low", {"full": True, "lora": True})
     assert advise(s).strategy == "full"
     measured = advise(s, path)
     assert (measured.strategy, measured.rule) == ("lora", "measured")
+    # the pick is the `recommended` field; the sentence is never parsed (a file without the field: the rules answer)
+    path.write_text(json.dumps({"recommendation": "measured: lora — accuracy 0.800 (best 0.810; ...)"}))
+    assert advise(s, path).rule != "measured" and advise(s, path).strategy == "full"

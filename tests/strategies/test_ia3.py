@@ -77,4 +77,4 @@ def test_ia3_appears_in_compare(ia3_run, capsys):
                  "train.max_steps=10"]) == 0, capsys.readouterr().err
     table = json.loads((tmp / "cmp" / "compare.json").read_text())["table"]
     row = next(r for r in table if r["strategy"] == "ia3")
-    assert row["trainable params"] == read_metrics(tmp / "run" / "metrics.jsonl")[0]["trainable_params"]
+    assert row["trainable_params"] == read_metrics(tmp / "run" / "metrics.jsonl")[0]["trainable_params"]

@@ -58,11 +58,7 @@ def advise(s: Situation, compare_json: Path | None = None) -> Advice:
     measured beat the model-free baseline (then the rules answer, and say what was measured)."""
     if compare_json is not None and compare_json.is_file():
         measured = json.loads(compare_json.read_text())
-        if "recommended" in measured:
-            pick = measured["recommended"]
-        else:  # a compare.json written before the field existed
-            text = measured.get("recommendation") or ""
-            pick = text.split(":", 1)[1].split("—")[0].strip() if "—" in text else None
+        pick = measured.get("recommended")  # a field, never parsed from the sentence
         if pick:
             return Advice(pick, {}, f"{measured['recommendation']} (from {compare_json}, on similar data; a "
                           "measured comparison outranks the rules)", "measured")

@@ -101,18 +101,32 @@ def diff_sections(d: dict[str, Any]) -> list[Section]:
     return out
 
 
+# the words for the fields of a comparison row (tunelab.compare.CompareRow); task metrics keep their names
+COMPARE_LABELS = {"trainable_params": "trainable params", "share_trained": "share trained", "wall_time_s": "wall time s",
+                  "peak_memory_mib": "peak memory MiB", "tokens_per_s": "tokens/s", "train_loss": "train loss",
+                  "eval_loss": "eval loss", "learning_rate": "learning rate", "perplexity_ratio": "perplexity ratio",
+                  "kl_base_to_tuned": "KL base->tuned", "eos_share": "EOS share",
+                  "task_format_share": "task-format share", "probes_right": "probes right",
+                  "probes_right_base": "probes right (base)"}
+
+
+def labelled(row: dict[str, Any]) -> dict[str, Any]:
+    """A comparison row with words for its field names, for tables people read."""
+    return {COMPARE_LABELS.get(k, k): v for k, v in row.items()}
+
+
 def compare_sections(c: dict[str, Any]) -> list[Section]:
     rows = c["table"]
     s = Section("Strategy comparison", text=[t for t in (c.get("note", ""), describe(c.get("baselines"))) if t],
-                table=rows)
+                table=[labelled(r) for r in rows])
     metric = c.get("metric")
     names = [r["strategy"] for r in rows]
     if metric:
         s.images.append((f"task {metric} per strategy",
                          plots.bar_plot(names, {metric: [r.get(metric) or 0.0 for r in rows]}, metric, metric)))
-    if any(r.get("perplexity ratio") for r in rows):
+    if any(r.get("perplexity_ratio") for r in rows):
         s.images.append(("forgetting per strategy (tuned / base perplexity on general text; 1 = none)",
-                         plots.bar_plot(names, {"perplexity ratio": [r.get("perplexity ratio") or 0.0 for r in rows]},
+                         plots.bar_plot(names, {"perplexity ratio": [r.get("perplexity_ratio") or 0.0 for r in rows]},
                                         "forgetting", "ratio")))
     if c.get("recommendation"):
         s.verdicts.append(c["recommendation"])
