@@ -17,7 +17,6 @@ from tunelab.data.records import SHAPES, Example, check_same_shape, to_examples
 from tunelab.data.render import Rendered, RenderSpec, render_example
 from tunelab.errors import DataError
 
-FINDING_KEYS = ("exact_duplicates", "near_duplicates", "conflicts", "leakage", "truncated", "empty_targets")
 _WORD = re.compile(r"\w+")
 
 

@@ -34,7 +34,6 @@ class ModelShape:
     layer_params: list[int]
     param_names: dict[str, int]  # name -> numel (unique parameters)
     linears: list[tuple[str, int, int]]  # (module name, in_features, out_features) of the decoder's Linear layers
-    head_trainable_in_full: bool = True
 
     @property
     def kv_dim(self) -> int:
