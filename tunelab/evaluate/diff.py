@@ -22,6 +22,7 @@ from tunelab.evaluate.loaders import EvalModel
 from tunelab.evaluate.metrics import normalize
 from tunelab.evaluate.run import EvalData, EvalSettings, evaluate, label_options
 from tunelab.evaluate.score import label_log_probs, sequence_log_probs
+from tunelab.models.load import pad_token_id
 from tunelab.data.batching import pad_collate
 
 # thresholds of the verdicts (stated in every verdict)
@@ -66,8 +67,7 @@ def _encode_texts(em: EvalModel, texts: list[str], max_length: int) -> list[Any]
 
 
 def perplexity(em: EvalModel, texts: list[str], max_length: int = 512) -> float:
-    pad = em.tokenizer.pad_token_id if em.tokenizer.pad_token_id is not None else em.tokenizer.eos_token_id
-    scored = sequence_log_probs(em.model, _encode_texts(em, texts, max_length), pad)
+    scored = sequence_log_probs(em.model, _encode_texts(em, texts, max_length), pad_token_id(em.tokenizer))
     return math.exp(-sum(s for s, _ in scored) / max(1, sum(n for _, n in scored)))
 
 
@@ -85,7 +85,7 @@ def mean_kl(base: EvalModel, tuned: EvalModel, texts: list[str], max_length: int
             cache: dict[str, Any] | None = None) -> float:
     """Mean per-token KL(base || tuned) of the next-token distributions along the reference text."""
     encoded = _encode_texts(base, texts, max_length)
-    pad = base.tokenizer.eos_token_id
+    pad = pad_token_id(base.tokenizer)
     total, count = 0.0, 0
     dev_b, dev_t = next(base.model.parameters()).device, next(tuned.model.parameters()).device
     for s in range(0, len(encoded), batch_size):

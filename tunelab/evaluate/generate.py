@@ -11,6 +11,7 @@ import torch
 from tunelab.data.batching import left_pad
 from tunelab.data.encode import adds_bos
 from tunelab.evaluate.loaders import EvalModel
+from tunelab.models.load import pad_token_id
 
 
 @dataclass
@@ -35,7 +36,7 @@ def generate(em: EvalModel, prompts: list[str], max_new_tokens: int = 64, do_sam
     streamer (one prompt only) receives the tokens as they are generated."""
     tok, lm = em.tokenizer, em.model.lm
     device = next(em.model.parameters()).device
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad_id = pad_token_id(tok)
     ids = encode_prompts(tok, prompts)
     torch.manual_seed(seed)
     out: list[Generation | None] = [None] * len(prompts)

@@ -14,6 +14,7 @@ from tunelab.data.encode import IGNORE, EncodeStats, Encoded, encode_examples
 from tunelab.data.records import SHAPES, Example
 from tunelab.data.render import RenderSpec, render_example
 from tunelab.models.head import target_positions
+from tunelab.models.load import pad_token_id
 from tunelab.strategies.model import TrainModel
 
 
@@ -117,7 +118,7 @@ def rank_options(model: TrainModel, tokenizer: Any, examples: list[Example], opt
     rendered = [render_example(v, spec, tokenizer, pool) for v in variants]
     encoded = encode_examples(rendered, tokenizer, max_length, "left", EncodeStats())
     assert len(encoded) == len(variants), "left truncation never drops an example"
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     k = len(options)
     groups = [encoded[i * k : (i + 1) * k] for i in range(len(examples))]
     shared = [_shared_prompt(model, g) for g in groups]
