@@ -23,6 +23,7 @@ from tunelab.evaluate.metrics import normalize
 from tunelab.evaluate.run import EvalData, EvalSettings, evaluate, label_options
 from tunelab.evaluate.score import label_log_probs, sequence_log_probs
 from tunelab.models.load import pad_token_id
+from tunelab.percentile import percentile
 from tunelab.data.batching import pad_collate
 
 # thresholds of the verdicts (stated in every verdict)
@@ -124,7 +125,7 @@ def _verdict(value: float, cuts: tuple[float, float], words: tuple[str, str, str
 
 def _lengths(gens: list[Any]) -> dict[str, float]:
     n = sorted(g.num_tokens for g in gens)
-    return {"mean": statistics.fmean(n), "median": statistics.median(n), "p90": n[min(len(n) - 1, int(0.9 * len(n)))]}
+    return {"mean": statistics.fmean(n), "median": statistics.median(n), "p90": percentile(n, 0.9)}
 
 
 def _task_like(text: str, labels: set[str], template_prefix: str) -> bool:
