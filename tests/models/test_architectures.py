@@ -23,7 +23,8 @@ from tunelab.data.render import spec_from_config
 from tunelab.models.load import load_model, load_tokenizer
 from tunelab.plan.estimate import model_shape
 from tunelab.strategies.model import count_parameters
-from tunelab.strategies.registry import parameter_counts, prepare_strategy
+from tunelab.strategies.registry import parameter_counts
+from tunelab.strategies.prepare import prepare_strategy
 from tunelab.train.loop import train
 from tunelab.train.loss import causal_lm_loss
 from tunelab.train.metrics import read_metrics

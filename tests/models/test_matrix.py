@@ -28,7 +28,7 @@ from tunelab.data.render import spec_from_config
 from tunelab.cli import main
 from tunelab.models.load import load_model, load_tokenizer
 from tunelab.strategies.export import load_final
-from tunelab.strategies.registry import prepare_strategy
+from tunelab.strategies.prepare import prepare_strategy
 from tunelab.train.loop import seed_everything, train
 from tunelab.train.metrics import read_metrics
 

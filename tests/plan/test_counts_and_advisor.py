@@ -12,7 +12,7 @@ from tunelab.models.load import load_tokenizer
 from tunelab.plan.advisor import Situation, advise
 from tunelab.plan.estimate import model_shape, parameter_counts
 from tunelab.strategies.model import count_parameters
-from tunelab.strategies.registry import prepare_strategy
+from tunelab.strategies.prepare import prepare_strategy
 
 STRATEGIES = [
     {"name": "prompting"}, {"name": "full"}, {"name": "lora"}, {"name": "ia3"},

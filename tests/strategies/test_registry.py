@@ -18,7 +18,8 @@ from tunelab.models.load import load_model, load_tokenizer
 from tunelab.plan.estimate import model_shape
 from tunelab.strategies.export import export_run, load_final
 from tunelab.strategies.model import count_parameters
-from tunelab.strategies.registry import STRATEGIES, parameter_counts, prepare_strategy, resolve
+from tunelab.strategies.registry import STRATEGIES, parameter_counts, resolve
+from tunelab.strategies.prepare import prepare_strategy
 from tunelab.train import loop
 from tunelab.train.metrics import read_metrics
 

@@ -12,7 +12,7 @@ from tunelab.config import StrategyConfig, validate_config
 from tunelab.errors import ConfigError
 from tunelab.models.load import load_model, load_tokenizer
 from tunelab.strategies.model import count_parameters
-from tunelab.strategies.registry import prepare_strategy
+from tunelab.strategies.prepare import prepare_strategy
 from tunelab.strategies.export import export_run, load_final
 from tunelab.train import loop
 from tunelab.train.metrics import read_metrics

@@ -8,7 +8,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from tests.data.test_encode_labels import _encode
 from tunelab.data.batching import count_label_tokens, pad_collate
-from tunelab.train.loss import causal_lm_loss, linear_cross_entropy_sum
+from tunelab.models.linear_cross_entropy import linear_cross_entropy_sum
+from tunelab.train.loss import causal_lm_loss
 
 ROWS = [
     {"prompt": "Once upon a time there was a dog named Max.", "completion": " He liked to run."},

@@ -16,8 +16,8 @@ from tunelab.data.read import Record, read_records
 from tunelab.data.records import SHAPES, Example, check_same_shape, to_examples
 from tunelab.data.render import Rendered, RenderSpec, render_example, turn_end
 from tunelab.errors import DataError
+from tunelab.percentile import percentile
 
-FINDING_KEYS = ("exact_duplicates", "near_duplicates", "conflicts", "leakage", "truncated", "empty_targets")
 _WORD = re.compile(r"\w+")
 
 
@@ -142,7 +142,7 @@ def _length_stats(values: list[int]) -> dict[str, float]:
     if not values:
         return {}
     v = sorted(values)
-    return {"mean": statistics.fmean(v), "p50": v[len(v) // 2], "p90": v[int(0.9 * (len(v) - 1))], "max": v[-1]}
+    return {"mean": statistics.fmean(v), "p50": v[len(v) // 2], "p90": percentile(v, 0.9), "max": v[-1]}
 
 
 def _duplicates(train: AuditInput, threshold: float) -> dict[str, Finding]:

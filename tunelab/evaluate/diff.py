@@ -25,6 +25,8 @@ from tunelab.evaluate.metrics import normalize
 from tunelab.evaluate.run import EvalData, evaluate, label_options
 from tunelab.evaluate.score import label_log_probs, sequence_log_probs
 from tunelab.evaluate.verdicts import graded, judged
+from tunelab.models.load import pad_token_id
+from tunelab.percentile import percentile
 from tunelab.data.batching import pad_collate
 
 # thresholds of the verdicts (stated in every verdict)
@@ -59,8 +61,7 @@ def _encode_texts(em: EvalModel, texts: list[str], max_length: int) -> list[Any]
 
 
 def perplexity(em: EvalModel, texts: list[str], max_length: int = 512) -> float:
-    pad = em.tokenizer.pad_token_id if em.tokenizer.pad_token_id is not None else em.tokenizer.eos_token_id
-    scored = sequence_log_probs(em.model, _encode_texts(em, texts, max_length), pad)
+    scored = sequence_log_probs(em.model, _encode_texts(em, texts, max_length), pad_token_id(em.tokenizer))
     return math.exp(-sum(s for s, _ in scored) / max(1, sum(n for _, n in scored)))
 
 
@@ -78,7 +79,7 @@ def mean_kl(base: EvalModel, tuned: EvalModel, texts: list[str], max_length: int
             cache: dict[str, Any] | None = None) -> float:
     """Mean per-token KL(base || tuned) of the next-token distributions along the reference text."""
     encoded = _encode_texts(base, texts, max_length)
-    pad = base.tokenizer.eos_token_id
+    pad = pad_token_id(base.tokenizer)
     total, count = 0.0, 0
     dev_b, dev_t = next(base.model.parameters()).device, next(tuned.model.parameters()).device
     for s in range(0, len(encoded), batch_size):
@@ -106,7 +107,7 @@ def read_probes(path: str) -> list[dict[str, str]]:
 
 def _lengths(gens: list[Any]) -> dict[str, float]:
     n = sorted(g.num_tokens for g in gens)
-    return {"mean": statistics.fmean(n), "median": statistics.median(n), "p90": n[min(len(n) - 1, int(0.9 * len(n)))]}
+    return {"mean": statistics.fmean(n), "median": statistics.median(n), "p90": percentile(n, 0.9)}
 
 
 def _task_like(text: str, labels: set[str], template_prefix: str) -> bool:

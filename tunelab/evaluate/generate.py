@@ -12,7 +12,7 @@ from tunelab.data.batching import left_pad
 from tunelab.data.encode import tokenize_texts
 from tunelab.evaluate.loaders import EvalModel
 from tunelab.errors import ModelError
-from tunelab.models.load import stop_token_ids
+from tunelab.models.load import pad_token_id, stop_token_ids
 
 
 @dataclass
@@ -49,7 +49,7 @@ def generate(em: EvalModel, prompts: list[str], max_new_tokens: int = 64, do_sam
     only) receives the tokens as they are generated."""
     tok, lm = em.tokenizer, em.model.lm
     device = next(em.model.parameters()).device
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad_id = pad_token_id(tok)
     ends = [t for t in em.stop_texts if t]  # the run's end of turn (chat templates), besides EOS
     stop_ids = stop_token_ids(tok, em.model.base, ends)
     multi_token = [t for t in ends if len(tok(t, add_special_tokens=False)["input_ids"]) > 1]

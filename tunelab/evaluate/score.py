@@ -13,25 +13,21 @@ from tunelab.data.batching import left_pad, pad_collate
 from tunelab.data.encode import IGNORE, EncodeStats, Encoded, encode_examples
 from tunelab.data.records import SHAPES, Example
 from tunelab.data.render import RenderSpec, render_example
+from tunelab.models.head import target_positions
+from tunelab.models.load import pad_token_id
 from tunelab.strategies.model import TrainModel
 
 
 def label_log_probs(model: TrainModel, batch: dict[str, torch.Tensor], chunk: int = 1024
                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """For the labeled positions of a batch, in row-major order, yield chunks of
-    (log-probabilities over the vocabulary (n, vocab), the label ids (n,), the row of each (n,))."""
-    hidden, labels = model.hidden_states(batch)
-    labels = labels[:, 1:]
-    mask = labels != IGNORE
-    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)[mask]
-    selected, targets = hidden[:, :-1][mask], labels[mask]
+    (log-probabilities over the vocabulary (n, vocab), the label ids (n,), the row of each (n,)).
+    The positions and the head are the training loss's, so these log-probabilities are its negative."""
+    at = target_positions(*model.hidden_states(batch))
     head = model.head
-    for s in range(0, targets.shape[0], chunk):
-        logits = head(selected[s : s + chunk]).float()
-        cap = getattr(model.config, "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        yield F.log_softmax(logits, dim=-1), targets[s : s + chunk], rows[s : s + chunk]
+    for s in range(0, at.targets.shape[0], chunk):
+        logits = head.logits(at.hidden[s : s + chunk])
+        yield F.log_softmax(logits, dim=-1), at.targets[s : s + chunk], at.rows[s : s + chunk]
 
 
 @torch.no_grad()
@@ -122,7 +118,7 @@ def rank_options(model: TrainModel, tokenizer: Any, examples: list[Example], opt
     rendered = [render_example(v, spec, tokenizer, pool) for v in variants]
     encoded = encode_examples(rendered, tokenizer, max_length, "left", EncodeStats())
     assert len(encoded) == len(variants), "left truncation never drops an example"
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     k = len(options)
     groups = [encoded[i * k : (i + 1) * k] for i in range(len(examples))]
     shared = [_shared_prompt(model, g) for g in groups]

@@ -37,7 +37,6 @@ class ModelShape:
     linears: list[tuple[str, int, int]]  # (module name, in_features, out_features) of the decoder's Linear layers
     model_type: str = ""  # the config's model_type (peft's per-family adapter targets)
     embedding_dim: int = 0  # the token embeddings' width (0: the hidden size; OPT-350m's is narrower)
-    head_trainable_in_full: bool = True
 
     @property
     def kv_dim(self) -> int:

@@ -9,9 +9,12 @@ from typing import Any
 
 import torch
 
-from tunelab.config import FreezeSettings, SoftPromptSettings
 from tunelab.errors import ConfigError, ModelError
 from tunelab.models.layers import decoder_layers
+
+# tunelab.config's strategy.soft_prompt and strategy.freeze sections (the config imports the registry, which imports
+# this module: not the reverse)
+SoftPromptSettings = FreezeSettings = Any
 
 
 def get_peft_model_or_explain(model: Any, peft_config: Any, strategy: str) -> Any:

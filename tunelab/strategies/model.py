@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from tunelab.models.attention import packed_inputs, packing_refusal
+from tunelab.models.head import OutputHead, target_positions
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,8 @@ class TrainModel(torch.nn.Module):
         return self.base.config
 
     @property
-    def head(self) -> torch.nn.Module:
-        return self.base.get_output_embeddings()
+    def head(self) -> OutputHead:
+        return OutputHead.of(self.base)
 
     @property
     def pack_refusal(self) -> str | None:
@@ -78,10 +79,9 @@ class TrainModel(torch.nn.Module):
 
         The whole loss runs inside this forward, so that DDP and FSDP see every parameter use.
         """
-        from tunelab.train.loss import loss_from_hidden
-
-        hidden, labels = self.hidden_states(batch)
-        return loss_from_hidden(hidden, labels, self.head, self.config, chunk_size, count_correct)
+        at = target_positions(*self.hidden_states(batch))
+        loss, correct = self.head.cross_entropy_sum(at, chunk_size, count_correct)
+        return loss, int(at.targets.shape[0]), correct
 
     def soft_prompt(self) -> torch.Tensor:
         """The virtual-token embeddings, (virtual_tokens, hidden)."""

@@ -3,10 +3,11 @@
 The taxonomy of adapting a pretrained LM (Liu et al. 2021, "Pre-train, Prompt, and Predict", 7.2) plus the
 parameter-efficient family. Each entry says what trains in the base model, what is added (nothing, a peft
 adapter, a soft prompt), how the result saves and merges, and how many parameters it adds (from the model's
-shape, for the planner). Preparation, export, evaluation loading, the planner and the config read these fields;
+shape, for the planner). Preparation (strategies/prepare.py), export, evaluation loading, the planner and the config read these fields;
 no other module compares strategy names. Adding a strategy is adding an entry here.
 
-This module imports no torch or peft at import time (the config validates strategy names against it).
+A leaf: it imports no other tunelab module but errors, and torch and peft only inside functions (the config
+validates strategy names against it).
 """
 
 from __future__ import annotations
@@ -14,13 +15,12 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from tunelab.errors import ConfigError, ModelError
 
-if TYPE_CHECKING:
-    from tunelab.config import StrategyConfig
-    from tunelab.strategies.model import TrainModel
+# a tunelab.config.StrategyConfig: the config imports this registry (to validate strategy names), not the reverse
+StrategyConfig = Any
 
 Base = Literal["none", "all", "chosen"]  # what trains in the base model: nothing, every weight, chosen modules
 Adds = Literal["nothing", "adapter", "soft_prompt"]  # what the strategy adds to the base model
@@ -176,31 +176,7 @@ def mergeable_peft_types() -> set[str]:
     return {s.peft_type for s in STRATEGIES.values() if s.mergeable and s.peft_type}
 
 
-# -- preparing a model, and counting what it will train from its shape ------------------------------------------
-
-def prepare_strategy(model: Any, cfg: StrategyConfig, tokenizer: Any, seed: int = 0) -> TrainModel:
-    """Set what trains and add what the strategy adds; the result is what the training loop runs."""
-    from tunelab.strategies.build import apply_soft_prompt, choose_trainable, get_peft_model_or_explain
-    from tunelab.strategies.model import TrainModel
-
-    s = resolve(cfg)
-    virtual, prefix = 0, False
-    if s.adds == "adapter":
-        lm = get_peft_model_or_explain(model, s.adapter_config(model, cfg), s.name)
-    elif s.adds == "soft_prompt":
-        lm, virtual, prefix = apply_soft_prompt(model, cfg.soft_prompt, tokenizer, seed)
-    else:
-        lm = model
-        for p in model.parameters():
-            p.requires_grad_(False)
-    base = lm.get_base_model() if s.adds != "nothing" else lm
-    if s.base == "all":
-        for p in base.parameters():
-            p.requires_grad_(True)
-    elif s.base == "chosen":
-        choose_trainable(base, cfg.freeze)
-    return TrainModel(lm, cfg.name, virtual_tokens=virtual, prefix=prefix)
-
+# -- counting what a strategy will train, from the model's shape ---------------------------------------------------
 
 def prompt_params(shape: Any, cfg: StrategyConfig) -> int:
     """Parameters a soft prompt adds (peft's PromptEmbedding, PromptEncoder MLP, PrefixEncoder)."""

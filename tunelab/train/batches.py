@@ -24,7 +24,6 @@ class BatchPlan:
     rows_per_micro_batch: int
     micro_batches_per_step: int
     collate: Callable[[list[Unit]], dict[str, torch.Tensor]]
-    packed: bool
     lengths: list[int]  # tokens of each example
     rank: int = 0
     world: int = 1
@@ -77,18 +76,18 @@ def _plan(cfg: Config, examples: list[Encoded], pad_id: int, can_pack: bool, vir
 
     if t.tokens_per_step is None:
         return BatchPlan(UnitStream(shuffled_examples(len(examples), t.seed)), t.batch_size, t.grad_accum,
-                         padded, False, lengths)
+                         padded, lengths)
     micro = t.tokens_per_micro_batch or t.tokens_per_step
     if not can_pack:
         per_micro = max(1, round(micro / (sum(lengths) / len(lengths))))
         log.info("%s, so this run cannot see packed rows: using padded batches of %d examples (the token budget %d "
                  "/ the mean example length)", why_not_packed or "by its strategy", per_micro, micro)
         return BatchPlan(UnitStream(shuffled_examples(len(examples), t.seed)), per_micro, t.tokens_per_step // micro,
-                         padded, False, lengths)
+                         padded, lengths)
     return BatchPlan(UnitStream(packed_rows([n + v for n in lengths], row_length, t.seed)),
                      max(1, micro // row_length), t.tokens_per_step // micro,
                      lambda units: packed_collate([[examples[i] for i in u] for u in units], pad_id, row_length, v),
-                     True, lengths)
+                     lengths)
 
 
 def total_steps(cfg: Config, plan: BatchPlan) -> int:

@@ -87,11 +87,6 @@ def reshard(model: Any) -> None:
         model.reshard()
 
 
-def unwrap(model: Any) -> Any:
-    """The TrainModel inside a DDP wrapper (FSDP2 keeps the module itself)."""
-    return getattr(model, "module", model)
-
-
 @contextlib.contextmanager
 def gradient_sync(model: Any, sync: bool) -> Iterator[None]:
     """Skip the gradient all-reduce on all but the last micro-batch of a step."""

@@ -28,7 +28,8 @@ from tunelab.errors import ConfigError, DiskFullError, NonFiniteError
 from tunelab.models.load import enable_activation_checkpointing, load_model, load_tokenizer, pad_token_id
 from tunelab.models.device import choose_device
 from tunelab.strategies.model import count_parameters
-from tunelab.strategies.registry import prepare_strategy, resolve
+from tunelab.strategies.registry import resolve
+from tunelab.strategies.prepare import prepare_strategy
 from tunelab.strategies.export import save_final
 from tunelab.train.batches import make_batch_plan, total_steps
 from tunelab.train.checkpoint import disk_full_message, is_disk_full, list_checkpoints, load_checkpoint, save_checkpoint

@@ -67,7 +67,7 @@ def time_cut_model(cfg: Config, model_config: Any, layers: int, examples: list[E
 
     from tunelab.data.batching import count_label_tokens
     from tunelab.models.load import attention_implementation, enable_activation_checkpointing, pad_token_id
-    from tunelab.strategies.registry import prepare_strategy
+    from tunelab.strategies.prepare import prepare_strategy
     from tunelab.train.batches import make_batch_plan
     from tunelab.train.loop import optimizer_step, resolve_device, set_denormal_mode
     from tunelab.train.optim import build_optimizer, build_scheduler
