@@ -35,3 +35,26 @@ def test_step_time_comes_from_the_injected_timer_only(tmp_path, stories260k):
     free = plan(cfg, "cpu", strategies=["full", "lora"]).estimates
     assert "FLOPs at" in free["full"].time_source and free["full"].step_seconds > 0
     assert free["lora"].memory_bytes == timed["lora"].memory_bytes  # timing changes no other figure
+
+
+def test_the_runtime_measurement_is_kept_between_plans(tmp_path, monkeypatch):
+    """The child process that measures the training stack's resident memory runs once per interpreter and versions;
+    a damaged cache file is measured again, never trusted."""
+    import subprocess
+
+    from tunelab.plan import devices
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(devices, "_RUNTIME", {})
+    first = devices.RuntimeProbe().bytes()
+    assert first > devices.CPU_RUNNING_EXTRA_BYTES  # torch alone is far more than nothing
+    path, key = devices._runtime_cache()
+    assert path.is_file() and key in path.read_text()
+    monkeypatch.setattr(devices, "_RUNTIME", {})
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: (_ for _ in ()).throw(AssertionError("measured again")))
+    assert devices.RuntimeProbe().bytes() == first  # from the cache: no child process
+    monkeypatch.undo()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(devices, "_RUNTIME", {})
+    path.write_text("{not json")
+    assert devices.RuntimeProbe().bytes() > devices.CPU_RUNNING_EXTRA_BYTES and key in path.read_text()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,6 @@ def _seconds_per_call(fn: Callable[[], object], seconds: float) -> float:
 
 @functools.cache  # measured once per process: a second plan (compare, several --gpu) reuses it
 def cpu_device() -> Device:
-    import os
-
     import torch
 
     a, b = torch.randn(512, 512), torch.randn(512, 512)
@@ -58,18 +58,65 @@ def cpu_device() -> Device:
 CPU_RUNNING_EXTRA_BYTES = 8 * 2**20
 
 
-@functools.cache  # one child process per process that plans
-def runtime_bytes() -> float:
-    """Resident memory of a training process before its model and activations: the peak of a fresh
-    process that has imported tunelab's training stack (Python, torch, transformers, peft), measured
-    now in a child process, plus CPU_RUNNING_EXTRA_BYTES."""
-    import subprocess
+_RUNTIME: dict[str, float] = {}  # the measurement, once per process that plans
+
+
+def _runtime_cache() -> tuple[Path, str]:
+    """Where the measurement is kept between plans, and the key it is valid for (the interpreter and the versions
+    of the stack it imports)."""
+    import importlib.metadata as md
     import sys
 
-    code = "import torch, transformers, peft, tunelab.train.loop, tunelab.train.metrics as m; print(m.peak_rss_bytes())"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    imported = float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else 0.0
-    return imported + CPU_RUNNING_EXTRA_BYTES
+    versions = [f"{n} {md.version(n)}" for n in ("torch", "transformers", "peft")]
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tunelab"
+    return root / "runtime_bytes.json", "; ".join([sys.executable, sys.version.split()[0], *versions])
+
+
+class RuntimeProbe:
+    """Resident memory of a training process before its model and activations: the peak of a fresh process that
+    has imported tunelab's training stack (Python, torch, transformers, peft), plus CPU_RUNNING_EXTRA_BYTES.
+    Measured in a child process started now, so that it runs while the plan reads the model's shape and the data,
+    and kept in the user's cache for the same interpreter and versions (a later plan starts no child)."""
+
+    CODE = "import torch, transformers, peft, tunelab.train.loop, tunelab.train.metrics as m; print(m.peak_rss_bytes())"
+
+    def __init__(self) -> None:
+        import json
+        import subprocess
+        import sys
+
+        self.proc = None
+        self.path, self.key = _runtime_cache()
+        if not _RUNTIME:
+            try:
+                cached = json.loads(self.path.read_text()) if self.path.is_file() else {}
+            except (OSError, ValueError):
+                cached = {}
+            if isinstance(cached.get(self.key), (int, float)):
+                _RUNTIME["imported"] = float(cached[self.key])
+        if not _RUNTIME:
+            self.proc = subprocess.Popen([sys.executable, "-c", self.CODE], stdout=subprocess.PIPE,
+                                         stderr=subprocess.DEVNULL, text=True)
+
+    def bytes(self) -> float:
+        if self.proc is not None and not _RUNTIME:
+            out, _ = self.proc.communicate(timeout=120)
+            lines = out.strip().splitlines()
+            if self.proc.returncode == 0 and lines:
+                _RUNTIME["imported"] = float(lines[-1])
+                self._keep(_RUNTIME["imported"])
+        return _RUNTIME.get("imported", 0.0) + CPU_RUNNING_EXTRA_BYTES
+
+    def _keep(self, value: float) -> None:
+        import json
+
+        try:  # a cache that cannot be written costs the next plan a few seconds, nothing else
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({self.key: value}))
+            tmp.replace(self.path)
+        except OSError:
+            pass
 
 
 def get_device(name: str) -> Device:

@@ -12,7 +12,7 @@ from typing import Any
 
 from tunelab.config import Config
 from tunelab.plan.advisor import Advice, Situation, advise
-from tunelab.plan.devices import Device, get_device, runtime_bytes
+from tunelab.plan.devices import Device, RuntimeProbe, get_device
 from tunelab.plan.estimate import (DataShape, Estimate, ModelShape, Workload, flops, memory, model_shape,
                                    parameter_counts, workload)
 from tunelab.strategies.registry import STRATEGIES, planned_strategies, resolve
@@ -143,11 +143,12 @@ def plan(cfg: Config, device_name: str = "cpu", pretraining_tokens: float | None
     """Estimate every strategy (or `strategies`) for `cfg` on a device, and advise, from shapes and token
     counts alone (seconds, for any model). With a `step_timer` on the CPU, each trained strategy's step is
     timed by it instead (a few seconds each); without one the time is FLOPs at the measured matmul rate."""
+    on_cpu = device_name == "cpu"
+    probe = RuntimeProbe() if on_cpu else None  # runs beside the reading of the model and the data
     shape = model_shape(cfg.model.path, cfg.model.trust_remote_code)
     data, examples, tokenizer = load_train_data(cfg)
     device = get_device(device_name)
-    on_cpu = device_name == "cpu"
-    runtime = runtime_bytes() if on_cpu else None
+    runtime = probe.bytes() if probe else None
     estimates: dict[str, Estimate] = {}
     prepared: dict[str, tuple[Config, Workload]] = {}
     names = list(dict.fromkeys([cfg.strategy.name, *(strategies or planned_strategies())]))
