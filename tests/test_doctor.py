@@ -30,8 +30,12 @@ def _whats(result):
 
 
 def test_learning_rate_of_10_diverges(tmp_path, stories260k):
-    with pytest.raises(NonFiniteError):  # the run stops at its first NaN step (train.on_nonfinite: stop)
+    # the loss explodes; whether it reaches NaN (the run then stops at that step: train.on_nonfinite: stop) or stays
+    # a finite thousand-fold of its start depends on the CPU's float arithmetic: the diagnosis is the same
+    try:
         _run(tmp_path, stories260k, "lr10", max_steps=20, learning_rate=10.0)
+    except NonFiniteError:
+        pass
     result = diagnose(tmp_path / "lr10")
     assert any("diverged" in w or "too high" in w for w in _whats(result)), _whats(result)
     assert not result["healthy"]

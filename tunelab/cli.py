@@ -177,25 +177,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_inputs(path: str, command: str) -> tuple[Any, Any]:
-    """The run's model and its training data's rendering, for new inputs."""
-    from tunelab.errors import ConfigError
+def _run_inputs(path: str) -> tuple[Any, Any]:
+    """The run's model and its training data's rendering, for new inputs (a plain model: its own chat template)."""
+    from tunelab.data.render import turn_end
     from tunelab.evaluate.inputs import Inputs
     from tunelab.evaluate.loaders import load_for_eval
 
     em = load_for_eval(path)
-    if em.run_config is None:
-        raise ConfigError(f"'{path}' is not a tunelab run directory (no config.yaml): {command} renders new inputs as "
-                          "the run's training data was, so it needs the run. For a plain model, use eval.")
-    return em, Inputs(em.run_config)
+    inputs = Inputs(em.run_config)
+    if em.run_config is None:  # a plain model: its chat template's end of turn ends a reply, as a run's does
+        em.stop_texts = [turn_end(inputs.spec, em.tokenizer, True)]
+    return em, inputs
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from tunelab.evaluate.chat import chat_loop
 
-    em, inputs = _run_inputs(args.model, "chat")
+    em, inputs = _run_inputs(args.model)
     chat_loop(em, inputs, sys.stdin, sys.stdout, args.max_new_tokens, args.sample, args.temperature, args.top_p,
-              args.seed, args.show_prompt, args.system or "")
+              args.seed, args.show_prompt, args.system or "", args.stop or [])
     return 0
 
 
@@ -205,7 +205,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tunelab.errors import ConfigError
     from tunelab.evaluate.generate import generate
 
-    em, inputs = _run_inputs(args.model, "generate")
+    em, inputs = _run_inputs(args.model)
     examples = inputs.from_texts(args.prompt or []) + (inputs.from_file(args.file) if args.file else [])
     if not examples:
         raise ConfigError("nothing to generate from: give --prompt TEXT (repeatable) or --file RECORDS.")
@@ -472,19 +472,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", help="write one JSON line per example here")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("chat", help="talk to a tuned run (each turn rendered as its training data was)")
-    p.add_argument("model", help="a tunelab run directory")
+    p = sub.add_parser("chat", help="talk to a tuned run (each turn rendered as its training data was) or a model")
+    p.add_argument("model", help="a tunelab run directory, or a model folder (its own chat template renders the turns)")
     p.add_argument("--system", help="a system prompt (also: /system TEXT while chatting)")
     p.add_argument("--show-prompt", action="store_true", help="print the exact text the model continues")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--stop", action="append", help="a stop string (repeatable), besides EOS and the end of turn")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("generate", help="continue new inputs with a tuned run, rendered as its training data was")
-    p.add_argument("model", help="a tunelab run directory")
+    p.add_argument("model", help="a tunelab run directory, or a model folder (inputs are user turns of its chat "
+                   "template)")
     p.add_argument("--prompt", action="append", help="a text for the prompt field (repeatable)")
     p.add_argument("--file", help="records in the training data's shape and columns; targets may be absent")
     p.add_argument("--output", help="write one JSON line per input here (default: standard output)")

@@ -11,6 +11,7 @@ import copy
 
 import pytest
 
+from tests.conftest import write_jsonl
 from tests.data.test_encode_labels import _encode, _labeled_runs
 from tunelab.data.render import RenderSpec, turn_end
 from tunelab.errors import DataError
@@ -69,7 +70,7 @@ def family_tokenizer(tokenizer):
 def test_each_turn_trains_its_content_and_the_templates_own_end(family_tokenizer, family, runs, end):
     spec = RenderSpec(chat_template=TEMPLATES[family])
     _, rendered, (enc,), _ = _encode([CHAT], family_tokenizer, spec)
-    assert [r.strip() for r in _labeled_runs(enc, family_tokenizer)] == runs
+    assert [r.lstrip() for r in _labeled_runs(enc, family_tokenizer)] == runs
     if family == "phi3":  # its EOS closes the conversation: it is in the text, after the last turn, untrained
         assert rendered[0].text.endswith("<|end|>\n" + family_tokenizer.eos_token)
         assert family_tokenizer.eos_token_id not in [t for t in enc.labels if t != -100]
@@ -85,7 +86,7 @@ def test_each_turn_trains_its_content_and_the_templates_own_end(family_tokenizer
 def test_append_eos_adds_one_after_each_turn(family_tokenizer):
     spec = RenderSpec(chat_template=TEMPLATES["chatml"], append_eos=True)
     _, rendered, (enc,), _ = _encode([CHAT], family_tokenizer, spec)
-    assert [r.strip() for r in _labeled_runs(enc, family_tokenizer)] == ["Hello there<|im_end|></s>",
+    assert [r.lstrip() for r in _labeled_runs(enc, family_tokenizer)] == ["Hello there<|im_end|></s>",
                                                                           "See you<|im_end|></s>"]
     assert rendered[0].text.count("</s>") == 2 and rendered[0].text.endswith("</s>\n")
 
@@ -96,7 +97,7 @@ def test_a_template_that_never_closes_a_turn_is_refused(family_tokenizer):
     with pytest.raises(DataError, match="data.append_eos: true"):
         _encode([CHAT], family_tokenizer, RenderSpec(chat_template=open_ended))
     _, _, (enc,), _ = _encode([CHAT], family_tokenizer, RenderSpec(chat_template=open_ended, append_eos=True))
-    assert [r.strip() for r in _labeled_runs(enc, family_tokenizer)] == ["Hello there</s>", "See you</s>"]
+    assert [r.lstrip() for r in _labeled_runs(enc, family_tokenizer)] == ["Hello there</s>", "See you</s>"]
 
 
 def test_generation_stops_at_the_end_of_turn_and_the_models_own_end_ids(family_tokenizer):
@@ -121,7 +122,7 @@ def test_generation_blocks_agree_with_the_rendered_turns_and_are_what_trains(fam
     from transformers.utils.chat_template_utils import render_jinja_template
 
     _, rendered, (enc,), _ = _encode([CHAT], family_tokenizer, RenderSpec(chat_template=CHATML_GENERATION))
-    assert [r.strip() for r in _labeled_runs(enc, family_tokenizer)] == ["Hello there<|im_end|>", "See you<|im_end|>"]
+    assert [r.lstrip() for r in _labeled_runs(enc, family_tokenizer)] == ["Hello there<|im_end|>", "See you<|im_end|>"]
     _, (blocks,) = render_jinja_template([CHAT["messages"]], chat_template=CHATML_GENERATION,
                                          return_assistant_tokens_mask=True, **family_tokenizer.special_tokens_map)
     assert rendered[0].spans == [tuple(b) for b in blocks]  # the offset-based turns are transformers' blocks
@@ -143,3 +144,19 @@ def test_data_check_counts_the_end_of_turn_as_the_end(family_tokenizer, tmp_path
     cfg = DataConfig(train=str(path))
     result = audit(str(path), cfg, RenderSpec(chat_template=TEMPLATES["gemma"]), family_tokenizer)
     assert result["missing_eos"]["count"] == 0 and "'<end_of_turn>'" in result["missing_eos"]["message"]
+
+
+@pytest.mark.parametrize("family, runs", [("chatml", ["Hello there<|im_end|>", "See you<|im_end|>"]),
+                                          ("gemma", ["Hello there<end_of_turn>", "See you<end_of_turn>"])])
+def test_data_check_shows_what_each_turn_trains(tmp_path, family_tokenizer, family, runs):
+    """`tunelab data check` quotes each run of trained tokens, so a trained newline after the end of turn would show."""
+    from tunelab.config import DataConfig
+    from tunelab.data.audit import audit, terminal_preview
+
+    path = write_jsonl(tmp_path / "chat.jsonl", [CHAT] * 3)
+    r = audit(str(path), DataConfig(train=str(path)), RenderSpec(chat_template=TEMPLATES[family]), family_tokenizer)
+    item = r["preview"][0]
+    assert [run.lstrip() for run in item["trained"]] == runs
+    assert all(not run.endswith(("\n", " ")) for run in item["trained"])
+    shown = terminal_preview(item).splitlines()[-1]
+    assert shown == "trained: " + ", ".join(repr(run) for run in item["trained"])

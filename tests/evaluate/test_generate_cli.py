@@ -74,9 +74,12 @@ def test_the_command_writes_what_generate_gives(tmp_path, stories260k, capsys):
     expected = generate(em, [r["prompt"] for r in rows], 6)
     assert [r["output"] for r in rows] == [g.text for g in expected]
     assert all(0 < r["num_tokens"] <= 6 for r in rows)
-    # a plain model folder, or nothing to continue: exit 2 with the reason
-    assert main(["generate", str(stories260k), "--prompt", "x"]) == 2
-    assert "not a tunelab run directory" in capsys.readouterr().err
+    # a plain model folder: the prompt is a user turn of its chat template (stories260K has none: tunelab's fallback)
+    capsys.readouterr()
+    assert main(["generate", str(stories260k), "--prompt", "x", "--max-new-tokens", "2"]) == 0
+    (plain,) = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert plain["prompt"] == "User: x\nAssistant:"
+    # nothing to continue: exit 2 with the reason
     assert main(["generate", cfg.output_dir]) == 2
     assert "nothing to generate from" in capsys.readouterr().err
 
@@ -172,3 +175,33 @@ def test_chat_in_a_terminal(tmp_path, stories260k):
         assert subprocess.run(["tmux", "has-session", "-t", session], capture_output=True).returncode != 0  # exited
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+def test_chat_with_a_plain_model_uses_its_own_chat_template(tmp_path, monkeypatch, capsys):
+    """A model folder, not a run: each turn is rendered by the model's own chat template (the text transformers'
+    apply_chat_template gives), and a reply ends at the template's end of turn."""
+    import io
+
+    import torch
+    import transformers as T
+
+    from tests.tokenizer_layouts import byte_level
+
+    tok = byte_level("<|im_end|>", extra=["<|im_start|>", "<|im_end|>"], pad="<|endoftext|>")
+    tok.chat_template = CHATML
+    torch.manual_seed(0)
+    model = T.Qwen2ForCausalLM(T.Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    monkeypatch.setattr("sys.stdin", io.StringIO("How are you?\n/system Be brief.\nAnd then?\n/quit\n"))
+    assert main(["chat", str(tmp_path / "model"), "--show-prompt", "--max-new-tokens", "3"]) == 0
+    first, second = _prompts_shown(capsys.readouterr().out)
+    user = [{"role": "user", "content": "How are you?"}]
+    assert first == tok.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    em = load_for_eval(str(tmp_path / "model"))
+    reply = generate(em, [first], 3)[0].text.strip()
+    later = [{"role": "system", "content": "Be brief."}, *user, {"role": "assistant", "content": reply},
+             {"role": "user", "content": "And then?"}]
+    assert second == tok.apply_chat_template(later, add_generation_prompt=True, tokenize=False)

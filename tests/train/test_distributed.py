@@ -171,6 +171,16 @@ def test_more_processes_than_work_is_refused(tmp_path, stories260k):
     assert "Traceback" not in proc.stderr.split("tunelab: error")[-1]
 
 
+def test_samples_during_training_are_refused_before_anything_is_written(tmp_path, stories260k):
+    cfg = _config(tmp_path, stories260k, "sampled", 2, train={"sample_every": 2})
+    proc = subprocess.run([sys.executable, "-m", "tunelab", "train", str(cfg), "--nproc", "2"], capture_output=True,
+                          text=True, env=ENV, timeout=300)
+    assert proc.returncode == 2
+    assert "train.sample_every generates on one process" in proc.stderr
+    assert "Traceback" not in proc.stderr.split("tunelab: error")[-1]
+    assert not (tmp_path / "sampled").exists()  # refused before the model loaded and the run dir was opened
+
+
 def _rank_pid(rank: int, marker: str) -> int | None:
     for pid in os.listdir("/proc"):
         if not pid.isdigit():

@@ -107,6 +107,9 @@ def _trackio_logs(store: Path, run_name: str) -> tuple[list[dict], dict]:
     return logs, config
 
 
+TRAIN_FIELDS = ("loss", "lr", "grad_norm", "tokens_per_s", "num_label_tokens")
+
+
 def _pairs(rows, kind, field):
     return [(r["step"], pytest.approx(r[field], rel=1e-6)) for r in rows if r["type"] == kind and field in r]
 
@@ -134,7 +137,9 @@ def test_wandb_mlflow_and_trackio_hold_every_row_the_config_and_the_samples(tmp_
     # W&B: the offline run holds every row at its step, the resolved config, the summary and the sample tables
     records = _wandb_records(run_dir)
     history = [r["history"]["item"] for r in records if r["type"] == "history"]
-    assert [(h["step"], h["train/loss"]) for h in history if "train/loss" in h] == _pairs(rows, "train", "loss")
+    for field in TRAIN_FIELDS:
+        assert [(h["step"], h[f"train/{field}"]) for h in history if f"train/{field}" in h] == \
+            _pairs(rows, "train", field), field
     assert [(h["step"], h["eval/eval_loss"]) for h in history if "eval/eval_loss" in h] == \
         _pairs(rows, "eval", "eval_loss")
     (run_record,) = [r["run"] for r in records if r["type"] == "run"]
@@ -156,8 +161,9 @@ def test_wandb_mlflow_and_trackio_hold_every_row_the_config_and_the_samples(tmp_
     # MLflow: the run's metric history, its params (the flattened config), the sample tables, and its status
     client, run = _mlflow_run(run_dir)
     assert run.info.run_id == ids["mlflow"] and run.info.status == "FINISHED" and run.info.run_name == "run"
-    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss")] == \
-        _pairs(rows, "train", "loss")
+    for field in TRAIN_FIELDS:
+        assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, f"train/{field}")] == \
+            _pairs(rows, "train", field), field
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "eval/eval_loss")] == \
         _pairs(rows, "eval", "eval_loss")
     assert run.data.metrics["summary/peak_memory_bytes"] == peak
@@ -167,11 +173,14 @@ def test_wandb_mlflow_and_trackio_hold_every_row_the_config_and_the_samples(tmp_
 
     # trackio: its local store, read by its own storage class
     logs, config = _trackio_logs(tmp_path / "trackio", ids["trackio"])
-    assert [(e["step"], e["train/loss"]) for e in logs if "train/loss" in e] == _pairs(rows, "train", "loss")
+    for field in TRAIN_FIELDS:
+        assert [(e["step"], e[f"train/{field}"]) for e in logs if f"train/{field}" in e] == \
+            _pairs(rows, "train", field), field
     assert [(e["step"], e["eval/eval_loss"]) for e in logs if "eval/eval_loss" in e] == \
         _pairs(rows, "eval", "eval_loss")
     assert sorted(e["step"] for e in logs if "samples" in e) == [0, 2, 4]
     assert config["train"]["max_steps"] == 4
+    assert [e["summary/peak_memory_bytes"] for e in logs if "summary/peak_memory_bytes" in e] == [peak]
 
 
 def test_a_resumed_run_continues_the_same_wandb_and_mlflow_run(tmp_path, stories260k):

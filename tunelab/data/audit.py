@@ -284,14 +284,25 @@ def last_label(enc: Encoded) -> int | None:
 
 
 def preview_tokens(enc: Encoded, tokenizer: Any) -> dict[str, Any]:
-    """The example's tokens as (text, trained) pieces."""
+    """The example's tokens as (text, trained) pieces, and the decoded text of each run of trained tokens (what the
+    model learns to write: for a chat template, each assistant turn and the template's end of turn)."""
     pieces = [(tokenizer.decode([t]), label != IGNORE) for t, label in zip(enc.input_ids, enc.labels)]
-    return {"row": enc.row, "source": enc.source, "tokens": pieces}
+    runs: list[list[int]] = []
+    for i, (t, label) in enumerate(zip(enc.input_ids, enc.labels)):
+        if label == IGNORE:
+            continue
+        if i and enc.labels[i - 1] != IGNORE and runs:
+            runs[-1].append(t)
+        else:
+            runs.append([t])
+    return {"row": enc.row, "source": enc.source, "tokens": pieces, "trained": [tokenizer.decode(r) for r in runs]}
 
 
 def terminal_preview(item: dict[str, Any]) -> str:
-    """Trained tokens in green, the rest dim (ANSI colours)."""
-    return "".join(f"\x1b[32m{t}\x1b[0m" if trained else f"\x1b[2m{t}\x1b[0m" for t, trained in item["tokens"])
+    """Trained tokens in green, the rest dim (ANSI colours); then each trained run quoted, so that its whitespace
+    (a newline after an end-of-turn token, say) shows."""
+    marked = "".join(f"\x1b[32m{t}\x1b[0m" if trained else f"\x1b[2m{t}\x1b[0m" for t, trained in item["tokens"])
+    return marked + "\ntrained: " + ", ".join(repr(run) for run in item["trained"])
 
 
 def rows_to_drop(result: dict[str, Any]) -> set[int]:

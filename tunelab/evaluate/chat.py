@@ -1,4 +1,5 @@
-"""`tunelab chat`: talk to a tuned run, each turn rendered exactly as its training data was.
+"""`tunelab chat`: talk to a tuned run, each turn rendered exactly as its training data was (or to a plain model,
+each turn rendered with its own chat template).
 
 Chat-shaped runs render the whole conversation (system prompt, earlier turns, the new user turn)
 through the run's chat template; runs trained on a discrete template render each earlier turn as
@@ -48,7 +49,7 @@ class Conversation:
 
 def chat_loop(em: EvalModel, inputs: Inputs, stdin: IO[str], stdout: IO[str], max_new_tokens: int = 128,
               do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-              show_prompt: bool = False, system: str = "") -> int:
+              show_prompt: bool = False, system: str = "", stop_strings: list[str] | None = None) -> int:
     """Read user turns from `stdin` until /quit or end of input; returns the number of replies."""
     from transformers import TextStreamer
 
@@ -81,7 +82,7 @@ def chat_loop(em: EvalModel, inputs: Inputs, stdin: IO[str], stdout: IO[str], ma
         if show_prompt:
             stdout.write(f"[prompt] {prompt!r}\n")
         streamer = _Out(em.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        reply = generate(em, [prompt], max_new_tokens, do_sample, temperature, top_p, seed=seed + replies,
+        reply = generate(em, [prompt], max_new_tokens, do_sample, temperature, top_p, stop_strings, seed=seed + replies,
                          streamer=streamer)[0]
         conv.turns.append((text, reply.text.strip()))
         replies += 1

@@ -14,7 +14,7 @@ from tunelab.config import Config
 from tunelab.data.dataset import load_examples
 from tunelab.data.read import Record, read_records
 from tunelab.data.records import SHAPES, Example, to_examples
-from tunelab.data.render import Rendered, render_example, spec_from_config
+from tunelab.data.render import Rendered, RenderSpec, render_example, spec_from_config
 from tunelab.errors import DataError
 
 # stands in for the absent target (an invisible separator: not whitespace, so records pass the reader's checks);
@@ -36,10 +36,18 @@ def _with_placeholder(rec: Record, shape: str, target_column: str) -> Record:
 
 
 class Inputs:
-    """The training data's shape, reader settings, rendering and few-shot pool, for new inputs."""
+    """The training data's shape, reader settings, rendering and few-shot pool, for new inputs.
 
-    def __init__(self, cfg: Config) -> None:
+    Without a run config (a plain model), inputs are conversations rendered with the model's own chat template
+    (tunelab's fallback where it has none), as a chat-shaped training run on that model would render them."""
+
+    def __init__(self, cfg: Config | None) -> None:
         self.cfg = cfg
+        if cfg is None:
+            self.pool: list[Example] = []
+            self.shape = "chat"
+            self.spec = RenderSpec(mode="chat")
+            return
         self.pool = load_examples(cfg.data.train, cfg.data)
         self.shape = self.pool[0].shape
         self.spec = spec_from_config(cfg)
@@ -63,11 +71,13 @@ class Inputs:
     def from_file(self, path: str) -> list[Example]:
         """The records of `path`, read as the training data was; a record's target may be absent or empty."""
         target = SHAPES[self.shape][2]
-        column = self.cfg.data.columns.get(target, target)
-        records = [_with_placeholder(r, self.shape, column) for r in read_records(path, self.cfg.data.column_names)]
+        columns = self.cfg.data.columns if self.cfg else {}
+        column = columns.get(target, target)
+        records = [_with_placeholder(r, self.shape, column)
+                   for r in read_records(path, self.cfg.data.column_names if self.cfg else None)]
         if not records:
             raise DataError(f"'{path}' holds no records to generate from.")
-        return to_examples(records, self.shape, self.cfg.data.columns)
+        return to_examples(records, self.shape, columns)
 
     def render(self, ex: Example, tokenizer: Any) -> Rendered:
         return render_example(ex, self.spec, tokenizer, self.pool)

@@ -23,7 +23,8 @@ def write_data_report(result: dict[str, Any], out_dir: Path) -> Path:
     preview = Section("Preview (trained tokens highlighted)")
     for item in result["preview"]:
         marked = "".join(f"<mark>{html.escape(t)}</mark>" if trained else html.escape(t) for t, trained in item["tokens"])
-        preview.text.append(f"row {item['row']}: " + "".join(t for t, _ in item["tokens"]))
-        preview.raw_html.append(f"<pre>row {item['row']}: {marked}</pre>")
+        trained = ", ".join(repr(run) for run in item["trained"])
+        preview.text.append(f"row {item['row']}: " + "".join(t for t, _ in item["tokens"]) + f"\ntrained: {trained}")
+        preview.raw_html.append(f"<pre>row {item['row']}: {marked}\ntrained: {html.escape(trained)}</pre>")
     path = write_report(out_dir, f"tunelab data check: {result['train']}", [s, findings, preview], stem="data-check")
     return path

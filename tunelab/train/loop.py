@@ -195,6 +195,9 @@ def run_recipe(cfg: Config, on_exit: contextlib.ExitStack) -> TrainResult:
     """The recipe of `train`; what must be undone at the end is registered on `on_exit`."""
     # 1. check everything that can be wrong before writing anything: output_dir, device, data, model
     info = init_distributed()
+    if cfg.train.sample_every and info.world > 1:
+        raise ConfigError("train.sample_every generates on one process, and this run has "
+                          f"{info.world}: remove it, or sample with `tunelab generate` after the run.")
     if info.is_main:  # rank 0 takes the lock (step 2); a second writer is refused here, naming the holder
         check_unlocked(Path(cfg.output_dir))
     check_run_dir(cfg)
@@ -288,9 +291,6 @@ def run_recipe(cfg: Config, on_exit: contextlib.ExitStack) -> TrainResult:
     eval_result = run_eval(0) if eval_set and cfg.train.eval_every and start_step == 0 else None
 
     sampled = sample_examples(eval_set, train_set, cfg.train.num_samples) if cfg.train.sample_every else []
-    if sampled and info.world > 1:
-        raise ConfigError("train.sample_every generates on one process, and this run has "
-                          f"{info.world}: remove it, or sample with `tunelab generate` after the run.")
     samples = MetricsWriter(run_dir / "samples.jsonl", resume_step=resume_step, enabled=bool(sampled))
     stop_text = turn_end(spec_from_config(cfg), tokenizer, train_split.examples[0].shape == "chat")
 
