@@ -103,3 +103,11 @@ def test_each_registry_entry_does_what_its_fields_say(tmp_path, stories260k, nam
             torch.testing.assert_close(merged(x).logits, adapter(x).logits, atol=1e-5, rtol=1e-5)
         assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
     del result
+
+
+def test_every_strategy_that_trains_names_its_learning_rates_for_the_advisor():
+    from tunelab.plan.advisor import _lr
+
+    for name, s in STRATEGIES.items():
+        assert (s.learning_rates != "n/a") == s.trains_anything, name
+        assert _lr(name) == s.learning_rates

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunelab.strategies.registry import STRATEGIES
+
 
 @dataclass
 class Situation:
@@ -45,8 +47,7 @@ class Advice:
 
 
 def _lr(strategy: str) -> str:
-    return {"full": "1e-5 to 5e-5 (larger for tiny models)", "lora": "1e-4 to 1e-3",
-            "soft_prompt": "1e-3 to 3e-2", "prompt_lm": "1e-5 to 5e-5 (prompt: 1e-3)", "prompting": "n/a"}[strategy]
+    return STRATEGIES[strategy].learning_rates
 
 
 def _epochs(n: int) -> int:

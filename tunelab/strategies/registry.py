@@ -40,6 +40,7 @@ class TuningStrategy:
     mergeable: bool = False  # `tunelab export --merge` folds the addition into the weights
     requires_template: bool = False
     planned: bool = True  # estimated by `tunelab plan` unless strategies are named
+    learning_rates: str = "n/a"  # the usual learning-rate range, as the advisor recommends it
     refine: Callable[[StrategyConfig], TuningStrategy] | None = None  # a strategy whose settings pick its form
 
     @property
@@ -145,20 +146,23 @@ STRATEGIES: dict[str, TuningStrategy] = {s.name: s for s in [
     TuningStrategy("prompting", "frozen", "discrete template, zero- or few-shot", "nothing: it evaluates only",
                    base="none", adds="nothing"),
     TuningStrategy("soft_prompt", "frozen", "learned continuous prompt (prompt tuning, P-tuning, prefix tuning)",
-                   "prompt parameters only", base="none", adds="soft_prompt"),
+                   "prompt parameters only", base="none", adds="soft_prompt", learning_rates="1e-3 to 3e-2"),
     TuningStrategy("lora", "frozen, plus low-rank adapters", "optional template", "adapters", base="none",
                    adds="adapter", peft_type="LORA", adapter_config=_lora_config, count_adapter=_count_lora,
-                   mergeable=True),
+                   mergeable=True, learning_rates="1e-4 to 1e-3"),
     TuningStrategy("ia3", "frozen, plus learned scales of keys, values and feed-forward inputs ((IA)^3)",
                    "optional template", "one scale per feature of the targeted layers", base="none", adds="adapter",
-                   peft_type="IA3", adapter_config=_ia3_config, count_adapter=_count_ia3, mergeable=True),
+                   peft_type="IA3", adapter_config=_ia3_config, count_adapter=_count_ia3, mergeable=True,
+                   learning_rates="3e-3 to 1e-2"),
     TuningStrategy("freeze", "top-k layers or named modules tuned", "optional template", "the chosen modules",
-                   base="chosen", adds="nothing"),
-    TuningStrategy("full", "all tuned", "none (optional template)", "all weights", base="all", adds="nothing"),
+                   base="chosen", adds="nothing", learning_rates="1e-5 to 5e-5 (larger for tiny models)"),
+    TuningStrategy("full", "all tuned", "none (optional template)", "all weights", base="all", adds="nothing",
+                   learning_rates="1e-5 to 5e-5 (larger for tiny models)"),
     TuningStrategy("prompt_lm", "tuned", "learned continuous prompt", "prompt parameters and all weights",
-                   base="all", adds="soft_prompt"),
+                   base="all", adds="soft_prompt", learning_rates="1e-5 to 5e-5 (prompt: 1e-3)"),
     TuningStrategy("fixed_prompt", "tuned (all, or LoRA)", "a fixed discrete template", "weights (or LoRA)",
-                   base="all", adds="nothing", requires_template=True, planned=False, refine=_fixed_prompt),
+                   base="all", adds="nothing", requires_template=True, planned=False, refine=_fixed_prompt,
+                   learning_rates="1e-5 to 5e-5 (tune: all); 1e-4 to 1e-3 (tune: lora)"),
 ]}
 
 
