@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +14,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the encoded-data cache of this test process (and the processes it starts), not the user's
+if "TUNELAB_DATA_CACHE" not in os.environ:
+    os.environ["TUNELAB_DATA_CACHE"] = tempfile.mkdtemp(prefix="tunelab-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["TUNELAB_DATA_CACHE"], True)
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs two pytest-xdist workers on this 2-core machine: each computes on one thread (and so do
     # the processes it starts, unless a test sets their environment), so that the two never oversubscribe the

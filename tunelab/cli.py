@@ -153,7 +153,7 @@ def _eval_data(args: argparse.Namespace, em: Any, settings: Any) -> Any:
     cfg = em.run_config or (load_config(args.config) if args.config else None)
     if cfg is not None:
         data_cfg = cfg.data.model_copy(update={"max_examples": None})
-        return load_eval_data(args.data, data_cfg, spec_from_config(cfg), cfg.data.train, settings.max_examples,
+        return load_eval_data(args.data, data_cfg, spec_from_config(cfg), cfg.data.train_path, settings.max_examples,
                               settings.seed)
     columns = dict(c.split("=", 1) for c in args.column or [])
     data_cfg = DataConfig(train=args.data, format=args.format, columns=columns, max_length=args.max_length)
@@ -329,7 +329,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     if args.target.endswith((".yaml", ".yml")):
         cfg = load_config(args.target, args.overrides)
         data_cfg, spec, model_cfg = cfg.data, spec_from_config(cfg), cfg.model
-        train_path, eval_path = cfg.data.train, args.eval or cfg.data.eval
+        train_path, eval_path = cfg.data.train_path, args.eval or cfg.data.eval
         report_dir = Path(cfg.output_dir)
     else:
         if not args.model:

@@ -38,11 +38,24 @@ class Template(_Section):
     demo_separator: str = "\n\n"
 
 
+RecordFormat = Literal["auto", "prompt_completion", "chat", "instruction", "text_label", "text", "tokenized"]
+
+
+class DataSource(_Section):
+    """One training file of a mixture: examples are drawn from it in proportion to its weight."""
+
+    path: str
+    weight: float = Field(default=1.0, gt=0.0)
+    format: RecordFormat | None = None  # default: the data section's
+    columns: dict[str, str] | None = None
+    column_names: list[str] | None = None
+
+
 class DataConfig(_Section):
-    train: str
+    train: str | list[DataSource]  # one file, or a mixture of weighted files
     eval: str | None = None
     eval_fraction: float | None = Field(default=None, gt=0.0, lt=1.0)
-    format: Literal["auto", "prompt_completion", "chat", "instruction", "text_label", "text", "tokenized"] = "auto"
+    format: RecordFormat = "auto"
     columns: dict[str, str] = Field(default_factory=dict)  # canonical name -> the file's column
     column_names: list[str] | None = None  # names for the columns of a CSV/TSV without a header row
     max_length: int = Field(default=512, ge=2)
@@ -54,6 +67,30 @@ class DataConfig(_Section):
     append_eos: bool = False  # chat: also train an EOS after each assistant turn where the template renders none
     max_examples: int | None = Field(default=None, ge=1)  # a seeded random sample of the training file
     max_eval_examples: int | None = Field(default=None, ge=1)  # a seeded random sample of the eval data
+    cache: bool = True  # keep the encoded data on disk (Arrow), keyed by everything that changes it; --no-cache
+    cache_dir: str | None = None  # default: ~/.cache/tunelab/encoded (XDG_CACHE_HOME)
+    num_proc: int = Field(default=1, ge=1)  # processes that render and tokenize (datasets' map)
+
+    @field_validator("train")
+    @classmethod
+    def _some_source(cls, value: Any) -> Any:
+        if isinstance(value, list) and not value:
+            raise ValueError("data.train is an empty list: name a file, or a list of {path, weight} sources")
+        return value
+
+    def sources(self) -> list[DataSource]:
+        """The training files, each with its reader settings (a single file is a mixture of one)."""
+        if isinstance(self.train, str):
+            return [DataSource(path=self.train, format=self.format, columns=self.columns,
+                               column_names=self.column_names)]
+        return [s.model_copy(update={"format": s.format or self.format,
+                                     "columns": self.columns if s.columns is None else s.columns,
+                                     "column_names": s.column_names or self.column_names}) for s in self.train]
+
+    @property
+    def train_path(self) -> str:
+        """The training file (of a mixture, the first), for messages and the few-shot pool."""
+        return self.train if isinstance(self.train, str) else self.train[0].path
 
 
 class LoraSettings(_Section):

@@ -10,11 +10,12 @@ from __future__ import annotations
 import bisect
 import random
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Callable, Iterator
 
 import torch
 
-from tunelab.data.encode import IGNORE, Encoded
+from tunelab.data.encode import IGNORE, Encoded, example_lengths
 
 Unit = list[int]  # the example indices of one batch row: one example (padded) or several (packed)
 
@@ -31,7 +32,7 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
-def pad_collate(examples: list[Encoded], pad_id: int, virtual_tokens: int = 0) -> dict[str, torch.Tensor]:
+def pad_collate(examples: Sequence[Encoded], pad_id: int, virtual_tokens: int = 0) -> dict[str, torch.Tensor]:
     """Right-pad a micro-batch. Returns input_ids, labels, attention_mask, each (batch, seq).
 
     With `virtual_tokens` > 0 every row starts with that many slots for a soft prompt, marked
@@ -179,9 +180,10 @@ def packed_rows(lengths: list[int], capacity: int, seed: int) -> Callable[[int],
     return units
 
 
-def eval_batches(examples: list[Encoded], batch_size: int, pad_id: int,
+def eval_batches(examples: Sequence[Encoded], batch_size: int, pad_id: int,
                  virtual_tokens: int = 0) -> Iterator[dict[str, torch.Tensor]]:
     """Eval micro-batches in length order (less padding); the order does not change the token-summed loss."""
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    lengths = example_lengths(examples)
+    order = sorted(range(len(examples)), key=lambda i: lengths[i])
     for s in range(0, len(order), batch_size):
         yield pad_collate([examples[i] for i in order[s : s + batch_size]], pad_id, virtual_tokens)

@@ -9,6 +9,7 @@ a space usually causes them). Sequences longer than `max_length` are handled by 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 from tunelab.data.render import Rendered
@@ -30,6 +31,12 @@ class Encoded:
         return sum(1 for t in self.labels[1:] if t != IGNORE)
 
 
+def example_lengths(examples: Sequence[Encoded]) -> list[int]:
+    """Each example's number of tokens (an on-disk table answers from its length column, reading no row)."""
+    lengths = getattr(examples, "lengths", None)
+    return list(lengths) if lengths is not None else [len(e.input_ids) for e in examples]
+
+
 @dataclass
 class EncodeStats:
     """What encoding did to a dataset: the counts a user must see."""
@@ -46,6 +53,14 @@ class EncodeStats:
     prompt_cut_rows: list[int] = field(default_factory=list)
     target_cut_rows: list[int] = field(default_factory=list)
     untrainable_rows: list[int] = field(default_factory=list)  # no token of their own (lenient encoding)
+
+    def add(self, other: "EncodeStats") -> None:
+        """Count `other`'s examples in too (encoding in batches: one total)."""
+        for name, value in vars(other).items():
+            if isinstance(value, list):
+                getattr(self, name).extend(value)
+            else:
+                setattr(self, name, getattr(self, name) + value)
 
     def summary(self) -> str:
         return (f"{self.num_examples} examples, {self.num_tokens} tokens ({self.num_label_tokens} trained); "
@@ -163,24 +178,38 @@ def encode_examples(rendered: list[Rendered], tokenizer: Any, max_length: int, t
     `stats.untrainable_rows` and left out instead of stopping.
     """
     stats = stats if stats is not None else EncodeStats()
-    all_ids, all_offsets = tokenize_texts(tokenizer, [r.text for r in rendered], offsets=True)
     out = []
+    for enc, row_stats in encode_rows(rendered, tokenizer, max_length, truncation, lenient):
+        stats.add(row_stats)
+        if enc is not None:
+            out.append(enc)
+    return out
+
+
+def encode_rows(rendered: list[Rendered], tokenizer: Any, max_length: int, truncation: str = "left",
+                lenient: bool = False) -> list[tuple[Encoded | None, EncodeStats]]:
+    """Each rendered example's encoding (None where the length policy drops it, or `lenient` leaves it out) and
+    what encoding did to it, one row at a time: an on-disk table keeps them per row."""
+    all_ids, all_offsets = tokenize_texts(tokenizer, [r.text for r in rendered], offsets=True)
+    out: list[tuple[Encoded | None, EncodeStats]] = []
     for r, ids, offsets in zip(rendered, all_ids, all_offsets):
+        stats = EncodeStats()
         trained, boundary = _label_tokens(offsets, r.spans)
         stats.boundary_tokens += boundary
         if not any(trained) and lenient:
             stats.untrainable_rows.append(r.row)
+            out.append((None, stats))
             continue
         if not any(trained):
             raise DataError(f"{r.source}: the target has no token of its own after tokenization (the prompt's last "
                             "token swallows it). End the template's prompt with a separator such as ':' or a newline.")
-        enc = fit_length(ids, trained, r.source, r.row, max_length, truncation, tokenizer.bos_token_id, stats)
-        if enc is not None:
-            out.append(enc)
+        out.append((fit_length(ids, trained, r.source, r.row, max_length, truncation, tokenizer.bos_token_id, stats),
+                    stats))
     eos_id = tokenizer.eos_token_id
     ends_with_eos = {r.source for r in rendered if tokenizer.eos_token and tokenizer.eos_token in r.target}
-    expected = [e for e in out if e.source in ends_with_eos]  # targets whose text ends with EOS
-    if expected and all(eos_id not in e.labels for e in expected) and stats.targets_truncated < len(out):
+    expected = [e for e, _ in out if e is not None and e.source in ends_with_eos]  # targets whose text ends with EOS
+    cut = sum(st.targets_truncated for _, st in out)
+    if expected and all(eos_id not in e.labels for e in expected) and cut < sum(e is not None for e, _ in out):
         raise DataError(f"the tokenizer does not turn its EOS text {tokenizer.eos_token!r} into its EOS id {eos_id}; "
                         "targets would never teach the model to stop.")
     return out
@@ -191,10 +220,20 @@ def encode_pretokenized(examples: list[Any], max_length: int, truncation: str = 
     """Examples of the `tokenized` shape: prompt_ids + completion_ids as given (no BOS or EOS is added)."""
     stats = stats if stats is not None else EncodeStats()
     out = []
-    for ex in examples:
-        prompt, completion = ex.fields["prompt_ids"], ex.fields["completion_ids"]
-        enc = fit_length(prompt + completion, [False] * len(prompt) + [True] * len(completion), ex.source, ex.row,
-                         max_length, truncation, None, stats)
+    for enc, row_stats in pretokenized_rows(examples, max_length, truncation):
+        stats.add(row_stats)
         if enc is not None:
             out.append(enc)
+    return out
+
+
+def pretokenized_rows(examples: list[Any], max_length: int, truncation: str = "left"
+                      ) -> list[tuple[Encoded | None, EncodeStats]]:
+    """`encode_pretokenized`, one row at a time (as `encode_rows`)."""
+    out: list[tuple[Encoded | None, EncodeStats]] = []
+    for ex in examples:
+        stats = EncodeStats()
+        prompt, completion = ex.fields["prompt_ids"], ex.fields["completion_ids"]
+        out.append((fit_length(prompt + completion, [False] * len(prompt) + [True] * len(completion), ex.source,
+                               ex.row, max_length, truncation, None, stats), stats))
     return out

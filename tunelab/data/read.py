@@ -10,7 +10,7 @@ import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from tunelab.errors import DataError
 
@@ -31,6 +31,12 @@ def read_records(path: str | Path, column_names: list[str] | None = None) -> lis
 
     `column_names` names the columns of a CSV/TSV file that has no header row.
     """
+    return list(iter_records(path, column_names))
+
+
+def iter_records(path: str | Path, column_names: list[str] | None = None) -> Iterator[Record]:
+    """The records of a labeled file one by one, as `read_records` reads them: JSONL, CSV/TSV and Parquet files
+    are read as they go (memory does not grow with the file); a .json array is read whole."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"data file '{p}' does not exist. Check data.train / data.eval in the config.")
@@ -42,16 +48,17 @@ def read_records(path: str | Path, column_names: list[str] | None = None) -> lis
         )
     if column_names and kind not in ("csv", "tsv"):
         raise DataError(f"data.column_names applies to CSV/TSV files without a header, not to '{p}'.")
+    reader = (lambda: _read_csv(p, column_names)) if kind in ("csv", "tsv") else \
+        (lambda: {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet}[kind](p))
+    empty = True
     try:
-        if kind in ("csv", "tsv"):
-            records = _read_csv(p, column_names)
-        else:
-            records = {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet}[kind](p)
+        for record in reader():
+            empty = False
+            yield record
     except UnicodeDecodeError:
         raise not_utf8_error(p) from None
-    if not records:
+    if empty:
         raise DataError(f"data file '{p}' holds no records.")
-    return records
 
 
 def not_utf8_error(p: Path) -> DataError:
@@ -77,8 +84,8 @@ def not_utf8_error(p: Path) -> DataError:
     )
 
 
-def _read_jsonl(p: Path) -> list[Record]:
-    records = []
+def _read_jsonl(p: Path) -> Iterator[Record]:
+    n = 0
     with p.open(encoding="utf-8-sig") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
@@ -95,8 +102,8 @@ def _read_jsonl(p: Path) -> list[Record]:
                                 "fix or remove the line.") from None
             if not isinstance(value, dict):
                 raise DataError(f"{p}:{line_no}: expected a JSON object ({{...}}), found {type(value).__name__}.")
-            records.append(Record(value, f"{p}:{line_no}", len(records)))
-    return records
+            yield Record(value, f"{p}:{line_no}", n)
+            n += 1
 
 
 def _read_json(p: Path) -> list[Record]:
@@ -127,7 +134,7 @@ def _json_limit(exc: ValueError | RecursionError) -> str:
     return str(exc).split(";")[0]  # e.g. an integer of more than 4300 digits
 
 
-def _read_csv(p: Path, column_names: list[str] | None) -> list[Record]:
+def _read_csv(p: Path, column_names: list[str] | None) -> Iterator[Record]:
     # TSV is read without quoting (its usual convention: a quote is just a character)
     tsv = p.suffix.lower() == ".tsv"
     # a long document is a valid field: lift the csv module's default limit of 128 KiB per field
@@ -135,7 +142,7 @@ def _read_csv(p: Path, column_names: list[str] | None) -> list[Record]:
     with p.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f, fieldnames=column_names, delimiter="\t" if tsv else ",",
                                 quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
-        records: list[Record] = []
+        n = 0
         try:
             if not reader.fieldnames:
                 raise DataError(f"{p}: the file has no header row; the first line must name the columns.")
@@ -146,19 +153,32 @@ def _read_csv(p: Path, column_names: list[str] | None) -> list[Record]:
                         f"{p}:{line_no}: this row has more fields than the header ({len(reader.fieldnames)} columns: "
                         f"{', '.join(reader.fieldnames)}). Quote fields that contain the delimiter."
                     )
-                records.append(Record(dict(row), f"{p}:{line_no}", len(records)))
+                yield Record(dict(row), f"{p}:{line_no}", n)
+                n += 1
         except csv.Error as exc:
             raise DataError(f"{p}:{reader.line_num}: this line is not valid {'TSV' if tsv else 'CSV'} ({exc}); "
                             "fix or remove it.") from None
-    return records
 
 
-def _read_parquet(p: Path) -> list[Record]:
+def _read_parquet(p: Path) -> Iterator[Record]:
     import pyarrow.parquet as pq
 
+    def damaged(exc: Exception) -> DataError:
+        return DataError(f"{p}: cannot read this Parquet file ({exc}). It may be damaged or cut short: write it again.")
+
     try:
-        rows = pq.read_table(p).to_pylist()  # values are decoded here too (strings, timestamps)
+        batches = pq.ParquetFile(p).iter_batches(batch_size=10_000)
     except Exception as exc:  # pyarrow raises several unrelated types for a damaged file
-        raise DataError(f"{p}: cannot read this Parquet file ({exc}). It may be damaged or cut short: "
-                        "write it again.") from None
-    return [Record(row, f"{p}:row {i}", i) for i, row in enumerate(rows)]
+        raise damaged(exc) from None
+    i = 0
+    while True:
+        try:
+            batch = next(batches, None)
+            rows = batch.to_pylist() if batch is not None else None  # values are decoded here too
+        except Exception as exc:
+            raise damaged(exc) from None
+        if rows is None:
+            return
+        for row in rows:
+            yield Record(row, f"{p}:row {i}", i)
+            i += 1

@@ -180,10 +180,17 @@ def check_same_shape(train: list[Example], train_path: str, evals: list[Example]
     against its label options, so other fields would be rendered wrongly or fail later, after the
     whole run.
     """
-    if not train or not evals or train[0].shape == evals[0].shape:
+    if train and evals:
+        check_same_shapes(train[0].shape, train_path, evals[0].shape, eval_path)
+
+
+def check_same_shapes(train_shape: str, train_path: str, eval_shape: str, eval_path: str) -> None:
+    """`check_same_shape` on the shapes of two files (also: two files of a training mixture)."""
+    if train_shape == eval_shape:
         return
     raise DataError(
-        f"the eval file '{eval_path}' holds {_describe(evals[0].shape)}, but the training file '{train_path}' holds "
-        f"{_describe(train[0].shape)}. Eval data must have the training data's shape, so that it is rendered and "
-        "scored the way the model was trained: convert one of the files, or name the columns with data.columns."
+        f"the file '{eval_path}' holds {_describe(eval_shape)}, but the training file '{train_path}' holds "
+        f"{_describe(train_shape)}. Eval data (and every file of a mixture) must have the training data's shape, so "
+        "that it is rendered and scored the way the model was trained: convert one of the files, or name the "
+        "columns with data.columns."
     )

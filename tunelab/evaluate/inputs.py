@@ -48,11 +48,11 @@ class Inputs:
             self.shape = "chat"
             self.spec = RenderSpec(mode="chat")
             return
-        self.pool = load_examples(cfg.data.train, cfg.data)
+        self.pool = load_examples(cfg.data.train_path, cfg.data.sources()[0])
         self.shape = self.pool[0].shape
         self.spec = spec_from_config(cfg)
         if self.shape in ("text", "tokenized"):
-            raise DataError(f"the run trained on {self.shape} records ('{cfg.data.train}'), which have no prompt to "
+            raise DataError(f"the run trained on {self.shape} records ('{cfg.data.train_path}'), which have no prompt to "
                             "continue: generate from a run trained on prompts and targets.")
 
     def from_texts(self, texts: list[str]) -> list[Example]:

@@ -99,7 +99,7 @@ def evaluate(em: EvalModel, data: EvalData, settings: EvalConfig) -> tuple[dict[
 def load_eval_data(path: str, data_cfg: DataConfig, spec: RenderSpec, train_path: str | None,
                    max_examples: int | None, seed: int) -> EvalData:
     examples = sample(load_examples(path, data_cfg), max_examples, seed)
-    pool = load_examples(train_path, data_cfg) if train_path else []
+    pool = load_examples(train_path, data_cfg.sources()[0]) if train_path else []
     check_same_shape(pool, str(train_path), examples, path)
     return EvalData(examples, data_cfg, spec, pool, path)
 
@@ -117,13 +117,13 @@ def eval_data_from_config(cfg: Any, max_examples: int | None = None) -> EvalData
     from tunelab.data.dataset import split_eval
     from tunelab.data.render import spec_from_config
 
-    train = sample(load_examples(cfg.data.train, cfg.data), cfg.data.max_examples, cfg.train.seed)
+    train = sample(load_examples(cfg.data.train_path, cfg.data.sources()[0]), cfg.data.max_examples, cfg.train.seed)
     if cfg.data.eval is not None:
         evals, path = load_examples(cfg.data.eval, cfg.data), cfg.data.eval
-        check_same_shape(train, cfg.data.train, evals, path)
+        check_same_shape(train, cfg.data.train_path, evals, path)
     elif cfg.data.eval_fraction is not None:
         train, evals = split_eval(train, cfg.data.eval_fraction, cfg.train.seed)
-        path = f"{cfg.data.train} (held-out {cfg.data.eval_fraction:g})"
+        path = f"{cfg.data.train_path} (held-out {cfg.data.eval_fraction:g})"
     else:
         raise DataError("the config has no eval data: set data.eval or data.eval_fraction.")
     limit = max_examples or cfg.data.max_eval_examples

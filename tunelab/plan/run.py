@@ -72,10 +72,10 @@ def load_train_data(cfg: Config) -> tuple[DataShape, list[Any], Any]:
 
     tokenizer = load_tokenizer(cfg.model)
     train, _ = load_datasets(cfg.data, spec_from_config(cfg), tokenizer, cfg.train.seed)
-    lengths = [len(e.input_ids) for e in train.encoded]
+    lengths = train.encoded.lengths
     shape = DataShape(len(lengths), sum(lengths), train.stats.num_label_tokens, statistics.fmean(lengths),
                       statistics.fmean(n * n for n in lengths), train.stats.num_label_tokens / len(lengths),
-                      len({ex.target for ex in train.examples}), train.examples[0].shape)
+                      len(set(train.targets)), train.shape)
     return shape, train.encoded, tokenizer
 
 

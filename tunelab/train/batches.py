@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Callable
 
 import torch
 
 from tunelab.config import Config
 from tunelab.data.batching import Unit, UnitStream, packed_collate, packed_rows, pad_collate, shuffled_examples
-from tunelab.data.encode import Encoded
+from tunelab.data.encode import Encoded, example_lengths
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class BatchPlan:
         return len(self.stream.units(0)) / (self.rows_per_micro_batch * self.micro_batches_per_step * self.world)
 
 
-def make_batch_plan(cfg: Config, examples: list[Encoded], pad_id: int, can_pack: bool = True,
+def make_batch_plan(cfg: Config, examples: Sequence[Encoded], pad_id: int, can_pack: bool = True,
                     virtual_tokens: int = 0, rank: int = 0, world: int = 1, why_not_packed: str | None = None
                     ) -> BatchPlan:
     """Padded batches of `train.batch_size`, or packed rows when `train.tokens_per_step` is set.
@@ -65,11 +66,11 @@ def make_batch_plan(cfg: Config, examples: list[Encoded], pad_id: int, can_pack:
     return plan
 
 
-def _plan(cfg: Config, examples: list[Encoded], pad_id: int, can_pack: bool, virtual_tokens: int,
+def _plan(cfg: Config, examples: Sequence[Encoded], pad_id: int, can_pack: bool, virtual_tokens: int,
           why_not_packed: str | None = None) -> BatchPlan:
     t, v = cfg.train, virtual_tokens
     row_length = cfg.data.max_length + v
-    lengths = [len(e.input_ids) for e in examples]
+    lengths = example_lengths(examples)
 
     def padded(units: list[Unit]) -> dict[str, torch.Tensor]:
         return pad_collate([examples[i] for u in units for i in u], pad_id, v)

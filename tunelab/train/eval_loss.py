@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ from tunelab.train.loss import causal_lm_loss
 
 
 @torch.no_grad()
-def evaluate_loss(model: Any, examples: list[Encoded], batch_size: int, pad_id: int, device: torch.device,
+def evaluate_loss(model: Any, examples: Sequence[Encoded], batch_size: int, pad_id: int, device: torch.device,
                   autocast: contextlib.AbstractContextManager | None = None, virtual_tokens: int = 0) -> dict[str, float]:
     was_training = model.training
     model.eval()

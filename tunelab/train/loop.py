@@ -206,8 +206,12 @@ def run_recipe(cfg: Config, on_exit: contextlib.ExitStack) -> TrainResult:
     set_denormal_mode(cfg.train, device)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     tokenizer = load_tokenizer(cfg.model)
+    if not info.is_main:  # rank 0 encodes the data into the cache; the others read what it wrote
+        barrier()
     train_split, eval_split = load_datasets(cfg.data, spec_from_config(cfg), tokenizer, cfg.train.seed)
-    check_trainable(train_split.stats, len(train_split.examples), cfg.data.max_length, cfg.data.train)
+    if info.is_main:
+        barrier()
+    check_trainable(train_split.stats, train_split.num_chosen, cfg.data.max_length, cfg.data.train_path)
     train_set, eval_set = train_split.encoded, eval_split.encoded if eval_split else None
     pad_id = pad_token_id(tokenizer)
     model = load_model(cfg.model, device_type=device.type)
@@ -280,7 +284,7 @@ def run_recipe(cfg: Config, on_exit: contextlib.ExitStack) -> TrainResult:
         metrics.write({"type": "data", "step": 0, "num_examples": st.num_examples, "num_tokens": st.num_tokens,
                        "num_label_tokens": st.num_label_tokens, "prompts_truncated": st.prompts_truncated,
                        "targets_truncated": st.targets_truncated, "dropped": st.dropped,
-                       "turn_end": turn_end(spec_from_config(cfg), tokenizer, train_split.examples[0].shape == "chat")})
+                       "turn_end": turn_end(spec_from_config(cfg), tokenizer, train_split.shape == "chat")})
 
     def run_eval(step: int) -> dict[str, float]:
         result = evaluate_loss(model, eval_set, cfg.train.batch_size, pad_id, device, autocast(), tm.virtual_tokens)
@@ -292,7 +296,7 @@ def run_recipe(cfg: Config, on_exit: contextlib.ExitStack) -> TrainResult:
 
     sampled = sample_examples(eval_set, train_set, cfg.train.num_samples) if cfg.train.sample_every else []
     samples = MetricsWriter(run_dir / "samples.jsonl", resume_step=resume_step, enabled=bool(sampled))
-    stop_text = turn_end(spec_from_config(cfg), tokenizer, train_split.examples[0].shape == "chat")
+    stop_text = turn_end(spec_from_config(cfg), tokenizer, train_split.shape == "chat")
 
     def run_samples(step: int) -> None:
         rows = sample_predictions(tm, sampled, tokenizer, pad_id, cfg.train.sample_tokens, step, device, stop_text)

@@ -1,0 +1,169 @@
+"""Encoded data as an Arrow table (the `datasets` library): written once per encoding, memory-mapped after.
+
+A file is read record by record into a table of pickled records, then rendered and tokenized by
+`Dataset.map(batched=True, num_proc=...)` into one row per record: its input ids, which of them train,
+its length, and what the length policy did to it (a row it drops stays, marked, so that a seeded
+sample or split of the file picks the same records as it would without the cache). Training, packing and
+evaluation read rows by index; packing plans read only the `length` column.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, overload
+
+import numpy as np
+
+from tunelab.data.encode import IGNORE, EncodeStats, Encoded, encode_rows, pretokenized_rows
+from tunelab.data.read import Record, iter_records
+from tunelab.data.records import Example, to_examples
+from tunelab.data.render import RenderSpec, render_example
+
+log = logging.getLogger(__name__)
+
+_RAW = "raw.arrow"
+_ENCODED = "encoded.arrow"
+
+
+def _features() -> Any:
+    from datasets import Features, List, Value
+
+    return Features({"input_ids": List(Value("int32")), "trained": List(Value("bool")), "length": Value("int32"),
+                     "num_label_tokens": Value("int32"), "source": Value("string"), "row": Value("int64"),
+                     "target": Value("string"), "dropped": Value("bool"), "prompt_cut": Value("bool"),
+                     "target_cut": Value("bool"), "boundary": Value("int32")})
+
+
+@dataclass(frozen=True)
+class EncodeSpec:
+    """How a file's records become rows: reader settings, rendering, tokenizer and length policy."""
+
+    format: str
+    columns: dict[str, str]
+    column_names: list[str] | None
+    spec: RenderSpec
+    max_length: int
+    truncation: str
+
+
+def first_shape(path: str, how: EncodeSpec) -> str:
+    """The record shape of a file, from its first record (as reading the whole file would decide it)."""
+    first = next(iter_records(path, how.column_names))
+    return to_examples([first], how.format, how.columns)[0].shape
+
+
+def encode_file(path: str, how: EncodeSpec, tokenizer: Any, pool: list[Example], out_dir: Path,
+                num_proc: int = 1) -> str:
+    """Encode every record of `path` into `out_dir` (Arrow files); returns the record shape."""
+    from datasets import Dataset, Features, Value
+    from datasets.arrow_writer import ArrowWriter
+
+    shape = first_shape(path, how)
+    raw = out_dir / _RAW
+    with ArrowWriter(path=str(raw), features=Features({"record": Value("binary"), "source": Value("string"),
+                                                       "row": Value("int64")})) as writer:
+        for rec in iter_records(path, how.column_names):
+            writer.write({"record": pickle.dumps(rec.fields), "source": rec.source, "row": rec.row})
+        writer.finalize()
+    records = Dataset.from_file(str(raw))
+    records.map(_encode_batch, batched=True, batch_size=1000, num_proc=num_proc if num_proc > 1 else None,
+                remove_columns=records.column_names, features=_features(), cache_file_name=str(out_dir / _ENCODED),
+                new_fingerprint=out_dir.name, desc=f"tunelab: encoding {Path(path).name}",
+                fn_kwargs={"shape": shape, "how": how, "tokenizer": tokenizer, "pool": pool})
+    del records
+    raw.unlink()
+    return shape
+
+
+def _encode_batch(batch: dict[str, list[Any]], shape: str, how: EncodeSpec, tokenizer: Any,
+                  pool: list[Example]) -> dict[str, list[Any]]:
+    records = [Record(pickle.loads(f), s, r) for f, s, r in zip(batch["record"], batch["source"], batch["row"])]
+    examples = to_examples(records, shape, how.columns)
+    if shape == "tokenized":
+        rows = pretokenized_rows(examples, how.max_length, how.truncation)
+        targets = [""] * len(examples)
+    else:
+        rendered = [render_example(ex, how.spec, tokenizer, pool) for ex in examples]
+        rows = encode_rows(rendered, tokenizer, how.max_length, how.truncation)
+        targets = [ex.target for ex in examples]
+    out: dict[str, list[Any]] = {name: [] for name in _features()}
+    for ex, target, (enc, st) in zip(examples, targets, rows):
+        ids = enc.input_ids if enc is not None else []
+        trained = [t != IGNORE for t in enc.labels] if enc is not None else []
+        values = {"input_ids": ids, "trained": trained, "length": len(ids),
+                  "num_label_tokens": enc.num_label_tokens if enc is not None else 0, "source": ex.source,
+                  "row": ex.row, "target": target, "dropped": enc is None, "prompt_cut": bool(st.prompts_truncated),
+                  "target_cut": bool(st.targets_truncated), "boundary": st.boundary_tokens}
+        for name, value in values.items():
+            out[name].append(value)
+    return out
+
+
+def open_encoded(folder: Path) -> Any:
+    """The encoded table in `folder`, memory-mapped (one file, or one per `num_proc` worker, in order)."""
+    from datasets import Dataset, concatenate_datasets
+
+    files = sorted(folder.glob("encoded*.arrow"))
+    parts = [Dataset.from_file(str(f)) for f in files]
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+class EncodedRows(Sequence[Encoded]):
+    """Chosen rows of an encoded table, read as `Encoded` examples on demand (the table stays on disk)."""
+
+    def __init__(self, table: Any, indices: np.ndarray) -> None:
+        self.table = table
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.lengths: list[int] = table.data.column("length").to_numpy()[self.indices].tolist()
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @overload
+    def __getitem__(self, i: int) -> Encoded: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[Encoded]: ...
+
+    def __getitem__(self, i: int | slice) -> Encoded | list[Encoded]:
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        r = self.table[int(self.indices[i])]
+        labels = [t if m else IGNORE for t, m in zip(r["input_ids"], r["trained"])]
+        return Encoded(r["input_ids"], labels, r["source"], r["row"])
+
+    def __iter__(self) -> Iterator[Encoded]:
+        return (self[k] for k in range(len(self)))
+
+
+def column(table: Any, name: str) -> np.ndarray:
+    return table.data.column(name).to_numpy(zero_copy_only=False)
+
+
+def kept_rows(table: Any, indices: np.ndarray) -> np.ndarray:
+    """The rows among `indices` that the length policy kept, in the same order."""
+    indices = np.asarray(indices, dtype=np.int64)
+    return indices[~column(table, "dropped")[indices]]
+
+
+def rows_stats(table: Any, indices: np.ndarray) -> EncodeStats:
+    """What encoding did to the chosen rows (as `encode_examples` counts it), from the table's columns."""
+    indices = np.asarray(indices, dtype=np.int64)
+    dropped = column(table, "dropped")[indices]
+    kept = indices[~dropped]
+    rows = column(table, "row")
+    prompt_cut, target_cut = column(table, "prompt_cut")[kept], column(table, "target_cut")[kept]
+    sources = table.data.column("source")
+    return EncodeStats(
+        num_examples=len(kept), num_tokens=int(column(table, "length")[kept].sum()),
+        num_label_tokens=int(column(table, "num_label_tokens")[kept].sum()),
+        prompts_truncated=int(prompt_cut.sum()), targets_truncated=int(target_cut.sum()), dropped=int(dropped.sum()),
+        boundary_tokens=int(column(table, "boundary")[indices].sum()),
+        dropped_sources=[sources[int(i)].as_py() for i in indices[dropped]],
+        prompt_cut_rows=rows[kept[prompt_cut]].tolist(), target_cut_rows=rows[kept[target_cut]].tolist())
