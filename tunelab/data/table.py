@@ -9,6 +9,7 @@ evaluation read rows by index; packing plans read only the `length` column.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import pickle
 from collections.abc import Iterator, Sequence
@@ -72,7 +73,7 @@ def encode_file(path: str, how: EncodeSpec, tokenizer: Any, pool: list[Example],
     records = Dataset.from_file(str(raw))
     records.map(_encode_batch, batched=True, batch_size=1000, num_proc=num_proc if num_proc > 1 else None,
                 remove_columns=records.column_names, features=_features(), cache_file_name=str(out_dir / _ENCODED),
-                new_fingerprint=out_dir.name, desc=f"tunelab: encoding {Path(path).name}",
+                new_fingerprint=hashlib.sha256(str(out_dir).encode()).hexdigest()[:32], desc=f"tunelab: encoding {Path(path).name}",
                 fn_kwargs={"shape": shape, "how": how, "tokenizer": tokenizer, "pool": pool})
     del records
     raw.unlink()
