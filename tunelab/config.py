@@ -70,6 +70,8 @@ class DataConfig(_Section):
     cache: bool = True  # keep the encoded data on disk (Arrow), keyed by everything that changes it; --no-cache
     cache_dir: str | None = None  # default: ~/.cache/tunelab/encoded (XDG_CACHE_HOME)
     num_proc: int = Field(default=1, ge=1)  # processes that render and tokenize (datasets' map)
+    streaming: bool = False  # read, encode and batch the training file as training goes (no encoded copy on disk)
+    shuffle_buffer: int = Field(default=10_000, ge=1)  # streaming: records read, shuffled (and packed) at a time
 
     @field_validator("train")
     @classmethod
@@ -250,6 +252,16 @@ class Config(_Section):
             raise ValueError("set only one of data.eval (a file) and data.eval_fraction (a split of data.train)")
         if self.train.eval_every is not None and self.data.eval is None and self.data.eval_fraction is None:
             raise ValueError("train.eval_every is set but there is no eval data: set data.eval or data.eval_fraction")
+        if self.data.streaming:
+            streamed = {"train.epochs": self.train.epochs is not None, "data.eval_fraction": self.data.eval_fraction
+                        is not None, "data.max_examples": self.data.max_examples is not None,
+                        "strategy.num_shots": self.strategy.num_shots > 0,
+                        "a list in data.train": isinstance(self.data.train, list)}
+            if any(streamed.values()):
+                bad = next(k for k, v in streamed.items() if v)
+                raise ValueError(f"data.streaming reads the training file once, in order, without knowing its size: "
+                                 f"{bad} needs the whole file first. Use train.max_steps, data.eval and one file, "
+                                 "or turn streaming off (the on-disk cache keeps memory flat too)")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite are both set: choose one")
         t, n = self.train, self.data.max_length

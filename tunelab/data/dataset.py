@@ -25,7 +25,9 @@ from tunelab.data.encode import EncodeStats, Encoded, encode_examples, encode_pr
 from tunelab.data.read import read_records
 from tunelab.data.records import Example, check_same_shapes, to_examples
 from tunelab.data.render import RenderSpec, render_example
-from tunelab.data.table import EncodedRows, EncodeSpec, encode_file, kept_rows, open_encoded, rows_stats
+from tunelab.data.streaming import StreamingUnits
+from tunelab.data.table import (EncodedRows, EncodeSpec, encode_file, first_shape, kept_rows, open_encoded,
+                                 rows_stats)
 from tunelab.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,8 @@ class Split:
     stats: EncodeStats = field(default_factory=EncodeStats)
     shares: dict[str, int] = field(default_factory=dict)  # a mixture's chosen examples per source file
     targets: list[str] = field(default_factory=list)  # the chosen examples' targets (distinct label counts)
+    stream: StreamingUnits | None = None  # data.streaming: the rows, read as training goes (`encoded`: its first
+    # buffer, which sizes the batches)
 
 
 def load_examples(path: str, reader: Any) -> list[Example]:
@@ -168,6 +172,8 @@ def load_datasets(cfg: DataConfig, spec: RenderSpec, tokenizer: Any, seed: int) 
         if cfg.eval is None and cfg.eval_fraction is not None:
             raise ConfigError("data.eval_fraction splits one training file, and data.train is a mixture: name "
                               "held-out data with data.eval instead.")
+    if cfg.streaming:
+        return _streamed(cfg, spec, tokenizer, seed)
     pool, pool_key = [], None
     if spec.num_shots:  # the demonstrations come from the chosen training examples: they are part of the encoding
         examples = load_examples(sources[0].path, sources[0])
@@ -198,14 +204,40 @@ def load_datasets(cfg: DataConfig, spec: RenderSpec, tokenizer: Any, seed: int) 
     if not len(train.encoded):
         raise DataError(f"every training example of '{cfg.train_path}' was dropped by data.max_length={cfg.max_length}.")
 
-    evals = None
-    if cfg.eval is not None:
-        eval_table = _encoded(cfg.eval, _encode_spec(cfg, cfg, spec), tokenizer, pool, pool_key, cfg)
-        check_same_shapes(tables[0].shape, cfg.train_path, eval_table.shape, cfg.eval)
-        evals = _split(eval_table.table, sample(list(range(len(eval_table.table))), cfg.max_eval_examples, seed),
-                       eval_table.shape)
-    elif eval_rows:
+    evals = _eval_file(cfg, spec, tokenizer, seed, tables[0].shape, pool, pool_key)
+    if evals is None and eval_rows:
         evals = _split(table, sample(eval_rows, cfg.max_eval_examples, seed), tables[0].shape)
+    if evals is not None:
+        log.info("eval data: %s", evals.stats.summary())
+    return train, evals
+
+
+def _eval_file(cfg: DataConfig, spec: RenderSpec, tokenizer: Any, seed: int, train_shape: str,
+               pool: list[Example], pool_key: Any) -> Split | None:
+    """data.eval, encoded (and cached) as the training data is."""
+    if cfg.eval is None:
+        return None
+    table = _encoded(cfg.eval, _encode_spec(cfg, cfg, spec), tokenizer, pool, pool_key, cfg)
+    check_same_shapes(train_shape, cfg.train_path, table.shape, cfg.eval)
+    return _split(table.table, sample(list(range(len(table.table))), cfg.max_eval_examples, seed), table.shape)
+
+
+def _streamed(cfg: DataConfig, spec: RenderSpec, tokenizer: Any, seed: int) -> tuple[Split, Split | None]:
+    """data.streaming: the training file as a stream of rows; its first buffer is encoded now, to check it and to
+    size the batches."""
+    if not Path(cfg.train_path).is_file():
+        raise DataError(f"data file '{cfg.train_path}' does not exist. Check data.train in the config.")
+    how = _encode_spec(cfg, cfg, spec)
+    shape = first_shape(cfg.train_path, how)
+    stream = StreamingUnits(cfg.train_path, how, shape, tokenizer, cfg.shuffle_buffer, seed, capacity=None)
+    first, stats = stream.first_buffer()
+    train = Split(first, shape, stats.num_examples + stats.dropped, stats, stream=stream)
+    log.info("train data: streamed from %s, %d records at a time; its first buffer: %s", cfg.train_path,
+             cfg.shuffle_buffer, stats.summary())
+    if not first:
+        raise DataError(f"every training example of the first {cfg.shuffle_buffer} records of '{cfg.train_path}' was "
+                        f"dropped by data.max_length={cfg.max_length}.")
+    evals = _eval_file(cfg, spec, tokenizer, seed, shape, [], None)
     if evals is not None:
         log.info("eval data: %s", evals.stats.summary())
     return train, evals

@@ -85,25 +85,48 @@ def not_utf8_error(p: Path) -> DataError:
 
 
 def _read_jsonl(p: Path) -> Iterator[Record]:
-    n = 0
-    with p.open(encoding="utf-8-sig") as f:
-        for line_no, line in enumerate(f, start=1):
+    for record, _ in jsonl_from(p, JsonlPlace()):
+        yield record
+
+
+@dataclass
+class JsonlPlace:
+    """A place in a JSONL file: the byte offset of a line, its 1-based number and the record index there."""
+
+    offset: int = 0
+    line: int = 1
+    row: int = 0
+
+
+def jsonl_from(p: Path, place: JsonlPlace) -> Iterator[tuple[Record, JsonlPlace]]:
+    """The records of a JSONL file from `place` on, each with the place just after it (read from there later, a
+    file continues without being read from its start)."""
+    line_no, row, offset = place.line, place.row, place.offset
+    with p.open("rb") as f:
+        f.seek(offset)
+        for raw in f:
+            offset += len(raw)
+            this_line, line_no = line_no, line_no + 1
+            try:
+                line = raw.decode("utf-8-sig" if this_line == 1 else "utf-8")
+            except UnicodeDecodeError:
+                raise not_utf8_error(p) from None
             if not line.strip():
                 continue
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(
-                    f"{p}:{line_no}: this line is not valid JSON ({exc.msg} at column {exc.colno}). "
+                    f"{p}:{this_line}: this line is not valid JSON ({exc.msg} at column {exc.colno}). "
                     "Each line of a .jsonl file must be one JSON object; fix or remove the line."
                 ) from None
             except (ValueError, RecursionError) as exc:  # valid JSON that Python will not hold
-                raise DataError(f"{p}:{line_no}: this line cannot be read as a record ({_json_limit(exc)}); "
+                raise DataError(f"{p}:{this_line}: this line cannot be read as a record ({_json_limit(exc)}); "
                                 "fix or remove the line.") from None
             if not isinstance(value, dict):
-                raise DataError(f"{p}:{line_no}: expected a JSON object ({{...}}), found {type(value).__name__}.")
-            yield Record(value, f"{p}:{line_no}", n)
-            n += 1
+                raise DataError(f"{p}:{this_line}: expected a JSON object ({{...}}), found {type(value).__name__}.")
+            yield Record(value, f"{p}:{this_line}", row), JsonlPlace(offset, line_no, row + 1)
+            row += 1
 
 
 def _read_json(p: Path) -> list[Record]:

@@ -6,13 +6,14 @@ import logging
 import math
 from dataclasses import dataclass
 from collections.abc import Sequence
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from tunelab.config import Config
 from tunelab.data.batching import Unit, UnitStream, packed_collate, packed_rows, pad_collate, shuffled_examples
 from tunelab.data.encode import Encoded, example_lengths
+from tunelab.data.streaming import StreamingUnits
 
 log = logging.getLogger(__name__)
 
@@ -21,11 +22,12 @@ log = logging.getLogger(__name__)
 class BatchPlan:
     """A stream of rows and how many rows make a micro-batch and how many micro-batches a step."""
 
-    stream: UnitStream
+    stream: UnitStream | StreamingUnits
     rows_per_micro_batch: int
     micro_batches_per_step: int
-    collate: Callable[[list[Unit]], dict[str, torch.Tensor]]
-    lengths: list[int]  # tokens of each example
+    collate: Callable[[list[Any]], dict[str, torch.Tensor]]
+    count_tokens: Callable[[list[Any]], int]  # the real (non-pad) tokens of some rows
+    packed: bool = False  # rows hold several examples each (else one example, padded)
     rank: int = 0
     world: int = 1
 
@@ -39,23 +41,31 @@ class BatchPlan:
         for _ in range(self.micro_batches_per_step):
             units = self.stream.take(self.rows_per_micro_batch * self.world)
             units = units[self.rank * self.rows_per_micro_batch : (self.rank + 1) * self.rows_per_micro_batch]
-            out.append((self.collate(units), sum(self.lengths[i] for unit in units for i in unit)))
+            out.append((self.collate(units), self.count_tokens(units)))
         return out
 
     def steps_per_epoch(self) -> float:
+        assert isinstance(self.stream, UnitStream), "a streamed epoch has no length known in advance"
         return len(self.stream.units(0)) / (self.rows_per_micro_batch * self.micro_batches_per_step * self.world)
 
 
 def make_batch_plan(cfg: Config, examples: Sequence[Encoded], pad_id: int, can_pack: bool = True,
-                    virtual_tokens: int = 0, rank: int = 0, world: int = 1, why_not_packed: str | None = None
-                    ) -> BatchPlan:
+                    virtual_tokens: int = 0, rank: int = 0, world: int = 1, why_not_packed: str | None = None,
+                    stream: StreamingUnits | None = None) -> BatchPlan:
     """Padded batches of `train.batch_size`, or packed rows when `train.tokens_per_step` is set.
 
     `virtual_tokens` soft-prompt slots precede every example (they count against a row's length);
-    `why_not_packed` says, in the log, why a model that cannot see packed rows gets padded batches.
+    `why_not_packed` says, in the log, why a model that cannot see packed rows gets padded batches. With a
+    `stream` (data.streaming), the rows come from it; `examples` (its first buffer) sizes the batches.
     """
     plan = _plan(cfg, examples, pad_id, can_pack, virtual_tokens, why_not_packed)
     plan.rank, plan.world = rank, world
+    if stream is not None:  # the same shape of batches, their rows read from the file as training goes
+        stream.batch_as(cfg.data.max_length + virtual_tokens if plan.packed else None, virtual_tokens)
+        plan.stream, plan.count_tokens = stream, lambda units: sum(len(e.input_ids) for u in units for e in u)
+        plan.collate = _streamed_collate(plan.packed, pad_id, cfg.data.max_length + virtual_tokens,
+                                         virtual_tokens)
+        return plan
     per_step = plan.rows_per_micro_batch * world
     if per_step > len(plan.stream.units(0)):
         from tunelab.errors import ConfigError
@@ -72,23 +82,36 @@ def _plan(cfg: Config, examples: Sequence[Encoded], pad_id: int, can_pack: bool,
     row_length = cfg.data.max_length + v
     lengths = example_lengths(examples)
 
+    def count(units: list[Unit]) -> int:
+        return sum(lengths[i] for u in units for i in u)
+
     def padded(units: list[Unit]) -> dict[str, torch.Tensor]:
         return pad_collate([examples[i] for u in units for i in u], pad_id, v)
 
+    def packed(units: list[Unit]) -> dict[str, torch.Tensor]:
+        return packed_collate([[examples[i] for i in u] for u in units], pad_id, row_length, v)
+
     if t.tokens_per_step is None:
         return BatchPlan(UnitStream(shuffled_examples(len(examples), t.seed)), t.batch_size, t.grad_accum,
-                         padded, lengths)
+                         padded, count)
     micro = t.tokens_per_micro_batch or t.tokens_per_step
     if not can_pack:
         per_micro = max(1, round(micro / (sum(lengths) / len(lengths))))
         log.info("%s, so this run cannot see packed rows: using padded batches of %d examples (the token budget %d "
                  "/ the mean example length)", why_not_packed or "by its strategy", per_micro, micro)
         return BatchPlan(UnitStream(shuffled_examples(len(examples), t.seed)), per_micro, t.tokens_per_step // micro,
-                         padded, lengths)
+                         padded, count)
     return BatchPlan(UnitStream(packed_rows([n + v for n in lengths], row_length, t.seed)),
-                     max(1, micro // row_length), t.tokens_per_step // micro,
-                     lambda units: packed_collate([[examples[i] for i in u] for u in units], pad_id, row_length, v),
-                     lengths)
+                     max(1, micro // row_length), t.tokens_per_step // micro, packed, count, packed=True)
+
+
+def _streamed_collate(packed: bool, pad_id: int, row_length: int, v: int
+                      ) -> Callable[[list[list[Encoded]]], dict[str, torch.Tensor]]:
+    def collate(units: list[list[Encoded]]) -> dict[str, torch.Tensor]:
+        if packed:
+            return packed_collate(units, pad_id, row_length, v)
+        return pad_collate([e for u in units for e in u], pad_id, v)
+    return collate
 
 
 def total_steps(cfg: Config, plan: BatchPlan) -> int:

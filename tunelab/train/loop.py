@@ -21,7 +21,7 @@ import torch
 
 from tunelab.config import Config, TrainConfig
 from tunelab.data.audit import check_trainable
-from tunelab.data.batching import DataPosition, count_label_tokens
+from tunelab.data.batching import count_label_tokens
 from tunelab.data.dataset import load_datasets
 from tunelab.data.render import spec_from_config, turn_end
 from tunelab.errors import ConfigError, DiskFullError, NonFiniteError
@@ -256,7 +256,7 @@ def run_recipe(cfg: Config, on_exit: contextlib.ExitStack) -> TrainResult:
     # 4. batches, optimizer, schedule; restore all of them when resuming
     plan = make_batch_plan(cfg, train_set, pad_id, can_pack=tm.can_pack, virtual_tokens=tm.virtual_tokens,
                            why_not_packed=tm.pack_refusal,
-                           rank=info.rank, world=info.world)
+                           rank=info.rank, world=info.world, stream=train_split.stream)
     steps = total_steps(cfg, plan)
     optimizer = build_optimizer(model, cfg.train, device)
     scheduler = build_scheduler(optimizer, steps, cfg.train)
@@ -267,7 +267,7 @@ def run_recipe(cfg: Config, on_exit: contextlib.ExitStack) -> TrainResult:
             state = load_sharded(checkpoints[-1], model, optimizer, scheduler, info)
         else:
             state = load_checkpoint(checkpoints[-1], model, optimizer, scheduler)
-        start_step, plan.stream.position = state["step"], DataPosition(**state["data_position"])
+        start_step, plan.stream.position = state["step"], type(plan.stream.position)(**state["data_position"])
         skips = state.get("nonfinite_skips", 0)
         log.info("resumed from %s (step %d)", checkpoints[-1], start_step)
     elif cfg.resume:
@@ -284,7 +284,8 @@ def run_recipe(cfg: Config, on_exit: contextlib.ExitStack) -> TrainResult:
         metrics.write({"type": "data", "step": 0, "num_examples": st.num_examples, "num_tokens": st.num_tokens,
                        "num_label_tokens": st.num_label_tokens, "prompts_truncated": st.prompts_truncated,
                        "targets_truncated": st.targets_truncated, "dropped": st.dropped,
-                       "turn_end": turn_end(spec_from_config(cfg), tokenizer, train_split.shape == "chat")})
+                       "turn_end": turn_end(spec_from_config(cfg), tokenizer, train_split.shape == "chat"),
+                       **({"streamed": "the figures are the first buffer's"} if train_split.stream else {})})
 
     def run_eval(step: int) -> dict[str, float]:
         result = evaluate_loss(model, eval_set, cfg.train.batch_size, pad_id, device, autocast(), tm.virtual_tokens)
