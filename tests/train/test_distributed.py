@@ -88,8 +88,11 @@ def fsdp2_two(tmp_path_factory, stories260k) -> Path:
     """Two FSDP2 processes of 2 rows each, checkpointing every 2 steps: compared with one process, and the
     uninterrupted run that a resumed two-process run must equal (save_every changes no loss)."""
     tmp = tmp_path_factory.mktemp("fsdp2")
-    _run(_config(tmp, stories260k, "two", 2, distributed={"strategy": "fsdp2"}, train={"save_every": 2}), 2,
-         step1_grads=True)
+    proc = _run(_config(tmp, stories260k, "two", 2, distributed={"strategy": "fsdp2"}, train={"save_every": 2},
+                        data={"cache_dir": str(tmp / "cache")}), 2, step1_grads=True)
+    # rank 0 encodes the train and eval files into the cache; rank 1 waits for it and reads the same tables
+    assert proc.stderr.count("(cached for the next run") == 2 and proc.stderr.count("(cache hit)") == 2
+    assert len([p for p in (tmp / "cache").iterdir() if (p / "meta.json").is_file()]) == 2
     return tmp / "two"
 
 

@@ -11,8 +11,9 @@ import bisect
 import random
 from dataclasses import dataclass
 from collections.abc import Sequence
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 
 from tunelab.data.encode import IGNORE, Encoded, example_lengths
@@ -86,35 +87,89 @@ def packed_collate(rows: list[list[Encoded]], pad_id: int, row_length: int,
     return batch
 
 
-def pack_best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+def pack_best_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """Best-fit-decreasing: group indices into bins of total length <= capacity.
 
     Longest first, each into the open bin with the least room that still fits it. Equal lengths
     keep their input order, so shuffling the input varies the bins from epoch to epoch.
     """
-    bins: list[list[int]] = []
+    units = _best_fit_units(np.asarray(lengths, dtype=np.int64), capacity)
+    return [units[b] for b in range(len(units))]
+
+
+def _best_fit_units(lengths: np.ndarray, capacity: int) -> Units:
+    """`pack_best_fit` as compact rows: each bin's indices in the order they were placed."""
+    order = np.argsort(-lengths, kind="stable")  # longest first; equal lengths in input order
+    bin_of = np.empty(len(order), dtype=np.int64)  # the bin of the k-th placed example
     by_room: dict[int, list[int]] = {}  # remaining room -> bins with exactly that room
     rooms: list[int] = []  # sorted distinct rooms that have at least one bin
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        n = lengths[i]
+    num_bins = 0
+    for k, n in enumerate(lengths[order].tolist()):
         if n > capacity:
             raise ValueError(f"an example of {n} tokens cannot be packed into rows of {capacity}")
-        k = bisect.bisect_left(rooms, n)
-        if k < len(rooms):
-            room = rooms[k]
+        r = bisect.bisect_left(rooms, n)
+        if r < len(rooms):
+            room = rooms[r]
             b = by_room[room].pop()
             if not by_room[room]:
-                rooms.pop(k)
+                rooms.pop(r)
         else:
-            room, b = capacity, len(bins)
-            bins.append([])
-        bins[b].append(i)
+            room, b = capacity, num_bins
+            num_bins += 1
+        bin_of[k] = b
         left = room - n
         if not by_room.get(left):
             bisect.insort(rooms, left)
             by_room[left] = []
         by_room[left].append(b)
-    return bins
+    placed = np.argsort(bin_of, kind="stable")  # by bin, each bin's examples in the order they were placed
+    return Units(order[placed], np.concatenate([[0], np.cumsum(np.bincount(bin_of, minlength=num_bins))]))
+
+
+class Units(Sequence[Unit]):
+    """Batch rows held compactly (a flat index array and each row's start): a million rows cost two arrays,
+    not a million lists. Indexing gives a row as a list of example indices."""
+
+    def __init__(self, flat: np.ndarray, starts: np.ndarray) -> None:
+        self.flat, self.starts = flat, starts
+
+    @classmethod
+    def singles(cls, order: np.ndarray) -> Units:
+        """One example per row, in `order`."""
+        return cls(np.asarray(order, dtype=np.int64), np.arange(len(order) + 1))
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        return self.flat[self.starts[i] : self.starts[i + 1]].tolist()
+
+    def __iter__(self) -> Iterator[Unit]:
+        return (self[k] for k in range(len(self)))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Units):
+            return bool(np.array_equal(self.starts, other.starts) and np.array_equal(self.flat, other.flat))
+        return list(self) == list(other) if isinstance(other, (list, tuple)) else NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def permuted(self, perm: list[int]) -> Units:
+        """The rows in the order `perm` gives (row k of the result is row perm[k])."""
+        p = np.asarray(perm, dtype=np.int64)
+        counts = np.diff(self.starts)[p]
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        flat = self.flat[np.repeat(self.starts[p] - starts[:-1], counts) + np.arange(starts[-1])]
+        return Units(flat, starts)
+
+    def mapped(self, through: np.ndarray) -> Units:
+        """The same rows with each index i replaced by through[i]."""
+        return Units(through[self.flat], self.starts)
 
 
 def count_label_tokens(labels: torch.Tensor) -> int:
@@ -133,12 +188,12 @@ class DataPosition:
 class UnitStream:
     """An endless stream of batch rows, re-ordered every epoch by a seeded function; resumable."""
 
-    def __init__(self, epoch_units: Callable[[int], list[Unit]]):
+    def __init__(self, epoch_units: Callable[[int], Sequence[Unit]]):
         self.epoch_units = epoch_units
         self.position = DataPosition()
-        self._cache: tuple[int, list[Unit]] | None = None
+        self._cache: tuple[int, Sequence[Unit]] | None = None
 
-    def units(self, epoch: int) -> list[Unit]:
+    def units(self, epoch: int) -> Sequence[Unit]:
         if self._cache is None or self._cache[0] != epoch:
             self._cache = (epoch, self.epoch_units(epoch))
         return self._cache[1]
@@ -159,24 +214,29 @@ class UnitStream:
         return self.position.epoch + self.position.index / len(self.units(self.position.epoch))
 
 
-def shuffled_examples(num_examples: int, seed: int) -> Callable[[int], list[Unit]]:
+def shuffled_examples(num_examples: int, seed: int) -> Callable[[int], Units]:
     """Padded batching: every example is its own row, in a fresh seeded order each epoch."""
-    def units(epoch: int) -> list[Unit]:
+    def units(epoch: int) -> Units:
         order = list(range(num_examples))
         random.Random(seed * 100_003 + epoch).shuffle(order)
-        return [[i] for i in order]
+        return Units.singles(np.asarray(order, dtype=np.int64))
     return units
 
 
-def packed_rows(lengths: list[int], capacity: int, seed: int) -> Callable[[int], list[Unit]]:
+def packed_rows(lengths: Sequence[int], capacity: int, seed: int) -> Callable[[int], Units]:
     """Packed batching: each epoch shuffles the examples, packs them best-fit-decreasing, shuffles the rows."""
-    def units(epoch: int) -> list[Unit]:
+    all_lengths = np.asarray(lengths, dtype=np.int64)
+
+    def units(epoch: int) -> Units:
         rng = random.Random(seed * 100_003 + epoch)
-        order = list(range(len(lengths)))
+        order = list(range(len(all_lengths)))
         rng.shuffle(order)
-        rows = [[order[j] for j in b] for b in pack_best_fit([lengths[i] for i in order], capacity)]
-        rng.shuffle(rows)
-        return rows
+        shuffled = np.asarray(order, dtype=np.int64)
+        del order
+        rows = _best_fit_units(all_lengths[shuffled], capacity).mapped(shuffled)
+        perm = list(range(len(rows)))
+        rng.shuffle(perm)  # the permutation that shuffling the rows themselves would apply
+        return rows.permuted(perm)
     return units
 
 

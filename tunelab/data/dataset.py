@@ -21,7 +21,7 @@ import numpy as np
 
 from tunelab.config import DataConfig
 from tunelab.data import cache
-from tunelab.data.encode import EncodeStats, Encoded, encode_examples, encode_pretokenized
+from tunelab.data.encode import IGNORE, EncodeStats, Encoded, encode_examples, encode_pretokenized
 from tunelab.data.read import read_records
 from tunelab.data.records import Example, check_same_shapes, to_examples
 from tunelab.data.render import RenderSpec, render_example
@@ -42,7 +42,7 @@ class Split:
     num_chosen: int
     stats: EncodeStats = field(default_factory=EncodeStats)
     shares: dict[str, int] = field(default_factory=dict)  # a mixture's chosen examples per source file
-    targets: list[str] = field(default_factory=list)  # the chosen examples' targets (distinct label counts)
+    distinct_targets: int = 0  # among the chosen examples (a label task has few)
     stream: StreamingUnits | None = None  # data.streaming: the rows, read as training goes (`encoded`: its first
     # buffer, which sizes the batches)
 
@@ -134,8 +134,10 @@ def _encoded(path: str, how: EncodeSpec, tokenizer: Any, pool: list[Example], po
     return _Encoded(open_encoded(entry), cache.read_meta(entry)["shape"], path)
 
 
-def _choose(n: int, cfg: DataConfig, seed: int, split: bool) -> tuple[list[int], list[int] | None]:
+def _choose(n: int, cfg: DataConfig, seed: int, split: bool) -> tuple[Any, list[int] | None]:
     """(train rows, held-out rows) of a file of `n` records: the seeded sample, then the seeded split."""
+    if cfg.max_examples is None and not (split and cfg.eval is None and cfg.eval_fraction is not None):
+        return np.arange(n), None  # every row: an array, not a list of millions of ints
     chosen = sample(list(range(n)), cfg.max_examples, seed)
     if split and cfg.eval is None and cfg.eval_fraction is not None:
         return split_eval(chosen, cfg.eval_fraction, seed)
@@ -155,11 +157,13 @@ def _mixture(tables: list[_Encoded], weights: list[float], seed: int) -> list[tu
     return drawn
 
 
-def _split(table: Any, chosen: list[int], shape: str) -> Split:
+def _split(table: Any, chosen: Any, shape: str) -> Split:
+    import pyarrow.compute as pc
+
     rows = np.asarray(chosen, dtype=np.int64)
-    targets = table.data.column("target").take(rows).to_pylist() if len(rows) else []
+    distinct = pc.count_distinct(table.data.column("target").take(rows)).as_py() if len(rows) else 0
     return Split(EncodedRows(table, kept_rows(table, rows)), shape, len(rows), rows_stats(table, rows),
-                 targets=targets)
+                 distinct_targets=distinct)
 
 
 def load_datasets(cfg: DataConfig, spec: RenderSpec, tokenizer: Any, seed: int) -> tuple[Split, Split | None]:
@@ -231,7 +235,8 @@ def _streamed(cfg: DataConfig, spec: RenderSpec, tokenizer: Any, seed: int) -> t
     shape = first_shape(cfg.train_path, how)
     stream = StreamingUnits(cfg.train_path, how, shape, tokenizer, cfg.shuffle_buffer, seed, capacity=None)
     first, stats = stream.first_buffer()
-    train = Split(first, shape, stats.num_examples + stats.dropped, stats, stream=stream)
+    distinct = len({tuple(t for t in e.labels if t != IGNORE) for e in first})  # the trained tokens stand in
+    train = Split(first, shape, stats.num_examples + stats.dropped, stats, distinct_targets=distinct, stream=stream)
     log.info("train data: streamed from %s, %d records at a time; its first buffer: %s", cfg.train_path,
              cfg.shuffle_buffer, stats.summary())
     if not first:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from tunelab.data.render import Rendered
 from tunelab.errors import DataError
 
@@ -93,32 +95,37 @@ def tokenize_texts(tokenizer: Any, texts: list[str], offsets: bool = False) -> t
         batch = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=offsets)
         return batch["input_ids"], batch["offset_mapping"] if offsets else [None] * len(texts)
     own = _adds_only_bos(tokenizer)
-    ids_out: list[list[int]] = []
-    offsets_out: list[Any] = []
-    for text in texts:
-        if text.startswith(bos) or not own:
-            full = text if text.startswith(bos) else bos + text
-            enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=offsets)
-            shift = len(full) - len(text)
-            spans = [(a - shift, b - shift) for a, b in enc["offset_mapping"]] if offsets else None
-        else:
-            enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=offsets)
-            spans = [(-1, -1), *enc["offset_mapping"][1:]] if offsets else None
-        ids_out.append(enc["input_ids"])
-        offsets_out.append(spans)
+    ids_out: list[list[int]] = [[] for _ in texts]
+    offsets_out: list[Any] = [None] * len(texts)
+    plain = [i for i, t in enumerate(texts) if own and not t.startswith(bos)]  # the tokenizer adds BOS itself
+    if plain:
+        enc = tokenizer([texts[i] for i in plain], add_special_tokens=True, return_offsets_mapping=offsets)
+        for k, i in enumerate(plain):
+            ids_out[i] = enc["input_ids"][k]
+            offsets_out[i] = [(-1, -1), *enc["offset_mapping"][k][1:]] if offsets else None
+    for i in sorted(set(range(len(texts))) - set(plain)):
+        text = texts[i]
+        full = text if text.startswith(bos) else bos + text
+        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=offsets)
+        shift = len(full) - len(text)
+        ids_out[i] = enc["input_ids"]
+        offsets_out[i] = [(a - shift, b - shift) for a, b in enc["offset_mapping"]] if offsets else None
     return ids_out, offsets_out
 
 
 def _label_tokens(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> tuple[list[bool], int]:
-    trained, boundary = [], 0
-    for start, end in offsets:
-        if start == end:
-            hit = any(s <= start < e for s, e in spans)
-        else:
-            hit = any(start < e and end > s for s, e in spans)
-            boundary += any(start < s < end for s, e in spans)
-        trained.append(hit)
-    return trained, boundary
+    """Whether each token (its character range) overlaps a trained span, and how many tokens straddle a span's
+    start (a token with an empty range, such as an added BOS, is trained where its position lies in a span)."""
+    if not offsets:
+        return [], 0
+    o = np.asarray(offsets, dtype=np.int64)  # (tokens, 2)
+    start, end = o[:, :1], o[:, 1:]
+    sp = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+    s, e = sp[None, :, 0], sp[None, :, 1]  # (1, spans)
+    empty = (start == end)[:, 0]
+    hit = np.where(empty, ((s <= start) & (start < e)).any(1), ((start < e) & (end > s)).any(1))
+    boundary = int((~empty & ((start < s) & (s < end)).any(1)).sum())
+    return hit.tolist(), boundary
 
 
 def _truncate(ids: list[int], trained: list[bool], max_length: int, keep_first: int) -> tuple[list[int], list[bool], bool, bool]:

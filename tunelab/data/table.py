@@ -51,8 +51,9 @@ class EncodeSpec:
     truncation: str
 
 
-def first_shape(path: str, how: EncodeSpec) -> str:
-    """The record shape of a file, from its first record (as reading the whole file would decide it)."""
+def first_shape(path: str, how: Any) -> str:
+    """The record shape of a file, from its first record (as reading the whole file would decide it); `how` has
+    the reader settings (format, columns, column_names)."""
     first = next(iter_records(path, how.column_names))
     return to_examples([first], how.format, how.columns)[0].shape
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from tunelab.config import Config
 from tunelab.data.dataset import load_examples
+from tunelab.data.table import first_shape
 from tunelab.data.read import Record, read_records
 from tunelab.data.records import SHAPES, Example, to_examples
 from tunelab.data.render import Rendered, RenderSpec, render_example, spec_from_config
@@ -48,9 +49,14 @@ class Inputs:
             self.shape = "chat"
             self.spec = RenderSpec(mode="chat")
             return
-        self.pool = load_examples(cfg.data.train_path, cfg.data.sources()[0])
-        self.shape = self.pool[0].shape
         self.spec = spec_from_config(cfg)
+        source = cfg.data.sources()[0]
+        if self.spec.num_shots:  # the demonstrations come from the training examples, drawn as training drew them
+            self.pool = load_examples(source.path, source)
+            self.shape = self.pool[0].shape
+        else:  # the shape is all that is needed: one record, however large the file
+            self.pool = []
+            self.shape = first_shape(source.path, source)
         if self.shape in ("text", "tokenized"):
             raise DataError(f"the run trained on {self.shape} records ('{cfg.data.train_path}'), which have no prompt to "
                             "continue: generate from a run trained on prompts and targets.")
