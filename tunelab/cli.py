@@ -321,59 +321,80 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     import json
 
     from tunelab.config import DataConfig, ModelConfig, load_config
-    from tunelab.data.audit import audit, terminal_preview
+    from tunelab.data.audit import audit
     from tunelab.data.render import RenderSpec, spec_from_config
+    from tunelab.errors import ConfigError
     from tunelab.models.load import load_tokenizer
     from tunelab.report.data_report import write_data_report
 
+    cfg = None
     if args.target.endswith((".yaml", ".yml")):
         cfg = load_config(args.target, args.overrides)
-        data_cfg, spec, model_cfg = cfg.data, spec_from_config(cfg), cfg.model
-        train_path, eval_path = cfg.data.train_path, args.eval or cfg.data.eval
+        spec, model_cfg, eval_path = spec_from_config(cfg), cfg.model, args.eval or cfg.data.eval
+        files = [(s.path, cfg.data.model_copy(update={"train": s.path, "format": s.format, "columns": s.columns,
+                                                       "column_names": s.column_names})) for s in cfg.data.sources()]
         report_dir = Path(cfg.output_dir)
     else:
         if not args.model:
-            from tunelab.errors import ConfigError
-
             raise ConfigError("checking a data file needs --model (its tokenizer decides lengths and the label mask), "
                               "or pass a training config instead.")
         columns = dict(c.split("=", 1) for c in args.column or [])
-        data_cfg = DataConfig(train=args.target, format=args.format, columns=columns, max_length=args.max_length)
-        spec, model_cfg = RenderSpec(), ModelConfig(path=args.model)
-        train_path, eval_path = args.target, args.eval
-        report_dir = Path(".")
-    if args.fix and Path(args.fix).resolve() == Path(train_path).resolve():
-        from tunelab.errors import ConfigError
-
+        files = [(args.target, DataConfig(train=args.target, format=args.format, columns=columns,
+                                          max_length=args.max_length))]
+        spec, model_cfg, eval_path, report_dir = RenderSpec(), ModelConfig(path=args.model), args.eval, Path(".")
+    if args.fix and len(files) > 1:
+        raise ConfigError("--fix writes a cleaned copy of one data file, and data.train is a mixture: check each file "
+                          "on its own (tunelab data check FILE --model M --fix NEW_FILE).")
+    if args.fix and Path(args.fix).resolve() == Path(files[0][0]).resolve():
         raise ConfigError("--fix must name a new file: tunelab never rewrites the original data.")
-    result = audit(train_path, data_cfg, spec, load_tokenizer(model_cfg), eval_path, args.threshold, args.preview)
+    tokenizer = load_tokenizer(model_cfg)
+    results = [audit(path, data_cfg, spec, tokenizer, eval_path, args.threshold, args.preview)
+               for path, data_cfg in files]
+    report_root = Path(args.output).parent if args.output else report_dir
+    for i, ((path, _), result) in enumerate(zip(files, results)):
+        _print_audit(result, path)
+        report = write_data_report(result, report_root, stem=f"data-check-{i + 1}" if len(files) > 1 else "data-check")
+        print(f"report: {report}")
+    shares: dict[str, int] = {}
+    if cfg is not None and not any(r["blocking"] for r in results):
+        from tunelab.data.dataset import load_datasets
+
+        # as training will read it: from the encoded cache when an entry has this encoding (else encoded into it)
+        train, _ = load_datasets(cfg.data, spec, tokenizer, cfg.train.seed)
+        shares = train.shares
+        for path, n in shares.items():
+            print(f"{path}: {n} examples an epoch ({100 * n / max(1, train.num_chosen):.1f}%)")
+    if args.output:
+        out = results[0] if len(results) == 1 else {"sources": results, "shares": shares}
+        Path(args.output).write_text(json.dumps(out, indent=2))
+    if args.fix:
+        from tunelab.data.audit import rows_to_drop
+        from tunelab.data.read import read_records
+
+        out_file, (path, data_cfg) = Path(args.fix), files[0]
+        drop = rows_to_drop(results[0])
+        kept = [r.fields for r in read_records(path, data_cfg.column_names) if r.row not in drop]
+        out_file.write_text("".join(json.dumps(f, ensure_ascii=False) + "\n" for f in kept))
+        print(f"--fix: wrote {len(kept)} records to {out_file} ({len(drop)} dropped)")
+    blocking = sorted({k for r in results for k in r["blocking"]})
+    if blocking:
+        print(f"blocking: {', '.join(blocking)}")
+        return 1
+    return 0
+
+
+def _print_audit(result: dict[str, Any], path: str) -> None:
+    from tunelab.data.audit import terminal_preview
+
     order = {"blocking": 0, "warning": 1, "info": 2}
     keys = [k for k, v in result.items() if isinstance(v, dict) and "severity" in v]
-    print(f"{result['num_examples']} examples of {result['num_records']} records in {train_path}")
+    print(f"{result['num_examples']} examples of {result['num_records']} records in {path}")
     for key in sorted(keys, key=lambda k: order[result[k]["severity"]]):
         f = result[key]
         if f["count"] or key == "label_balance":
             print(f"[{f['severity']}] {key}: {f['count']} rows. {f['message']}")
     for item in result["preview"]:
         print(f"--- row {item['row']} (trained tokens in green)\n{terminal_preview(item)}")
-    if args.output:
-        Path(args.output).write_text(json.dumps(result, indent=2))
-    report = write_data_report(result, Path(args.output).parent if args.output else report_dir)
-    print(f"report: {report}")
-    if args.fix:
-        from tunelab.data.audit import rows_to_drop
-        from tunelab.data.read import read_records
-
-        out = Path(args.fix)
-        drop = rows_to_drop(result)
-        kept = [r.fields for r in read_records(train_path, data_cfg.column_names) if r.row not in drop]
-        out.write_text("".join(json.dumps(f, ensure_ascii=False) + "\n" for f in kept))
-        print(f"--fix: wrote {len(kept)} records to {out} ({len(drop)} dropped)")
-    if result["blocking"]:
-        print(f"blocking: {', '.join(result['blocking'])}")
-        return 1
-    return 0
-
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     import json

@@ -107,3 +107,31 @@ def test_banking77_duplicates_and_balance(tokenizer):
     assert r["conflicts"]["groups"][0] == [2002, 3160]
     assert len(r["conflicts"]["groups"]) == 3
     assert len({p["eval_row"] for p in r["leakage"]["pairs"]}) == 57 and r["leakage"]["count"] == 59
+
+
+def test_a_config_check_audits_each_file_of_a_mixture_says_its_share_and_warms_the_cache(tmp_path, stories260k,
+                                                                                          capsys):
+    import yaml
+
+    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"Question {i}?", "completion": f" answer {i}"} for i in range(30)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"question": f"Other {i}?", "answer": f" reply {i}"} for i in range(10)]
+                    + [{"question": "Other 0?", "answer": " reply 0"}])  # an exact duplicate, in b only
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"path": str(stories260k)}, "output_dir": str(tmp_path / "run"), "train": {"max_steps": 1},
+        "data": {"train": [{"path": str(a), "weight": 1}, {"path": str(b), "weight": 3,
+                                                           "columns": {"prompt": "question", "completion": "answer"}}],
+                 "cache_dir": str(tmp_path / "cache")}}))
+    out = tmp_path / "check.json"
+    assert main(["data", "check", str(config), "--output", str(out)]) == 0
+    printed = capsys.readouterr()
+    result = json.loads(out.read_text())
+    assert [s["train"] for s in result["sources"]] == [str(a), str(b)]
+    assert [s["num_examples"] for s in result["sources"]] == [30, 11]
+    assert result["sources"][0]["exact_duplicates"]["groups"] == []
+    assert result["sources"][1]["exact_duplicates"]["groups"] == [[0, 10]]
+    assert result["shares"] == {str(a): 10, str(b): 31}  # 41 examples an epoch: a quarter and three quarters
+    assert f"{a}: 10 examples an epoch (24.4%)" in printed.out and f"{b}: 31 examples an epoch (75.6%)" in printed.out
+    assert "cached for the next run" in printed.err
+    assert main(["data", "check", str(config)]) == 0  # the second check (and a train) reads the encoded rows
+    assert "(cache hit)" in capsys.readouterr().err

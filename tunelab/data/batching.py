@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import random
+from array import array
 from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import Any, Callable, Iterator
@@ -101,7 +102,7 @@ def _best_fit_units(lengths: np.ndarray, capacity: int) -> Units:
     """`pack_best_fit` as compact rows: each bin's indices in the order they were placed."""
     order = np.argsort(-lengths, kind="stable")  # longest first; equal lengths in input order
     bin_of = np.empty(len(order), dtype=np.int64)  # the bin of the k-th placed example
-    by_room: dict[int, list[int]] = {}  # remaining room -> bins with exactly that room
+    by_room: dict[int, array[int]] = {}  # remaining room -> bins with exactly that room (8 bytes a bin)
     rooms: list[int] = []  # sorted distinct rooms that have at least one bin
     num_bins = 0
     for k, n in enumerate(lengths[order].tolist()):
@@ -120,7 +121,7 @@ def _best_fit_units(lengths: np.ndarray, capacity: int) -> Units:
         left = room - n
         if not by_room.get(left):
             bisect.insort(rooms, left)
-            by_room[left] = []
+            by_room[left] = array("q")
         by_room[left].append(b)
     placed = np.argsort(bin_of, kind="stable")  # by bin, each bin's examples in the order they were placed
     return Units(order[placed], np.concatenate([[0], np.cumsum(np.bincount(bin_of, minlength=num_bins))]))
@@ -159,7 +160,7 @@ class Units(Sequence[Unit]):
 
     __hash__ = None  # type: ignore[assignment]
 
-    def permuted(self, perm: list[int]) -> Units:
+    def permuted(self, perm: Any) -> Units:
         """The rows in the order `perm` gives (row k of the result is row perm[k])."""
         p = np.asarray(perm, dtype=np.int64)
         counts = np.diff(self.starts)[p]
@@ -217,9 +218,9 @@ class UnitStream:
 def shuffled_examples(num_examples: int, seed: int) -> Callable[[int], Units]:
     """Padded batching: every example is its own row, in a fresh seeded order each epoch."""
     def units(epoch: int) -> Units:
-        order = list(range(num_examples))
+        order = array("q", range(num_examples))  # 8 bytes an example; the same permutation as a shuffled list
         random.Random(seed * 100_003 + epoch).shuffle(order)
-        return Units.singles(np.asarray(order, dtype=np.int64))
+        return Units.singles(np.frombuffer(order, dtype=np.int64))
     return units
 
 
@@ -229,14 +230,13 @@ def packed_rows(lengths: Sequence[int], capacity: int, seed: int) -> Callable[[i
 
     def units(epoch: int) -> Units:
         rng = random.Random(seed * 100_003 + epoch)
-        order = list(range(len(all_lengths)))
+        order = array("q", range(len(all_lengths)))  # 8 bytes an example; the same permutation as a shuffled list
         rng.shuffle(order)
-        shuffled = np.asarray(order, dtype=np.int64)
-        del order
+        shuffled = np.frombuffer(order, dtype=np.int64)
         rows = _best_fit_units(all_lengths[shuffled], capacity).mapped(shuffled)
-        perm = list(range(len(rows)))
+        perm = array("q", range(len(rows)))
         rng.shuffle(perm)  # the permutation that shuffling the rows themselves would apply
-        return rows.permuted(perm)
+        return rows.permuted(np.frombuffer(perm, dtype=np.int64))
     return units
 
 

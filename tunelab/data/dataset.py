@@ -42,9 +42,19 @@ class Split:
     num_chosen: int
     stats: EncodeStats = field(default_factory=EncodeStats)
     shares: dict[str, int] = field(default_factory=dict)  # a mixture's chosen examples per source file
-    distinct_targets: int = 0  # among the chosen examples (a label task has few)
+    chosen_rows: Any = None  # the chosen rows of `encoded.table` (an array)
     stream: StreamingUnits | None = None  # data.streaming: the rows, read as training goes (`encoded`: its first
     # buffer, which sizes the batches)
+
+    def distinct_targets(self) -> int:
+        """How many different targets the chosen examples have (a label task has few); counted in Arrow, reading
+        only the target column (a stream: the distinct trained tokens of its first buffer)."""
+        if self.chosen_rows is None:
+            return len({tuple(t for t in e.labels if t != IGNORE) for e in self.encoded})
+        import pyarrow.compute as pc
+
+        targets = self.encoded.table.data.column("target").take(self.chosen_rows)
+        return pc.count_distinct(targets).as_py() if len(self.chosen_rows) else 0
 
 
 def load_examples(path: str, reader: Any) -> list[Example]:
@@ -158,12 +168,9 @@ def _mixture(tables: list[_Encoded], weights: list[float], seed: int) -> list[tu
 
 
 def _split(table: Any, chosen: Any, shape: str) -> Split:
-    import pyarrow.compute as pc
-
     rows = np.asarray(chosen, dtype=np.int64)
-    distinct = pc.count_distinct(table.data.column("target").take(rows)).as_py() if len(rows) else 0
     return Split(EncodedRows(table, kept_rows(table, rows)), shape, len(rows), rows_stats(table, rows),
-                 distinct_targets=distinct)
+                 chosen_rows=rows)
 
 
 def load_datasets(cfg: DataConfig, spec: RenderSpec, tokenizer: Any, seed: int) -> tuple[Split, Split | None]:
@@ -235,8 +242,7 @@ def _streamed(cfg: DataConfig, spec: RenderSpec, tokenizer: Any, seed: int) -> t
     shape = first_shape(cfg.train_path, how)
     stream = StreamingUnits(cfg.train_path, how, shape, tokenizer, cfg.shuffle_buffer, seed, capacity=None)
     first, stats = stream.first_buffer()
-    distinct = len({tuple(t for t in e.labels if t != IGNORE) for e in first})  # the trained tokens stand in
-    train = Split(first, shape, stats.num_examples + stats.dropped, stats, distinct_targets=distinct, stream=stream)
+    train = Split(first, shape, stats.num_examples + stats.dropped, stats, stream=stream)
     log.info("train data: streamed from %s, %d records at a time; its first buffer: %s", cfg.train_path,
              cfg.shuffle_buffer, stats.summary())
     if not first:

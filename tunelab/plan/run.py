@@ -75,7 +75,7 @@ def load_train_data(cfg: Config) -> tuple[DataShape, list[Any], Any]:
     lengths = train.encoded.lengths
     shape = DataShape(len(lengths), sum(lengths), train.stats.num_label_tokens, statistics.fmean(lengths),
                       statistics.fmean(n * n for n in lengths), train.stats.num_label_tokens / len(lengths),
-                      train.distinct_targets, train.shape)
+                      train.distinct_targets(), train.shape)
     return shape, train.encoded, tokenizer
 
 

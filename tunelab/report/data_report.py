@@ -10,7 +10,7 @@ from tunelab.report import plots
 from tunelab.report.page import Section, write_report
 
 
-def write_data_report(result: dict[str, Any], out_dir: Path) -> Path:
+def write_data_report(result: dict[str, Any], out_dir: Path, stem: str = "data-check") -> Path:
     lengths = result["lengths"]
     s = Section("Token lengths", text=[f"{result['num_examples']} examples."])
     if lengths["prompt_values"]:
@@ -26,5 +26,5 @@ def write_data_report(result: dict[str, Any], out_dir: Path) -> Path:
         trained = ", ".join(repr(run) for run in item["trained"])
         preview.text.append(f"row {item['row']}: " + "".join(t for t, _ in item["tokens"]) + f"\ntrained: {trained}")
         preview.raw_html.append(f"<pre>row {item['row']}: {marked}\ntrained: {html.escape(trained)}</pre>")
-    path = write_report(out_dir, f"tunelab data check: {result['train']}", [s, findings, preview], stem="data-check")
+    path = write_report(out_dir, f"tunelab data check: {result['train']}", [s, findings, preview], stem=stem)
     return path
