@@ -174,7 +174,7 @@ def test_a_killed_encode_leaves_nothing_a_later_run_trusts(tmp_path, stories260k
 
 @pytest.mark.parametrize("num_proc", [1, 2])
 def test_a_bad_record_deep_in_the_file_is_named_through_map(tmp_path, stories260k, capsys, num_proc):
-    rows = [dict(r) for r in QA * 60]  # 2,400 rows: three batches of datasets' map
+    rows = [dict(r) for r in QA * 60]  # 2,400 rows: with num_proc 2, line 2101 is the second worker's
     rows[2100] = {"prompt": "What is it?", "completion": "   "}
     data = write_jsonl(tmp_path / "bad.jsonl", rows)
     cfg = _cfg(tmp_path, stories260k, data=data, num_proc=num_proc)

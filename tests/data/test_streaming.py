@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import VARIED_ROWS, config_tree, write_jsonl
+from tests.conftest import VARIED_ROWS, config_tree, crash_after_saving, write_jsonl
 from tunelab.config import validate_config
 from tunelab.errors import ConfigError
 from tunelab.train import loop
@@ -54,17 +54,10 @@ def test_a_streamed_run_resumes_exactly_mid_file(tmp_path, stories260k, monkeypa
             writer.writerows(VARIED_ROWS)
     sections = {"train": {"max_steps": 8, "batch_size": 3, "save_every": 3}}
     whole = _run(tmp_path, stories260k, "whole", data, True, buffer=5, **sections)
-    real_save = loop.save_checkpoint
-
-    def crash_after_step_3(run_dir, step, *args, **kwargs):
-        real_save(run_dir, step, *args, **kwargs)
-        if step == 3:
-            raise RuntimeError("simulated crash")
-
-    monkeypatch.setattr(loop, "save_checkpoint", crash_after_step_3)
+    restore = crash_after_saving(monkeypatch, 3)
     with pytest.raises(RuntimeError, match="simulated crash"):
         _run(tmp_path, stories260k, "resumed", data, True, buffer=5, **sections)
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    restore()
     resumed = _run(tmp_path, stories260k, "resumed", data, True, buffer=5, resume=True, **sections)
     assert [r["loss"] for r in _rows(resumed)] == [r["loss"] for r in _rows(whole)]
     assert [r["num_tokens"] for r in _rows(resumed)] == [r["num_tokens"] for r in _rows(whole)]

@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from tests.conftest import VARIED_ROWS, config_tree, write_jsonl
+from tests.conftest import VARIED_ROWS, config_tree, crash_after_saving, write_jsonl
 from tunelab.config import StrategyConfig, validate_config
 from tunelab.errors import ConfigError
 from tunelab.models.load import load_model, load_tokenizer
@@ -135,17 +135,10 @@ def test_packed_soft_prompt_run_and_prefix_fallback(tmp_path, stories260k, caplo
 def test_resume_for_adapter_strategies(tmp_path, stories260k, monkeypatch, strategy):
     train = {"max_steps": 4, "save_every": 2}
     whole = _train(tmp_path, stories260k, strategy, name="whole", train=train)
-    real_save = loop.save_checkpoint
-
-    def crash(run_dir, step, *args, **kwargs):
-        real_save(run_dir, step, *args, **kwargs)
-        if step == 2:
-            raise RuntimeError("simulated crash")
-
-    monkeypatch.setattr(loop, "save_checkpoint", crash)
+    restore = crash_after_saving(monkeypatch, 2)
     with pytest.raises(RuntimeError):
         _train(tmp_path, stories260k, strategy, name="resumed", train=train)
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    restore()
     resumed = _train(tmp_path, stories260k, strategy, name="resumed", train=train, resume=True)
     losses = [[r["loss"] for r in read_metrics(x.run_dir / "metrics.jsonl") if r["type"] == "train"]
               for x in (whole, resumed)]

@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import VARIED_ROWS, config_tree, write_jsonl
+from tests.conftest import VARIED_ROWS, config_tree, crash_after_saving, write_jsonl
 from tunelab.config import validate_config
 from tunelab.train import loop
 from tunelab.train.metrics import read_metrics
@@ -62,17 +62,10 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, stories260k, monkeypatch):
     sections = {"train": {"max_steps": 6, "save_every": 3, "batch_size": 3, "warmup_steps": 2}}
     whole = run(tmp_path, stories260k, "whole", **sections)
 
-    real_save = loop.save_checkpoint
-
-    def crash_after_step_3(run_dir, step, *args, **kwargs):
-        real_save(run_dir, step, *args, **kwargs)
-        if step == 3:
-            raise RuntimeError("simulated crash")
-
-    monkeypatch.setattr(loop, "save_checkpoint", crash_after_step_3)
+    restore = crash_after_saving(monkeypatch, 3)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(tmp_path, stories260k, "resumed", **sections)
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    restore()
     assert not (tmp_path / "resumed" / "final").exists()
     resumed = run(tmp_path, stories260k, "resumed", resume=True, **sections)
 
@@ -126,17 +119,10 @@ def test_packed_run_resumes_exactly(tmp_path, stories260k, monkeypatch):
     whole = run(tmp_path, stories260k, "whole", **sections)
     rows = train_rows(whole)
     assert all(384 < r["num_tokens"] <= 768 for r in rows)  # two rows of 192 per micro-batch hold several examples
-    real_save = loop.save_checkpoint
-
-    def crash_after_step_2(run_dir, step, *args, **kwargs):
-        real_save(run_dir, step, *args, **kwargs)
-        if step == 2:
-            raise RuntimeError("simulated crash")
-
-    monkeypatch.setattr(loop, "save_checkpoint", crash_after_step_2)
+    restore = crash_after_saving(monkeypatch, 2)
     with pytest.raises(RuntimeError):
         run(tmp_path, stories260k, "resumed", **sections)
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    restore()
     resumed = run(tmp_path, stories260k, "resumed", resume=True, **sections)
     assert [r["loss"] for r in train_rows(resumed)] == [r["loss"] for r in rows]
     assert all(torch.equal(x, final_weights(resumed)[k]) for k, x in final_weights(whole).items())

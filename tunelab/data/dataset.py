@@ -26,8 +26,8 @@ from tunelab.data.read import read_records
 from tunelab.data.records import Example, check_same_shapes, to_examples
 from tunelab.data.render import RenderSpec, render_example
 from tunelab.data.streaming import StreamingUnits
-from tunelab.data.table import (EncodedRows, EncodeSpec, encode_file, first_shape, kept_rows, open_encoded,
-                                 rows_stats)
+from tunelab.data.table import (EncodedRows, EncodedTable, EncodeSpec, concatenate_encoded, encode_file,
+                                 first_shape, kept_rows, open_encoded, rows_stats)
 from tunelab.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class Split:
             return len({tuple(t for t in e.labels if t != IGNORE) for e in self.encoded})
         import pyarrow.compute as pc
 
-        targets = self.encoded.table.data.column("target").take(self.chosen_rows)
+        targets = self.encoded.table.rows.data.column("target").take(self.chosen_rows)
         return pc.count_distinct(targets).as_py() if len(self.chosen_rows) else 0
 
 
@@ -98,7 +98,7 @@ def prepare_split(examples: list[Example], spec: RenderSpec, tokenizer: Any, cfg
 
 @dataclass
 class _Encoded:
-    table: Any  # datasets.Dataset, memory-mapped
+    table: EncodedTable
     shape: str
     path: str
 
@@ -167,7 +167,7 @@ def _mixture(tables: list[_Encoded], weights: list[float], seed: int) -> list[tu
     return drawn
 
 
-def _split(table: Any, chosen: Any, shape: str) -> Split:
+def _split(table: EncodedTable, chosen: Any, shape: str) -> Split:
     rows = np.asarray(chosen, dtype=np.int64)
     return Split(EncodedRows(table, kept_rows(table, rows)), shape, len(rows), rows_stats(table, rows),
                  chosen_rows=rows)
@@ -200,12 +200,10 @@ def load_datasets(cfg: DataConfig, spec: RenderSpec, tokenizer: Any, seed: int) 
         train_rows, eval_rows = _choose(len(tables[0].table), cfg, seed, split=True)
         table, shares = tables[0].table, {}
     else:
-        from datasets import concatenate_datasets
-
         offsets = np.cumsum([0] + [len(t.table) for t in tables])
         drawn = sample(_mixture(tables, [s.weight for s in sources], seed), cfg.max_examples, seed)
         train_rows, eval_rows = [int(offsets[k]) + r for k, r in drawn], None
-        table = concatenate_datasets([t.table for t in tables])
+        table = concatenate_encoded([t.table for t in tables])
         shares = {s.path: sum(1 for k, _ in drawn if k == i) for i, s in enumerate(sources)}
     train = _split(table, train_rows, tables[0].shape)
     train.shares = shares

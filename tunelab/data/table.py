@@ -72,12 +72,18 @@ def encode_file(path: str, how: EncodeSpec, tokenizer: Any, pool: list[Example],
             writer.write({"record": pickle.dumps(rec.fields), "source": rec.source, "row": rec.row})
         writer.finalize()
     records = Dataset.from_file(str(raw))
-    records.map(_encode_batch, batched=True, batch_size=1000, num_proc=num_proc if num_proc > 1 else None,
+    # 5,000 rows a batch: each becomes one record batch of the file, whose header a reader touches when it opens it
+    records.map(_encode_batch, batched=True, batch_size=5000, num_proc=num_proc if num_proc > 1 else None,
                 remove_columns=records.column_names, features=_features(), cache_file_name=str(out_dir / _ENCODED),
                 new_fingerprint=hashlib.sha256(str(out_dir).encode()).hexdigest()[:32], desc=f"tunelab: encoding {Path(path).name}",
                 fn_kwargs={"shape": shape, "how": how, "tokenizer": tokenizer, "pool": pool})
     del records
     raw.unlink()
+    # the per-row figures again, each column in one contiguous .npy file: the Arrow table interleaves them with the
+    # token ids a thousand rows at a time, and reading a column there maps pages all through the file
+    table = _open_rows(out_dir)
+    for name in INDEX_COLUMNS:
+        np.save(out_dir / f"{name}.npy", table.data.column(name).to_numpy(zero_copy_only=False))
     return shape
 
 
@@ -105,22 +111,49 @@ def _encode_batch(batch: dict[str, list[Any]], shape: str, how: EncodeSpec, toke
     return out
 
 
-def open_encoded(folder: Path) -> Any:
-    """The encoded table in `folder`, memory-mapped (one file, or one per `num_proc` worker, in order)."""
+INDEX_COLUMNS = ("length", "num_label_tokens", "dropped", "prompt_cut", "target_cut", "boundary", "row")
+
+
+@dataclass
+class EncodedTable:
+    """An encoded file: its rows (token ids, trained mask, source, target; memory-mapped Arrow) and each row's
+    figures as contiguous arrays (memory-mapped .npy)."""
+
+    rows: Any  # datasets.Dataset
+    index: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def _open_rows(folder: Path) -> Any:
     from datasets import Dataset, concatenate_datasets
 
-    files = sorted(folder.glob("encoded*.arrow"))
-    parts = [Dataset.from_file(str(f)) for f in files]
+    parts = [Dataset.from_file(str(f)) for f in sorted(folder.glob("encoded*.arrow"))]
     return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+def open_encoded(folder: Path) -> EncodedTable:
+    """The encoded file in `folder` (one Arrow file, or one per `num_proc` worker, in order)."""
+    return EncodedTable(_open_rows(folder), {name: np.load(folder / f"{name}.npy", mmap_mode="r")
+                                             for name in INDEX_COLUMNS})
+
+
+def concatenate_encoded(tables: list[EncodedTable]) -> EncodedTable:
+    """Several encoded files as one table (a mixture), rows in order."""
+    from datasets import concatenate_datasets
+
+    return EncodedTable(concatenate_datasets([t.rows for t in tables]),
+                        {name: np.concatenate([t.index[name] for t in tables]) for name in INDEX_COLUMNS})
 
 
 class EncodedRows(Sequence[Encoded]):
     """Chosen rows of an encoded table, read as `Encoded` examples on demand (the table stays on disk)."""
 
-    def __init__(self, table: Any, indices: np.ndarray) -> None:
+    def __init__(self, table: EncodedTable, indices: np.ndarray) -> None:
         self.table = table
         self.indices = np.asarray(indices, dtype=np.int64)
-        self.lengths: list[int] = table.data.column("length").to_numpy()[self.indices].tolist()
+        self.lengths: list[int] = table.index["length"][self.indices].tolist()
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -136,7 +169,7 @@ class EncodedRows(Sequence[Encoded]):
             return [self[k] for k in range(*i.indices(len(self)))]
         if not -len(self) <= i < len(self):
             raise IndexError(i)
-        r = self.table[int(self.indices[i])]
+        r = self.table.rows[int(self.indices[i])]
         labels = [t if m else IGNORE for t, m in zip(r["input_ids"], r["trained"])]
         return Encoded(r["input_ids"], labels, r["source"], r["row"])
 
@@ -144,28 +177,24 @@ class EncodedRows(Sequence[Encoded]):
         return (self[k] for k in range(len(self)))
 
 
-def column(table: Any, name: str) -> np.ndarray:
-    return table.data.column(name).to_numpy(zero_copy_only=False)
-
-
-def kept_rows(table: Any, indices: np.ndarray) -> np.ndarray:
+def kept_rows(table: EncodedTable, indices: np.ndarray) -> np.ndarray:
     """The rows among `indices` that the length policy kept, in the same order."""
     indices = np.asarray(indices, dtype=np.int64)
-    return indices[~column(table, "dropped")[indices]]
+    return indices[~table.index["dropped"][indices]]
 
 
-def rows_stats(table: Any, indices: np.ndarray) -> EncodeStats:
-    """What encoding did to the chosen rows (as `encode_examples` counts it), from the table's columns."""
+def rows_stats(table: EncodedTable, indices: np.ndarray) -> EncodeStats:
+    """What encoding did to the chosen rows (as `encode_examples` counts it), from the per-row figures."""
     indices = np.asarray(indices, dtype=np.int64)
-    dropped = column(table, "dropped")[indices]
+    ix = table.index
+    dropped = ix["dropped"][indices]
     kept = indices[~dropped]
-    rows = column(table, "row")
-    prompt_cut, target_cut = column(table, "prompt_cut")[kept], column(table, "target_cut")[kept]
-    sources = table.data.column("source")
+    prompt_cut, target_cut = ix["prompt_cut"][kept], ix["target_cut"][kept]
+    sources = table.rows.data.column("source")
     return EncodeStats(
-        num_examples=len(kept), num_tokens=int(column(table, "length")[kept].sum()),
-        num_label_tokens=int(column(table, "num_label_tokens")[kept].sum()),
+        num_examples=len(kept), num_tokens=int(ix["length"][kept].sum()),
+        num_label_tokens=int(ix["num_label_tokens"][kept].sum()),
         prompts_truncated=int(prompt_cut.sum()), targets_truncated=int(target_cut.sum()), dropped=int(dropped.sum()),
-        boundary_tokens=int(column(table, "boundary")[indices].sum()),
+        boundary_tokens=int(ix["boundary"][indices].sum()),
         dropped_sources=[sources[int(i)].as_py() for i in indices[dropped]],
-        prompt_cut_rows=rows[kept[prompt_cut]].tolist(), target_cut_rows=rows[kept[target_cut]].tolist())
+        prompt_cut_rows=ix["row"][kept[prompt_cut]].tolist(), target_cut_rows=ix["row"][kept[target_cut]].tolist())
