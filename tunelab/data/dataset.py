@@ -211,7 +211,8 @@ def load_datasets(cfg: DataConfig, spec: RenderSpec, tokenizer: Any, seed: int) 
     for path, n in shares.items():
         log.info("train data mixture: %s gives %d examples (%.1f%%)", path, n, 100 * n / max(1, train.num_chosen))
     if not len(train.encoded):
-        raise DataError(f"every training example of '{cfg.train_path}' was dropped by data.max_length={cfg.max_length}.")
+        raise DataError(f"every training example of '{cfg.train_path}' was dropped by "
+                        f"data.max_length={cfg.max_length}.")
 
     evals = _eval_file(cfg, spec, tokenizer, seed, tables[0].shape, pool, pool_key)
     if evals is None and eval_rows:

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 _RAW = "raw.arrow"
 _ENCODED = "encoded.arrow"
+INDEX_COLUMNS = {"length": np.int32, "num_label_tokens": np.int32, "dropped": np.bool_, "prompt_cut": np.bool_,
+                 "target_cut": np.bool_, "boundary": np.int32, "row": np.int64}  # each row's figures, and their types
 
 
 def _features() -> Any:
@@ -75,16 +77,45 @@ def encode_file(path: str, how: EncodeSpec, tokenizer: Any, pool: list[Example],
     # 5,000 rows a batch: each becomes one record batch of the file, whose header a reader touches when it opens it
     records.map(_encode_batch, batched=True, batch_size=5000, num_proc=num_proc if num_proc > 1 else None,
                 remove_columns=records.column_names, features=_features(), cache_file_name=str(out_dir / _ENCODED),
-                new_fingerprint=hashlib.sha256(str(out_dir).encode()).hexdigest()[:32], desc=f"tunelab: encoding {Path(path).name}",
+                new_fingerprint=hashlib.sha256(str(out_dir).encode()).hexdigest()[:32],
+                desc=f"tunelab: encoding {Path(path).name}",
                 fn_kwargs={"shape": shape, "how": how, "tokenizer": tokenizer, "pool": pool})
     del records
     raw.unlink()
-    # the per-row figures again, each column in one contiguous .npy file: the Arrow table interleaves them with the
-    # token ids a thousand rows at a time, and reading a column there maps pages all through the file
-    table = _open_rows(out_dir)
-    for name in INDEX_COLUMNS:
-        np.save(out_dir / f"{name}.npy", table.data.column(name).to_numpy(zero_copy_only=False))
+    _write_index(out_dir, _count_rows(out_dir))
     return shape
+
+
+def _count_rows(out_dir: Path) -> int:
+    import pyarrow as pa
+
+    total = 0
+    for path in sorted(out_dir.glob("encoded*.arrow")):
+        with pa.OSFile(str(path)) as src:
+            total += sum(batch.num_rows for batch in pa.ipc.open_stream(src))
+    return total
+
+
+def _write_index(out_dir: Path, num_rows: int) -> None:
+    """Each row's figures again, each column in one contiguous .npy file. The Arrow table interleaves them with the
+    token ids a batch at a time, so reading a column there maps pages all through the file; these are written
+    from record batches read (not mapped) one at a time, so that writing them does not grow the process either."""
+    import pyarrow as pa
+
+    files = {name: (out_dir / f"{name}.npy").open("wb") for name in INDEX_COLUMNS}
+    try:
+        for name, f in files.items():
+            descr = np.lib.format.dtype_to_descr(np.dtype(INDEX_COLUMNS[name]))
+            np.lib.format.write_array_header_1_0(f, {"descr": descr, "fortran_order": False, "shape": (num_rows,)})
+        for path in sorted(out_dir.glob("encoded*.arrow")):
+            with pa.OSFile(str(path)) as src:
+                for batch in pa.ipc.open_stream(src):
+                    for name, f in files.items():
+                        values = batch.column(name).to_numpy(zero_copy_only=False)
+                        f.write(values.astype(INDEX_COLUMNS[name], copy=False).tobytes())
+    finally:
+        for f in files.values():
+            f.close()
 
 
 def _encode_batch(batch: dict[str, list[Any]], shape: str, how: EncodeSpec, tokenizer: Any,
@@ -110,8 +141,6 @@ def _encode_batch(batch: dict[str, list[Any]], shape: str, how: EncodeSpec, toke
             out[name].append(value)
     return out
 
-
-INDEX_COLUMNS = ("length", "num_label_tokens", "dropped", "prompt_cut", "target_cut", "boundary", "row")
 
 
 @dataclass
