@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from tunelab.processes import process_alive
+
 log = logging.getLogger(__name__)
 
 # tunelab's encoding version: raise it whenever the encoding of the same inputs changes (rendering, label mask,
@@ -117,15 +119,5 @@ def _remove_abandoned(cache_dir: Path) -> None:
             pid = int(tmp.name[len(_TMP):].split("-")[1])
         except (IndexError, ValueError):
             continue
-        if not _alive(pid):
+        if not process_alive(pid):
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

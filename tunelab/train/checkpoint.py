@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tunelab.errors import DiskFullError
-from tunelab.train.runlock import process_alive
+from tunelab.processes import process_alive
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step-(\d+)$")

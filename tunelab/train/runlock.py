@@ -22,22 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import ConfigError
+from tunelab.processes import process_alive
 
 log = logging.getLogger(__name__)
 LOCK_NAME = ".tunelab.lock"
-
-
-def process_alive(pid: int) -> bool:
-    """Whether a process with this pid runs on this host (one of another user counts as running)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _read_holder(fd: int) -> dict[str, Any]:
