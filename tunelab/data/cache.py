@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 # tunelab's encoding version: raise it whenever the encoding of the same inputs changes (rendering, label mask,
 # truncation, the columns of the table)
-ENCODING_VERSION = 2
+ENCODING_VERSION = 3
 _TMP = ".tmp-"
 
 

@@ -122,7 +122,7 @@ def _encoded(path: str, how: EncodeSpec, tokenizer: Any, pool: list[Example], po
         tmp = Path(tempfile.mkdtemp(prefix="tunelab-encoded-"))
         atexit.register(shutil.rmtree, tmp, True)
         shape = encode_file(path, how, tokenizer, pool, tmp, cfg.num_proc)
-        return _Encoded(open_encoded(tmp), shape, path)
+        return _Encoded(open_encoded(tmp, path), shape, path)
     cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache.default_cache_dir()
     parts = {"file": cache.file_fingerprint(path, cache_dir), "tokenizer": cache.tokenizer_fingerprint(tokenizer),
              "format": how.format, "columns": how.columns, "column_names": how.column_names,
@@ -141,7 +141,7 @@ def _encoded(path: str, how: EncodeSpec, tokenizer: Any, pool: list[Example], po
             raise
         entry = cache.publish(tmp, cache_dir, key, {"shape": shape, "file": str(Path(path).resolve()), "key": parts})
         log.info("%s: encoded into %s (cached for the next run with the same encoding)", path, entry)
-    return _Encoded(open_encoded(entry), cache.read_meta(entry)["shape"], path)
+    return _Encoded(open_encoded(entry, path), cache.read_meta(entry)["shape"], path)
 
 
 def _choose(n: int, cfg: DataConfig, seed: int, split: bool) -> tuple[Any, list[int] | None]:

@@ -9,6 +9,7 @@ a space usually causes them). Sequences longer than `max_length` are handled by 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,10 +28,10 @@ class Encoded:
     source: str
     row: int
 
-    @property
+    @cached_property
     def num_label_tokens(self) -> int:
         """Tokens the loss counts: labeled positions that have a position before them."""
-        return sum(1 for t in self.labels[1:] if t != IGNORE)
+        return len(self.labels) - 1 - self.labels[1:].count(IGNORE) if self.labels else 0
 
 
 def example_lengths(examples: Sequence[Encoded]) -> list[int]:

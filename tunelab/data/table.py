@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 _RAW = "raw.arrow"
 _ENCODED = "encoded.arrow"
 INDEX_COLUMNS = {"length": np.int32, "num_label_tokens": np.int32, "dropped": np.bool_, "prompt_cut": np.bool_,
-                 "target_cut": np.bool_, "boundary": np.int32, "row": np.int64}  # each row's figures, and their types
+                 "target_cut": np.bool_, "boundary": np.int32, "row": np.int64,
+                 "line": np.int64}  # each row's figures, and their types
+TOKEN_COLUMNS = {"input_ids": ("tokens", np.int32), "trained": ("trained", np.bool_)}  # all rows' tokens, one run
 
 
 def _features() -> Any:
@@ -82,40 +84,55 @@ def encode_file(path: str, how: EncodeSpec, tokenizer: Any, pool: list[Example],
                 fn_kwargs={"shape": shape, "how": how, "tokenizer": tokenizer, "pool": pool})
     del records
     raw.unlink()
-    _write_index(out_dir, _count_rows(out_dir))
+    _write_index(out_dir)
     return shape
 
 
-def _count_rows(out_dir: Path) -> int:
+def _batches(out_dir: Path) -> Iterator[Any]:
+    """The record batches of the encoded files, in order, each read (not memory-mapped) on its own."""
     import pyarrow as pa
 
-    total = 0
     for path in sorted(out_dir.glob("encoded*.arrow")):
         with pa.OSFile(str(path)) as src:
-            total += sum(batch.num_rows for batch in pa.ipc.open_stream(src))
-    return total
+            yield from pa.ipc.open_stream(src)
 
 
-def _write_index(out_dir: Path, num_rows: int) -> None:
-    """Each row's figures again, each column in one contiguous .npy file. The Arrow table interleaves them with the
-    token ids a batch at a time, so reading a column there maps pages all through the file; these are written
-    from record batches read (not mapped) one at a time, so that writing them does not grow the process either."""
-    import pyarrow as pa
-
-    files = {name: (out_dir / f"{name}.npy").open("wb") for name in INDEX_COLUMNS}
+def _write_index(out_dir: Path) -> None:
+    """Each row's figures, and all rows' tokens and trained mask end to end, each in one contiguous .npy file.
+    Training reads these (memory-mapped) and never opens the Arrow table, whose columns interleave a batch at a
+    time: reading one there maps pages all through the file. Written from record batches read one at a time, so
+    that writing them does not grow the process either."""
+    num_rows = num_tokens = 0
+    for batch in _batches(out_dir):
+        num_rows += batch.num_rows
+        num_tokens += int(batch.column("length").to_numpy().sum())
+    shapes = {**{name: num_rows for name in INDEX_COLUMNS}, **{name: num_tokens for name, _ in TOKEN_COLUMNS.values()}}
+    dtypes = {**INDEX_COLUMNS, **dict(TOKEN_COLUMNS.values())}
+    files = {name: (out_dir / f"{name}.npy").open("wb") for name in shapes}
     try:
         for name, f in files.items():
-            descr = np.lib.format.dtype_to_descr(np.dtype(INDEX_COLUMNS[name]))
-            np.lib.format.write_array_header_1_0(f, {"descr": descr, "fortran_order": False, "shape": (num_rows,)})
-        for path in sorted(out_dir.glob("encoded*.arrow")):
-            with pa.OSFile(str(path)) as src:
-                for batch in pa.ipc.open_stream(src):
-                    for name, f in files.items():
-                        values = batch.column(name).to_numpy(zero_copy_only=False)
-                        f.write(values.astype(INDEX_COLUMNS[name], copy=False).tobytes())
+            descr = np.lib.format.dtype_to_descr(np.dtype(dtypes[name]))
+            np.lib.format.write_array_header_1_0(f, {"descr": descr, "fortran_order": False, "shape": (shapes[name],)})
+        for batch in _batches(out_dir):
+            columns = {name: batch.column(name) for name in INDEX_COLUMNS if name != "line"}
+            columns["line"] = [_line_of(source) for source in batch.column("source").to_pylist()]
+            columns.update({file: batch.column(name).flatten() for name, (file, _) in TOKEN_COLUMNS.items()})
+            for name, values in columns.items():
+                array = values if isinstance(values, list) else values.to_numpy(zero_copy_only=False)
+                files[name].write(np.asarray(array, dtype=dtypes[name]).tobytes())
     finally:
         for f in files.values():
             f.close()
+
+
+def _line_of(source: str) -> int:
+    """A record's place from its source: 'path:LINE' gives LINE; 'path:row N' (Parquet, JSON arrays) gives -1-N."""
+    place = source.rsplit(":", 1)[1]
+    return int(place) if not place.startswith("row ") else -1 - int(place[4:])
+
+
+def _source(prefix: str, line: int) -> str:
+    return f"{prefix}:{line}" if line >= 0 else f"{prefix}:row {-1 - line}"
 
 
 def _encode_batch(batch: dict[str, list[Any]], shape: str, how: EncodeSpec, tokenizer: Any,
@@ -132,7 +149,7 @@ def _encode_batch(batch: dict[str, list[Any]], shape: str, how: EncodeSpec, toke
     out: dict[str, list[Any]] = {name: [] for name in _features()}
     for ex, target, (enc, st) in zip(examples, targets, rows):
         ids = enc.input_ids if enc is not None else []
-        trained = [t != IGNORE for t in enc.labels] if enc is not None else []
+        trained = (np.asarray(enc.labels) != IGNORE).tolist() if enc is not None else []
         values = {"input_ids": ids, "trained": trained, "length": len(ids),
                   "num_label_tokens": enc.num_label_tokens if enc is not None else 0, "source": ex.source,
                   "row": ex.row, "target": target, "dropped": enc is None, "prompt_cut": bool(st.prompts_truncated),
@@ -145,35 +162,59 @@ def _encode_batch(batch: dict[str, list[Any]], shape: str, how: EncodeSpec, toke
 
 @dataclass
 class EncodedTable:
-    """An encoded file: its rows (token ids, trained mask, source, target; memory-mapped Arrow) and each row's
-    figures as contiguous arrays (memory-mapped .npy)."""
+    """Encoded files, rows in order: each row's figures and all tokens (memory-mapped .npy), and the Arrow rows
+    (token ids, trained mask, source, target), opened only when a target or a dropped row's source is asked for."""
 
-    rows: Any  # datasets.Dataset
+    folders: list[Path]
+    paths: list[str]  # each file's path as the reader names it in sources
     index: dict[str, np.ndarray]
+    tokens: np.ndarray  # every row's input ids, end to end
+    trained: np.ndarray  # (bool) whether each of those trains
+    file_starts: np.ndarray  # the first row of each file
+    _rows: Any = None
+    _starts: np.ndarray | None = None
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.index["length"])
+
+    @property
+    def rows(self) -> Any:
+        """The Arrow rows (datasets), memory-mapped."""
+        if self._rows is None:
+            from datasets import Dataset, concatenate_datasets
+
+            files = [f for folder in self.folders for f in sorted(folder.glob("encoded*.arrow"))]
+            parts = [Dataset.from_file(str(f)) for f in files]
+            self._rows = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+        return self._rows
+
+    @property
+    def starts(self) -> np.ndarray:
+        """Where each row's tokens begin in `tokens` (and where the last ends)."""
+        if self._starts is None:
+            self._starts = np.concatenate([[0], np.cumsum(self.index["length"], dtype=np.int64)])
+        return self._starts
+
+    def source(self, row: int) -> str:
+        """Where row `row` came from ('path:line', as the reader named it), for the path the file has now."""
+        file = int(np.searchsorted(self.file_starts, row, side="right")) - 1
+        return _source(self.paths[file], int(self.index["line"][row]))
 
 
-def _open_rows(folder: Path) -> Any:
-    from datasets import Dataset, concatenate_datasets
-
-    parts = [Dataset.from_file(str(f)) for f in sorted(folder.glob("encoded*.arrow"))]
-    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
-
-
-def open_encoded(folder: Path) -> EncodedTable:
-    """The encoded file in `folder` (one Arrow file, or one per `num_proc` worker, in order)."""
-    return EncodedTable(_open_rows(folder), {name: np.load(folder / f"{name}.npy", mmap_mode="r")
-                                             for name in INDEX_COLUMNS})
+def open_encoded(folder: Path, path: str) -> EncodedTable:
+    """The encoded file `path` in `folder`."""
+    index = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in INDEX_COLUMNS}
+    return EncodedTable([folder], [str(Path(path))], index, np.load(folder / "tokens.npy", mmap_mode="r"),
+                        np.load(folder / "trained.npy", mmap_mode="r"), np.zeros(1, dtype=np.int64))
 
 
 def concatenate_encoded(tables: list[EncodedTable]) -> EncodedTable:
     """Several encoded files as one table (a mixture), rows in order."""
-    from datasets import concatenate_datasets
-
-    return EncodedTable(concatenate_datasets([t.rows for t in tables]),
-                        {name: np.concatenate([t.index[name] for t in tables]) for name in INDEX_COLUMNS})
+    starts = np.cumsum([0] + [len(t) for t in tables[:-1]])
+    return EncodedTable([f for t in tables for f in t.folders], [p for t in tables for p in t.paths],
+                        {name: np.concatenate([t.index[name] for t in tables]) for name in INDEX_COLUMNS},
+                        np.concatenate([t.tokens for t in tables]), np.concatenate([t.trained for t in tables]),
+                        starts)
 
 
 class EncodedRows(Sequence[Encoded]):
@@ -198,9 +239,11 @@ class EncodedRows(Sequence[Encoded]):
             return [self[k] for k in range(*i.indices(len(self)))]
         if not -len(self) <= i < len(self):
             raise IndexError(i)
-        r = self.table.rows[int(self.indices[i])]
-        labels = [t if m else IGNORE for t, m in zip(r["input_ids"], r["trained"])]
-        return Encoded(r["input_ids"], labels, r["source"], r["row"])
+        row = int(self.indices[i])
+        start, end = self.table.starts[row], self.table.starts[row + 1]
+        ids = self.table.tokens[start:end]
+        labels = np.where(self.table.trained[start:end], ids, IGNORE).tolist()
+        return Encoded(ids.tolist(), labels, self.table.source(row), int(self.table.index["row"][row]))
 
     def __iter__(self) -> Iterator[Encoded]:
         return (self[k] for k in range(len(self)))
@@ -219,11 +262,10 @@ def rows_stats(table: EncodedTable, indices: np.ndarray) -> EncodeStats:
     dropped = ix["dropped"][indices]
     kept = indices[~dropped]
     prompt_cut, target_cut = ix["prompt_cut"][kept], ix["target_cut"][kept]
-    sources = table.rows.data.column("source")
     return EncodeStats(
         num_examples=len(kept), num_tokens=int(ix["length"][kept].sum()),
         num_label_tokens=int(ix["num_label_tokens"][kept].sum()),
         prompts_truncated=int(prompt_cut.sum()), targets_truncated=int(target_cut.sum()), dropped=int(dropped.sum()),
         boundary_tokens=int(ix["boundary"][indices].sum()),
-        dropped_sources=[sources[int(i)].as_py() for i in indices[dropped]],
+        dropped_sources=[table.source(int(i)) for i in indices[dropped]],
         prompt_cut_rows=ix["row"][kept[prompt_cut]].tolist(), target_cut_rows=ix["row"][kept[target_cut]].tolist())
