@@ -41,9 +41,11 @@ def test_stop_strings_cut_the_text(stories260k):
 
 def test_sequence_log_probs_match_the_logits(stories260k, tokenizer):
     em = load_for_eval(str(stories260k))
-    examples = to_examples([Record(r, f"t:{i}", i) for i, r in enumerate(VARIED_ROWS[:3])])
+    examples = to_examples([Record(r, f"t:{i}", i) for i, r in enumerate(VARIED_ROWS[:7])])
     encoded = encode_examples([render_example(e, RenderSpec(), tokenizer) for e in examples], tokenizer, 256)
-    scored = sequence_log_probs(em.model, encoded, pad_id=2, batch_size=2)
+    lengths = [len(e.input_ids) for e in encoded]
+    assert lengths != sorted(lengths)  # batched in length order, returned in this order
+    scored = sequence_log_probs(em.model, encoded, pad_id=2, batch_size=3)
     for enc, (total, n) in zip(encoded, scored):
         logits = em.model.lm(torch.tensor([enc.input_ids])).logits[0, :-1]
         labels = torch.tensor(enc.labels[1:])

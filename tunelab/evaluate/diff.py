@@ -25,6 +25,7 @@ from tunelab.evaluate.metrics import normalize
 from tunelab.evaluate.run import EvalData, evaluate, label_options
 from tunelab.evaluate.score import label_log_probs, sequence_log_probs
 from tunelab.evaluate.verdicts import graded, judged
+from tunelab.models.device import to_device
 from tunelab.models.load import pad_token_id
 from tunelab.percentile import percentile
 from tunelab.data.batching import pad_collate
@@ -78,14 +79,14 @@ def _memo(cache: dict[str, Any] | None, key: str, fn: Callable[[], Any]) -> Any:
 def mean_kl(base: EvalModel, tuned: EvalModel, texts: list[str], max_length: int = 512, batch_size: int = 8,
             cache: dict[str, Any] | None = None) -> float:
     """Mean per-token KL(base || tuned) of the next-token distributions along the reference text."""
-    encoded = _encode_texts(base, texts, max_length)
+    encoded = sorted(_encode_texts(base, texts, max_length), key=lambda e: len(e.input_ids))  # batches pad little
     pad = pad_token_id(base.tokenizer)
     total, count = 0.0, 0
     dev_b, dev_t = next(base.model.parameters()).device, next(tuned.model.parameters()).device
     for s in range(0, len(encoded), batch_size):
         part = encoded[s : s + batch_size]
-        bb = {k: v.to(dev_b) for k, v in pad_collate(part, pad, base.model.virtual_tokens).items()}
-        tb = {k: v.to(dev_t) for k, v in pad_collate(part, pad, tuned.model.virtual_tokens).items()}
+        bb = to_device(pad_collate(part, pad, base.model.virtual_tokens), dev_b)
+        tb = to_device(pad_collate(part, pad, tuned.model.virtual_tokens), dev_t)
         base_lps = _memo(cache, f"kl:{max_length}:{batch_size}:{s}", lambda: [lp for lp, _, _ in label_log_probs(base.model, bb)])
         for lp_b, (lp_t, _, _) in zip(base_lps, label_log_probs(tuned.model, tb)):
             lp_t = lp_t.to(lp_b.device)

@@ -13,6 +13,7 @@ from tunelab.data.batching import left_pad, pad_collate
 from tunelab.data.encode import IGNORE, EncodeStats, Encoded, encode_examples
 from tunelab.data.records import SHAPES, Example
 from tunelab.data.render import RenderSpec, render_example
+from tunelab.models.device import to_device
 from tunelab.models.head import target_positions
 from tunelab.models.load import pad_token_id
 from tunelab.strategies.model import TrainModel
@@ -33,18 +34,21 @@ def label_log_probs(model: TrainModel, batch: dict[str, torch.Tensor], chunk: in
 @torch.no_grad()
 def sequence_log_probs(model: TrainModel, encoded: list[Encoded], pad_id: int, batch_size: int = 32
                        ) -> list[tuple[float, int]]:
-    """(summed log-probability of the labeled tokens, their number) for each encoded sequence."""
+    """(summed log-probability of the labeled tokens, their number) for each encoded sequence, in their order;
+    batched in length order, so that a batch pads little."""
     device = next(model.parameters()).device
-    out: list[tuple[float, int]] = []
-    for s in range(0, len(encoded), batch_size):
-        part = encoded[s : s + batch_size]
-        batch = {k: v.to(device) for k, v in pad_collate(part, pad_id, model.virtual_tokens).items()}
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+    for s in range(0, len(order), batch_size):
+        part = order[s : s + batch_size]
+        batch = to_device(pad_collate([encoded[i] for i in part], pad_id, model.virtual_tokens), device)
         sums = torch.zeros(len(part), dtype=torch.float64, device=device)
         counts = torch.zeros(len(part), dtype=torch.long, device=device)
         for logp, targets, rows in label_log_probs(model, batch):
             sums.index_add_(0, rows, logp.gather(1, targets[:, None]).squeeze(1).double())
             counts.index_add_(0, rows, torch.ones_like(rows))
-        out.extend(zip(sums.tolist(), counts.tolist()))
+        for i, result in zip(part, zip(sums.tolist(), counts.tolist())):
+            out[i] = result
     return out
 
 
@@ -123,7 +127,7 @@ def rank_options(model: TrainModel, tokenizer: Any, examples: list[Example], opt
     groups = [encoded[i * k : (i + 1) * k] for i in range(len(examples))]
     shared = [_shared_prompt(model, g) for g in groups]
     scored: list[list[tuple[float, int]] | None] = [None] * len(groups)
-    ready = [i for i, sh in enumerate(shared) if sh is not None]
+    ready = sorted((i for i, sh in enumerate(shared) if sh is not None), key=lambda i: len(shared[i][0]))  # by prompt
     per_call = max(1, batch_size * 4 // k)  # examples whose options fit one forward call
     for s in range(0, len(ready), per_call):
         part = ready[s : s + per_call]
