@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from tunelab.data.render import Rendered
 from tunelab.errors import DataError
@@ -93,25 +94,41 @@ def tokenize_texts(tokenizer: Any, texts: list[str], offsets: bool = False) -> t
     as it is. A tokenizer whose special tokens are more than one BOS gets the BOS text prepended instead."""
     bos = tokenizer.bos_token if adds_bos(tokenizer) else None
     if bos is None:
-        batch = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=offsets)
-        return batch["input_ids"], batch["offset_mapping"] if offsets else [None] * len(texts)
+        ids, spans = _encode(tokenizer, texts, add_special_tokens=False)
+        return ids, spans if offsets else [None] * len(texts)
     own = _adds_only_bos(tokenizer)
+    plain = [i for i, t in enumerate(texts) if own and not t.startswith(bos)]  # the tokenizer adds BOS itself
+    plain_set = set(plain)
+    given = [i for i in range(len(texts)) if i not in plain_set]  # BOS is written (or prepended) as text
     ids_out: list[list[int]] = [[] for _ in texts]
     offsets_out: list[Any] = [None] * len(texts)
-    plain = [i for i, t in enumerate(texts) if own and not t.startswith(bos)]  # the tokenizer adds BOS itself
-    if plain:
-        enc = tokenizer([texts[i] for i in plain], add_special_tokens=True, return_offsets_mapping=offsets)
-        for k, i in enumerate(plain):
-            ids_out[i] = enc["input_ids"][k]
-            offsets_out[i] = [(-1, -1), *enc["offset_mapping"][k][1:]] if offsets else None
-    for i in sorted(set(range(len(texts))) - set(plain)):
-        text = texts[i]
-        full = text if text.startswith(bos) else bos + text
-        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=offsets)
-        shift = len(full) - len(text)
-        ids_out[i] = enc["input_ids"]
-        offsets_out[i] = [(a - shift, b - shift) for a, b in enc["offset_mapping"]] if offsets else None
+    ids, spans = _encode(tokenizer, [texts[i] for i in plain], add_special_tokens=True)
+    for i, one_ids, one_spans in zip(plain, ids, spans):
+        ids_out[i] = one_ids
+        offsets_out[i] = [(-1, -1), *one_spans[1:]] if offsets else None
+    full = [texts[i] if texts[i].startswith(bos) else bos + texts[i] for i in given]
+    ids, spans = _encode(tokenizer, full, add_special_tokens=False)
+    for i, text, one_ids, one_spans in zip(given, full, ids, spans):
+        shift = len(text) - len(texts[i])
+        ids_out[i] = one_ids
+        offsets_out[i] = [(a - shift, b - shift) for a, b in one_spans] if offsets else None
     return ids_out, offsets_out
+
+
+def _encode(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> tuple[list[list[int]], list[Any]]:
+    """(ids, character offsets) of each text, in one batched call. A fast tokenizer's own Rust tokenizer is called
+    directly where it has no truncation or padding of its own (the same ids and offsets as through transformers'
+    wrapper, without its per-text conversion)."""
+    if not texts:
+        return [], []
+    backend = getattr(tokenizer, "_tokenizer", None)
+    direct = (isinstance(backend, Tokenizer) and backend.truncation is None and backend.padding is None
+              and not getattr(tokenizer, "split_special_tokens", False))  # else transformers resets those per call
+    if direct:
+        encodings = backend.encode_batch(texts, add_special_tokens=add_special_tokens)
+        return [e.ids for e in encodings], [e.offsets for e in encodings]
+    batch = tokenizer(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    return batch["input_ids"], batch["offset_mapping"]
 
 
 def _label_tokens(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> tuple[list[bool], int]:

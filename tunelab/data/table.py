@@ -65,7 +65,7 @@ def first_shape(path: str, how: Any) -> str:
 def encode_file(path: str, how: EncodeSpec, tokenizer: Any, pool: list[Example], out_dir: Path,
                 num_proc: int = 1) -> str:
     """Encode every record of `path` into `out_dir` (Arrow files); returns the record shape."""
-    from datasets import Dataset, Features, Value
+    from datasets import Features, Value
     from datasets.arrow_writer import ArrowWriter
 
     shape = first_shape(path, how)
@@ -75,17 +75,62 @@ def encode_file(path: str, how: EncodeSpec, tokenizer: Any, pool: list[Example],
         for rec in iter_records(path, how.column_names):
             writer.write({"record": pickle.dumps(rec.fields), "source": rec.source, "row": rec.row})
         writer.finalize()
+    _in_child(_map_file, raw, out_dir, path, shape, how, tokenizer, pool, num_proc)
+    raw.unlink()
+    _write_index(out_dir)
+    return shape
+
+
+def _map_file(raw: Path, out_dir: Path, path: str, shape: str, how: EncodeSpec, tokenizer: Any,
+              pool: list[Example], num_proc: int) -> None:
+    from datasets import Dataset
+
     records = Dataset.from_file(str(raw))
-    # 5,000 rows a batch: each becomes one record batch of the file, whose header a reader touches when it opens it
+    # 5,000 rows a batch: each becomes one record batch of the file
     records.map(_encode_batch, batched=True, batch_size=5000, num_proc=num_proc if num_proc > 1 else None,
                 remove_columns=records.column_names, features=_features(), cache_file_name=str(out_dir / _ENCODED),
                 new_fingerprint=hashlib.sha256(str(out_dir).encode()).hexdigest()[:32],
                 desc=f"tunelab: encoding {Path(path).name}",
                 fn_kwargs={"shape": shape, "how": how, "tokenizer": tokenizer, "pool": pool})
-    del records
-    raw.unlink()
-    _write_index(out_dir)
-    return shape
+
+
+def _in_child(fn: Any, *args: Any) -> None:
+    """Run `fn(*args)` in a forked child process and raise what it raised. `map` opens the Arrow files it wrote
+    (pyarrow then touches pages all through them): in a child, the training process never holds those pages."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    reader, writer = ctx.Pipe(duplex=False)
+
+    def run() -> None:
+        _die_with_parent()
+        try:
+            fn(*args)
+            writer.send(None)
+        except BaseException as exc:  # sent back whole: the parent raises it (a DataError names the file and line)
+            writer.send(exc)
+
+    child = ctx.Process(target=run)
+    child.start()
+    writer.close()
+    try:
+        error = reader.recv()
+    except EOFError:  # the child died without a word (killed): nothing was published
+        error = RuntimeError(f"the encoding process ended with exit code {child.join() or child.exitcode}")
+    child.join()
+    if error is not None:
+        raise error
+
+
+def _die_with_parent() -> None:
+    """Linux: the child is killed when its parent dies (a killed run leaves no orphan writing into the cache)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _batches(out_dir: Path) -> Iterator[Any]:
