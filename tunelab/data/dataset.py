@@ -116,8 +116,7 @@ def _render_key(spec: RenderSpec) -> dict[str, Any]:
 def _encoded(path: str, how: EncodeSpec, tokenizer: Any, pool: list[Example], pool_key: Any,
              cfg: DataConfig) -> _Encoded:
     """The encoded table of a file: from the cache when an entry has this encoding's key, else encoded now."""
-    if not Path(path).is_file():
-        raise DataError(f"data file '{path}' does not exist. Check data.train / data.eval in the config.")
+    _check_exists(path)
     if not cfg.cache:
         tmp = Path(tempfile.mkdtemp(prefix="tunelab-encoded-"))
         atexit.register(shutil.rmtree, tmp, True)
@@ -142,6 +141,12 @@ def _encoded(path: str, how: EncodeSpec, tokenizer: Any, pool: list[Example], po
         entry = cache.publish(tmp, cache_dir, key, {"shape": shape, "file": str(Path(path).resolve()), "key": parts})
         log.info("%s: encoded into %s (cached for the next run with the same encoding)", path, entry)
     return _Encoded(open_encoded(entry, path), cache.read_meta(entry)["shape"], path)
+
+
+def _check_exists(path: str) -> None:
+    """Before hashing it: the reader's own error for a missing file."""
+    if not Path(path).is_file():
+        raise DataError(f"data file '{path}' does not exist. Check data.train / data.eval in the config.")
 
 
 def _choose(n: int, cfg: DataConfig, seed: int, split: bool) -> tuple[Any, list[int] | None]:
@@ -176,7 +181,7 @@ def _split(table: EncodedTable, chosen: Any, shape: str) -> Split:
 def load_datasets(cfg: DataConfig, spec: RenderSpec, tokenizer: Any, seed: int) -> tuple[Split, Split | None]:
     """Read the train (and eval) data as configured and encode both the same way."""
     sources = cfg.sources()
-    if len(sources) > 1 or isinstance(cfg.train, list):
+    if isinstance(cfg.train, list):
         if spec.num_shots:
             raise ConfigError("strategy.num_shots draws demonstrations from one training file, and data.train is a "
                               "mixture of files: set num_shots: 0, or train on one file.")
@@ -235,10 +240,8 @@ def _eval_file(cfg: DataConfig, spec: RenderSpec, tokenizer: Any, seed: int, tra
 def _streamed(cfg: DataConfig, spec: RenderSpec, tokenizer: Any, seed: int) -> tuple[Split, Split | None]:
     """data.streaming: the training file as a stream of rows; its first buffer is encoded now, to check it and to
     size the batches."""
-    if not Path(cfg.train_path).is_file():
-        raise DataError(f"data file '{cfg.train_path}' does not exist. Check data.train in the config.")
     how = _encode_spec(cfg, cfg, spec)
-    shape = first_shape(cfg.train_path, how)
+    shape = first_shape(cfg.train_path, how)  # the reader names a missing file
     stream = StreamingUnits(cfg.train_path, how, shape, tokenizer, cfg.shuffle_buffer, seed, capacity=None)
     first, stats = stream.first_buffer()
     train = Split(first, shape, stats.num_examples + stats.dropped, stats, stream=stream)

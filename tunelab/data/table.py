@@ -2,15 +2,15 @@
 
 A file is read record by record into a table of pickled records, then rendered and tokenized by
 `Dataset.map(batched=True, num_proc=...)` into one row per record: its input ids, which of them train,
-its length, and what the length policy did to it (a row it drops stays, marked, so that a seeded
-sample or split of the file picks the same records as it would without the cache). Training, packing and
-evaluation read rows by index; packing plans read only the `length` column.
+its length, source, target, and what the length policy did to it (a row it drops stays, marked, so that a
+seeded sample or split of the file picks the same records as it would without the cache). Each row's figures
+and all rows' tokens are then written again to contiguous .npy files: training, packing and evaluation read
+rows by index from those (packing plans only the lengths); the Arrow rows are opened for targets only.
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
 import pickle
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -24,7 +24,6 @@ from tunelab.data.read import Record, iter_records
 from tunelab.data.records import Example, to_examples
 from tunelab.data.render import RenderSpec, render_example
 
-log = logging.getLogger(__name__)
 
 _RAW = "raw.arrow"
 _ENCODED = "encoded.arrow"
@@ -116,8 +115,10 @@ def _in_child(fn: Any, *args: Any) -> None:
     try:
         error = reader.recv()
     except EOFError:  # the child died without a word (killed): nothing was published
-        error = RuntimeError(f"the encoding process ended with exit code {child.join() or child.exitcode}")
+        error = None
     child.join()
+    if error is None and child.exitcode:
+        error = RuntimeError(f"the encoding process ended with exit code {child.exitcode}")
     if error is not None:
         raise error
 
@@ -202,7 +203,6 @@ def _encode_batch(batch: dict[str, list[Any]], shape: str, how: EncodeSpec, toke
         for name, value in values.items():
             out[name].append(value)
     return out
-
 
 
 @dataclass

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 
 from tunelab.config import Config
-from tunelab.data.batching import Unit, UnitStream, packed_collate, packed_rows, pad_collate, shuffled_examples
+from tunelab.data.batching import UnitStream, packed_collate, packed_rows, pad_collate, shuffled_examples
 from tunelab.data.encode import Encoded, example_lengths
 from tunelab.data.streaming import StreamingUnits
 
@@ -25,8 +25,10 @@ class BatchPlan:
     stream: UnitStream | StreamingUnits
     rows_per_micro_batch: int
     micro_batches_per_step: int
-    collate: Callable[[list[Any]], dict[str, torch.Tensor]]
-    count_tokens: Callable[[list[Any]], int]  # the real (non-pad) tokens of some rows
+    examples: Callable[[Any], list[Encoded]]  # a row of the stream -> its examples
+    pad_id: int
+    row_length: int  # tokens of a packed row: data.max_length and the soft-prompt slots
+    virtual_tokens: int = 0
     packed: bool = False  # rows hold several examples each (else one example, padded)
     rank: int = 0
     world: int = 1
@@ -41,8 +43,14 @@ class BatchPlan:
         for _ in range(self.micro_batches_per_step):
             units = self.stream.take(self.rows_per_micro_batch * self.world)
             units = units[self.rank * self.rows_per_micro_batch : (self.rank + 1) * self.rows_per_micro_batch]
-            out.append((self.collate(units), self.count_tokens(units)))
+            rows = [self.examples(u) for u in units]
+            out.append((self.collate(rows), sum(len(e.input_ids) for row in rows for e in row)))
         return out
+
+    def collate(self, rows: list[list[Encoded]]) -> dict[str, torch.Tensor]:
+        if self.packed:
+            return packed_collate(rows, self.pad_id, self.row_length, self.virtual_tokens)
+        return pad_collate([e for row in rows for e in row], self.pad_id, self.virtual_tokens)
 
     def steps_per_epoch(self) -> float:
         assert isinstance(self.stream, UnitStream), "a streamed epoch has no length known in advance"
@@ -61,10 +69,8 @@ def make_batch_plan(cfg: Config, examples: Sequence[Encoded], pad_id: int, can_p
     plan = _plan(cfg, examples, pad_id, can_pack, virtual_tokens, why_not_packed)
     plan.rank, plan.world = rank, world
     if stream is not None:  # the same shape of batches, their rows read from the file as training goes
-        stream.batch_as(cfg.data.max_length + virtual_tokens if plan.packed else None, virtual_tokens)
-        plan.stream, plan.count_tokens = stream, lambda units: sum(len(e.input_ids) for u in units for e in u)
-        plan.collate = _streamed_collate(plan.packed, pad_id, cfg.data.max_length + virtual_tokens,
-                                         virtual_tokens)
+        stream.batch_as(plan.row_length if plan.packed else None, virtual_tokens)
+        plan.stream, plan.examples = stream, list  # a streamed row holds its examples
         return plan
     per_step = plan.rows_per_micro_batch * world
     if per_step > len(plan.stream.units(0)):
@@ -82,36 +88,20 @@ def _plan(cfg: Config, examples: Sequence[Encoded], pad_id: int, can_pack: bool,
     row_length = cfg.data.max_length + v
     lengths = example_lengths(examples)
 
-    def count(units: list[Unit]) -> int:
-        return sum(lengths[i] for u in units for i in u)
-
-    def padded(units: list[Unit]) -> dict[str, torch.Tensor]:
-        return pad_collate([examples[i] for u in units for i in u], pad_id, v)
-
-    def packed(units: list[Unit]) -> dict[str, torch.Tensor]:
-        return packed_collate([[examples[i] for i in u] for u in units], pad_id, row_length, v)
+    def plan(stream: UnitStream, rows_per_micro_batch: int, micro_batches: int, packed: bool = False) -> BatchPlan:
+        return BatchPlan(stream, rows_per_micro_batch, micro_batches, lambda unit: [examples[i] for i in unit],
+                         pad_id, row_length, v, packed)
 
     if t.tokens_per_step is None:
-        return BatchPlan(UnitStream(shuffled_examples(len(examples), t.seed)), t.batch_size, t.grad_accum,
-                         padded, count)
+        return plan(UnitStream(shuffled_examples(len(examples), t.seed)), t.batch_size, t.grad_accum)
     micro = t.tokens_per_micro_batch or t.tokens_per_step
     if not can_pack:
         per_micro = max(1, round(micro / (sum(lengths) / len(lengths))))
         log.info("%s, so this run cannot see packed rows: using padded batches of %d examples (the token budget %d "
                  "/ the mean example length)", why_not_packed or "by its strategy", per_micro, micro)
-        return BatchPlan(UnitStream(shuffled_examples(len(examples), t.seed)), per_micro, t.tokens_per_step // micro,
-                         padded, count)
-    return BatchPlan(UnitStream(packed_rows([n + v for n in lengths], row_length, t.seed)),
-                     max(1, micro // row_length), t.tokens_per_step // micro, packed, count, packed=True)
-
-
-def _streamed_collate(packed: bool, pad_id: int, row_length: int, v: int
-                      ) -> Callable[[list[list[Encoded]]], dict[str, torch.Tensor]]:
-    def collate(units: list[list[Encoded]]) -> dict[str, torch.Tensor]:
-        if packed:
-            return packed_collate(units, pad_id, row_length, v)
-        return pad_collate([e for u in units for e in u], pad_id, v)
-    return collate
+        return plan(UnitStream(shuffled_examples(len(examples), t.seed)), per_micro, t.tokens_per_step // micro)
+    return plan(UnitStream(packed_rows([n + v for n in lengths], row_length, t.seed)),
+                max(1, micro // row_length), t.tokens_per_step // micro, packed=True)
 
 
 def total_steps(cfg: Config, plan: BatchPlan) -> int:
