@@ -284,6 +284,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_cache_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-cache", action="store_true", help="encode the data afresh and keep no on-disk copy "
+                   "(data.cache: false)")
+
+
 def _add_decoding_flags(p: argparse.ArgumentParser, defaults: bool = True) -> None:
     """Decoding flags; without `defaults` an absent flag is None, so that the config's eval: section decides."""
     def value(v: Any) -> Any:
@@ -483,8 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its newest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete the run in output_dir and start again")
     p.add_argument("--nproc", type=int, help="data-parallel processes (runs torchrun --nproc_per_node N)")
-    p.add_argument("--no-cache", action="store_true", help="encode the data afresh and keep no on-disk copy "
-                   "(data.cache: false)")
+    _add_cache_flag(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a model (HF folder, adapter folder or run directory) on labeled data")
@@ -529,8 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="train, evaluate and diff several strategies on the same budget")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
-    p.add_argument("--no-cache", action="store_true", help="encode the data afresh and keep no on-disk copy "
-                   "(data.cache: false)")
+    _add_cache_flag(p)
     p.add_argument("--strategies", default="prompting,soft_prompt,lora,full")
     p.add_argument("--set", action="append", help="STRATEGY:dotted.key=value for one strategy (repeatable)")
     p.add_argument("--out", help="where the comparison goes (default: OUTPUT_DIR-compare)")
@@ -546,8 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="estimate cost and memory per strategy, and recommend one")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
-    p.add_argument("--no-cache", action="store_true", help="encode the data afresh and keep no on-disk copy "
-                   "(data.cache: false)")
+    _add_cache_flag(p)
     p.add_argument("--gpu", action="append", help="h100, a100, l4 or cpu (repeatable; default: this CPU)")
     p.add_argument("--pretraining-tokens", type=float, help="tokens the base model was pre-trained on")
     p.add_argument("--output", help="write the figures here (plan.json; with several --gpu, plan-GPU.json beside it)")

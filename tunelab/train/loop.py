@@ -212,6 +212,7 @@ def run_recipe(cfg: Config, on_exit: contextlib.ExitStack) -> TrainResult:
     if info.is_main:
         barrier()
     check_trainable(train_split.stats, train_split.num_chosen, cfg.data.max_length, cfg.data.train_path)
+    stop_text = turn_end(spec_from_config(cfg), tokenizer, train_split.shape == "chat")  # what ends an answer
     train_set, eval_set = train_split.encoded, eval_split.encoded if eval_split else None
     pad_id = pad_token_id(tokenizer)
     model = load_model(cfg.model, device_type=device.type)
@@ -284,7 +285,7 @@ def run_recipe(cfg: Config, on_exit: contextlib.ExitStack) -> TrainResult:
         metrics.write({"type": "data", "step": 0, "num_examples": st.num_examples, "num_tokens": st.num_tokens,
                        "num_label_tokens": st.num_label_tokens, "prompts_truncated": st.prompts_truncated,
                        "targets_truncated": st.targets_truncated, "dropped": st.dropped,
-                       "turn_end": turn_end(spec_from_config(cfg), tokenizer, train_split.shape == "chat"),
+                       "turn_end": stop_text,
                        **({"streamed": "the figures are the first buffer's"} if train_split.stream else {})})
 
     def run_eval(step: int) -> dict[str, float]:
@@ -297,7 +298,6 @@ def run_recipe(cfg: Config, on_exit: contextlib.ExitStack) -> TrainResult:
 
     sampled = sample_examples(eval_set, train_set, cfg.train.num_samples) if cfg.train.sample_every else []
     samples = MetricsWriter(run_dir / "samples.jsonl", resume_step=resume_step, enabled=bool(sampled))
-    stop_text = turn_end(spec_from_config(cfg), tokenizer, train_split.shape == "chat")
 
     def run_samples(step: int) -> None:
         rows = sample_predictions(tm, sampled, tokenizer, pad_id, cfg.train.sample_tokens, step, device, stop_text)
