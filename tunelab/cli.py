@@ -120,7 +120,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # flag -> key of the config's eval: section (a flag given on the command line overrides the key)
 EVAL_FLAGS = {"mode": "mode", "metric": "metrics", "max_new_tokens": "max_new_tokens", "sample": "do_sample",
               "temperature": "temperature", "top_p": "top_p", "stop": "stop_strings", "batch_size": "batch_size",
-              "max_examples": "max_examples", "seed": "seed"}
+              "max_examples": "max_examples", "seed": "seed", "device": "device", "precision": "precision"}
 DIFF_FLAGS = {"reference_text": "reference_text", "probes": "probes", "seed": "seed"}
 
 
@@ -142,6 +142,16 @@ def _settings(args: argparse.Namespace, cfg: Any = None) -> tuple[Any, Any]:
     eval_cfg, diff_cfg = (cfg.eval, cfg.diff) if cfg is not None else (EvalConfig(), DiffConfig())
     return _section_with_flags(eval_cfg, EVAL_FLAGS, args, "eval"), _section_with_flags(diff_cfg, DIFF_FLAGS, args,
                                                                                          "diff")
+
+
+def _device_flags(args: argparse.Namespace) -> dict[str, str | None]:
+    """--device and --precision, else a --config's eval: section; None lets a run directory's own eval: decide."""
+    from tunelab.config import load_config
+
+    cfg = load_config(args.config) if getattr(args, "config", None) and args.config.endswith((".yaml", ".yml")) \
+        else None
+    return {key: getattr(args, key, None) or (getattr(cfg.eval, key) if cfg else None)
+            for key in ("device", "precision")}
 
 
 def _eval_data(args: argparse.Namespace, em: Any, settings: Any) -> Any:
@@ -167,7 +177,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tunelab.evaluate.loaders import load_for_eval
     from tunelab.evaluate.run import evaluate, write_outputs
 
-    em = load_for_eval(args.model, args.adapter)
+    em = load_for_eval(args.model, args.adapter, **_device_flags(args))
     settings = _settings(args, em.run_config)[0]
     summary, rows = evaluate(em, _eval_data(args, em, settings), settings)
     write_outputs(summary, rows, args.output, args.predictions)
@@ -177,13 +187,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_inputs(path: str) -> tuple[Any, Any]:
+def _run_inputs(path: str, args: argparse.Namespace) -> tuple[Any, Any]:
     """The run's model and its training data's rendering, for new inputs (a plain model: its own chat template)."""
     from tunelab.data.render import turn_end
     from tunelab.evaluate.inputs import Inputs
     from tunelab.evaluate.loaders import load_for_eval
 
-    em = load_for_eval(path)
+    em = load_for_eval(path, **_device_flags(args))
     inputs = Inputs(em.run_config)
     if em.run_config is None:  # a plain model: its chat template's end of turn ends a reply, as a run's does
         em.stop_texts = [turn_end(inputs.spec, em.tokenizer, True)]
@@ -193,7 +203,7 @@ def _run_inputs(path: str) -> tuple[Any, Any]:
 def cmd_chat(args: argparse.Namespace) -> int:
     from tunelab.evaluate.chat import chat_loop
 
-    em, inputs = _run_inputs(args.model)
+    em, inputs = _run_inputs(args.model, args)
     chat_loop(em, inputs, sys.stdin, sys.stdout, args.max_new_tokens, args.sample, args.temperature, args.top_p,
               args.seed, args.show_prompt, args.system or "", args.stop or [])
     return 0
@@ -205,7 +215,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tunelab.errors import ConfigError
     from tunelab.evaluate.generate import generate
 
-    em, inputs = _run_inputs(args.model)
+    em, inputs = _run_inputs(args.model, args)
     examples = inputs.from_texts(args.prompt or []) + (inputs.from_file(args.file) if args.file else [])
     if not examples:
         raise ConfigError("nothing to generate from: give --prompt TEXT (repeatable) or --file RECORDS.")
@@ -229,7 +239,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     from tunelab.evaluate.loaders import load_for_eval
     from tunelab.report.run_report import report_run
 
-    base, tuned = load_for_eval(args.base), load_for_eval(args.tuned)
+    base, tuned = load_for_eval(args.base, **_device_flags(args)), load_for_eval(args.tuned, **_device_flags(args))
     eval_settings, diff_settings = _settings(args, tuned.run_config)
     data = _eval_data(args, tuned, eval_settings) if args.data else None
     result = diff(base, tuned, data, diff_settings, eval_settings)
@@ -303,6 +313,13 @@ def _add_decoding_flags(p: argparse.ArgumentParser, defaults: bool = True) -> No
     p.add_argument("--seed", type=int, default=value(0))
 
 
+def _add_device_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], help="where the model runs (default: eval.device, "
+                   "auto: a GPU when there is one)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="the weights' precision (default: "
+                   "eval.precision, auto: bf16 on a GPU that has it, else fp32)")
+
+
 def _add_eval_flags(p: argparse.ArgumentParser, data_positional: bool = True) -> None:
     if data_positional:
         p.add_argument("data", help="labeled data in any format training reads")
@@ -311,6 +328,7 @@ def _add_eval_flags(p: argparse.ArgumentParser, data_positional: bool = True) ->
     p.add_argument("--mode", choices=["auto", "generate", "score"],
                    help="score: rank the label options by log-likelihood; generate: free text (default: eval.mode)")
     _add_decoding_flags(p, defaults=False)  # absent flags: the config's eval: section
+    _add_device_flags(p)
     p.add_argument("--max-examples", type=int, help="a seeded sample of the data")
     p.add_argument("--config", help="render the data as this training config says")
     p.add_argument("--template", help="a discrete prompt template, e.g. '{text}\nIntent:'")
@@ -509,6 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--stop", action="append", help="a stop string (repeatable), besides EOS and the end of turn")
     p.add_argument("--seed", type=int, default=0)
+    _add_device_flags(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("generate", help="continue new inputs with a tuned run, rendered as its training data was")
@@ -518,6 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", help="records in the training data's shape and columns; targets may be absent")
     p.add_argument("--output", help="write one JSON line per input here (default: standard output)")
     _add_decoding_flags(p)
+    _add_device_flags(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("diff", help="the tuned model against its base: task gain, forgetting, drift")

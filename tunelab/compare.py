@@ -113,7 +113,7 @@ def compare(cfg: Config, strategies: list[str], out_dir: Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     configs = strategy_configs(cfg, strategies, out_dir, overrides)
     data = eval_data_from_config(cfg, eval_settings.max_examples)
-    base = load_for_eval(cfg.model.path)
+    base = load_for_eval(cfg.model.path, device=eval_settings.device, precision=eval_settings.precision)
     reference = reference_texts(base, diff_settings)
     base_eval = None
     base_cache: dict[str, Any] = {}
@@ -122,7 +122,7 @@ def compare(cfg: Config, strategies: list[str], out_dir: Path,
         log.info("compare: strategy %s", name)
         seconds = _train_in_subprocess(scfg, out_dir)
         row = run_row(name, scfg, seconds)
-        tuned = load_for_eval(scfg.output_dir)
+        tuned = load_for_eval(scfg.output_dir, device=eval_settings.device, precision=eval_settings.precision)
         if base_eval is None:
             base_eval = evaluate(base, data, eval_settings)[0]
         if not resolve(scfg.strategy).trains_anything:  # the weights are the base's: nothing to forget

@@ -205,6 +205,8 @@ class EvalConfig(_Section):
     top_p: float = Field(default=1.0, gt=0, le=1)
     stop_strings: list[str] = []
     batch_size: int = Field(default=16, ge=1)  # sequences per forward call (bounds eval memory)
+    device: Literal["auto", "cuda", "cpu"] = "auto"  # auto: a GPU when there is one
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 weights on a GPU that has it, else fp32
     max_examples: int | None = Field(default=None, ge=1)  # a seeded sample of the eval data
     seed: int = 0
 

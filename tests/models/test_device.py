@@ -40,3 +40,53 @@ def test_a_missing_gpu_is_a_clear_error_for_train_and_eval(tmp_path, stories260k
 def test_eval_loads_onto_the_chosen_device(stories260k):
     em = load_for_eval(str(stories260k))  # auto
     assert {p.device.type for p in em.model.parameters()} == {choose_device("auto").device.type}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without a GPU")
+@pytest.mark.parametrize("command", ["eval", "diff", "chat", "generate"])
+def test_every_model_command_takes_device_and_refuses_a_missing_gpu(command, stories260k, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", VARIED_ROWS)
+    argv = {"eval": ["eval", str(stories260k), str(data)], "diff": ["diff", str(stories260k), str(stories260k)],
+            "chat": ["chat", str(stories260k)], "generate": ["generate", str(stories260k), "--prompt", "hi"]}[command]
+    assert main(argv + ["--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "eval.device is 'cuda' but no CUDA device is available" in err and "Traceback" not in err
+
+
+def test_bf16_eval_loads_bf16_weights_and_scores_like_fp32(stories260k):
+    """precision bf16 halves the weights' memory; the log-probabilities stay float32 sums of bf16 logits, close to
+    the fp32 model's."""
+    from tunelab.data.encode import encode_examples
+    from tunelab.data.render import Rendered
+    from tunelab.evaluate.score import sequence_log_probs
+    from tunelab.models.load import pad_token_id
+
+    fp32 = load_for_eval(str(stories260k), device="cpu", precision="fp32")
+    bf16 = load_for_eval(str(stories260k), device="cpu", precision="bf16")
+    assert {p.dtype for p in fp32.model.parameters()} == {torch.float32}
+    assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
+    texts = [r["prompt"][:40] + r["completion"] for r in VARIED_ROWS[:6]]
+    encoded = encode_examples([Rendered(t, [(40, len(t))], "d.jsonl", i) for i, t in enumerate(texts)],
+                              fp32.tokenizer, 64)
+    pad = pad_token_id(fp32.tokenizer)
+    want = torch.tensor([s for s, _ in sequence_log_probs(fp32.model, encoded, pad)])
+    got = torch.tensor([s for s, _ in sequence_log_probs(bf16.model, encoded, pad)])
+    assert not torch.equal(got, want)  # really computed in bf16
+    torch.testing.assert_close(got, want, rtol=0.05, atol=0.5)
+
+
+def test_a_runs_eval_section_chooses_the_precision_and_a_flag_overrides_it(tmp_path, stories260k, capsys):
+    import json
+
+    from tunelab.config import validate_config
+    from tunelab.train.loop import train
+
+    data = write_jsonl(tmp_path / "d.jsonl", VARIED_ROWS)
+    train(validate_config(config_tree(stories260k, data, tmp_path / "run", eval={"device": "cpu",
+                                                                                  "precision": "bf16"})))
+    assert {p.dtype for p in load_for_eval(str(tmp_path / "run")).model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in load_for_eval(str(tmp_path / "run"), precision="fp32").model.parameters()} == \
+        {torch.float32}
+    out = tmp_path / "e.json"
+    assert main(["eval", str(tmp_path / "run"), str(data), "--output", str(out), "--max-examples", "3"]) == 0
+    assert json.loads(out.read_text())["settings"]["precision"] == "bf16"

@@ -45,9 +45,11 @@ def _load_hf(path: str, trust_remote_code: bool = False) -> Any:
     return load_model(ModelConfig(path=path, trust_remote_code=trust_remote_code))
 
 
-def load_for_eval(path: str, adapter: str | None = None, device: str = "auto") -> EvalModel:
-    """Load what `path` names, ready for evaluation (eval mode, KV cache on) on the device: auto (a GPU when there
-    is one, tunelab.models.device), cuda or cpu."""
+def load_for_eval(path: str, adapter: str | None = None, device: str | None = None,
+                  precision: str | None = None) -> EvalModel:
+    """Load what `path` names, ready for evaluation (eval mode, KV cache on) on the device (auto: a GPU when there is
+    one, cuda or cpu) in the precision (auto: bf16 weights on a GPU that has it, bf16 or fp32) that
+    tunelab.models.device decides; None: the run directory's eval: section, else auto."""
     from peft import PeftModel
 
     from tunelab.strategies.export import load_final
@@ -80,7 +82,10 @@ def load_for_eval(path: str, adapter: str | None = None, device: str = "auto") -
     else:
         lm, tok_dir, strategy, name = _load_hf(path), path, "model", path
     tokenizer = load_tokenizer(ModelConfig(path=str(tok_dir)))
-    model = _wrap(lm, strategy).to(choose_device(device).device).eval()
+    settings = run_config.eval if run_config else None
+    choice = choose_device(device or (settings.device if settings else "auto"),
+                           precision or (settings.precision if settings else "auto"), key="eval.device")
+    model = _wrap(lm, strategy).to(choice.device, dtype=choice.autocast_dtype).eval()
     model.base.config.use_cache = True
     return EvalModel(model, tokenizer, name, run_config, _turn_end(p) if run_config else [])
 

@@ -28,7 +28,7 @@ def label_log_probs(model: TrainModel, batch: dict[str, torch.Tensor], chunk: in
     head = model.head
     for s in range(0, at.targets.shape[0], chunk):
         logits = head.logits(at.hidden[s : s + chunk])
-        yield F.log_softmax(logits, dim=-1), at.targets[s : s + chunk], at.rows[s : s + chunk]
+        yield F.log_softmax(logits.float(), dim=-1), at.targets[s : s + chunk], at.rows[s : s + chunk]
 
 
 @torch.no_grad()
