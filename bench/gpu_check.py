@@ -11,10 +11,13 @@ the same code paths on the CPU in seconds (`--device cpu --smoke`, in CI) so tha
      path there is (tunelab_varlen, sdpa, flash_attention_2 where flash-attn is installed);
    - strategies_train: full, LoRA and a soft prompt train a few packed steps on the device
      (bf16 autocast and torch.compile where the device has them), with finite losses and a final/;
-   - eval_on_device: a tuned run loaded on the device scores and generates there;
+   - liger_equals_chunked: train.loss_kernel liger (liger-kernel's fused linear cross-entropy) gives the
+     chunked kernel's loss and gradients (on the CPU: that it is refused, with the config error);
+   - eval_on_device: a tuned run loaded on the device (bf16 weights where the GPU has bf16) scores and
+     generates there;
    - fsdp2_one_process: torchrun with one process and FSDP2 gives the single-process losses.
-2. Throughput: bench/sft_throughput.py (qwen2.5-0.5b shape on CUDA) for tunelab, HF Trainer, TRL, TRL
-   packing, TRL packing + Liger, with MFU and peak memory.
+2. Throughput: bench/sft_throughput.py (qwen2.5-0.5b shape on CUDA) for tunelab, tunelab with the liger
+   loss kernel, HF Trainer, TRL, TRL packing, TRL packing + Liger, with MFU and peak memory.
 3. One JSON and one markdown table in --out.
 
     python bench/gpu_check.py --device cuda --wheels .whl --out $OUT      # on the GPU machine
@@ -235,21 +238,29 @@ def check_strategies_train(ctx: dict[str, Any]) -> dict[str, Any]:
 def check_eval_on_device(ctx: dict[str, Any]) -> dict[str, Any]:
     import math
 
+    import torch
+
     from tunelab.evaluate.generate import generate
     from tunelab.evaluate.loaders import load_for_eval
     from tunelab.evaluate.score import sequence_log_probs
 
+    from tunelab.models.device import choose_device
+
     dev = ctx["device"]
+    want_dtype = choose_device(dev.type).autocast_dtype or torch.float32  # eval.precision auto: bf16 where it is
     out: dict[str, Any] = {}
     for name in ("full", "lora", "soft_prompt"):
         em = load_for_eval(str(ctx["work"] / f"run-{name}"), device=str(dev))
         where = {p.device.type for p in em.model.parameters()}
+        dtypes = {p.dtype for p in em.model.parameters()}
         t0 = time.perf_counter()
         scores = sequence_log_probs(em.model, ctx["encoded"][:16], 0)
         gens = generate(em, ["<s>"] * 4, max_new_tokens=8)
-        out[name] = {"parameters_on": sorted(where), "mean_log_prob": sum(s for s, _ in scores) / len(scores),
+        out[name] = {"parameters_on": sorted(where), "dtypes": sorted(map(str, dtypes)),
+                     "mean_log_prob": sum(s for s, _ in scores) / len(scores),
                      "generated_tokens": [g.num_tokens for g in gens], "seconds": time.perf_counter() - t0}
-        out[name]["ok"] = where == {dev.type} and all(math.isfinite(s) for s, _ in scores) and len(gens) == 4
+        out[name]["ok"] = where == {dev.type} and dtypes == {want_dtype} and \
+            all(math.isfinite(s) for s, _ in scores) and len(gens) == 4
     out["ok"] = all(v["ok"] for v in out.values() if isinstance(v, dict))
     return out
 
@@ -278,10 +289,54 @@ def check_fsdp2_one_process(ctx: dict[str, Any]) -> dict[str, Any]:
             "ok": worst is not None and len(losses) == len(single) and worst <= tol}
 
 
+def check_liger_equals_chunked(ctx: dict[str, Any]) -> dict[str, Any]:
+    """train.loss_kernel liger against the chunked kernel: the same loss and gradients on a real batch (CUDA with
+    liger-kernel installed); elsewhere, that training with it is refused with the config error, before any model
+    loads."""
+    import importlib.util
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.data.batching import pad_collate
+    from tunelab.errors import ConfigError
+    from tunelab.models.linear_cross_entropy import check_loss_kernel
+    from tunelab.strategies.model import TrainModel
+
+    dev = ctx["device"]
+    if dev.type != "cuda" or importlib.util.find_spec("liger_kernel") is None:
+        try:
+            check_loss_kernel("liger", dev)
+        except ConfigError as e:
+            return {"ok": True, "refused": str(e)}
+        return {"ok": False, "error": "loss_kernel liger was not refused where it cannot run"}
+    batch = {k: v.to(dev) for k, v in pad_collate(ctx["encoded"][:8], 0).items()}
+    out: dict[str, Any] = {}
+    for precision in ctx["precisions"]:
+        model = TrainModel(AutoModelForCausalLM.from_pretrained(ctx["model_dir"], dtype=torch.float32).to(dev), "full")
+        runs = {}
+        for kernel in ("chunked", "liger"):
+            model.loss_kernel = kernel
+            model.zero_grad()
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss, n, _ = model(batch)
+            (loss / n).backward()
+            runs[kernel] = (float(loss) / n, gradients(model))
+        rel = abs(runs["liger"][0] - runs["chunked"][0]) / abs(runs["chunked"][0])
+        figures = {"loss_chunked": runs["chunked"][0], "loss_liger": runs["liger"][0], "loss_rel_diff": rel,
+                   **compare_gradients(runs["liger"][1], runs["chunked"][1])}
+        tol = tolerances(precision)
+        figures["ok"] = rel <= tol["loss_rel"] and figures["grad_rel_diff"] <= tol["grad_rel"]
+        out[precision] = figures
+    out["ok"] = all(v["ok"] for v in out.values() if isinstance(v, dict))
+    return out
+
+
 CHECKS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "loss_equals_transformers": check_loss_equals_transformers,
     "packed_equals_padded": check_packed_equals_padded,
     "strategies_train": check_strategies_train,
+    "liger_equals_chunked": check_liger_equals_chunked,
     "eval_on_device": check_eval_on_device,
     "fsdp2_one_process": check_fsdp2_one_process,
 }

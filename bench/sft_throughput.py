@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SYSTEMS = ["tunelab", "hf_trainer", "trl", "trl_packed", "trl_packed_liger"]
+SYSTEMS = ["tunelab", "tunelab_liger", "hf_trainer", "trl", "trl_packed", "trl_packed_liger"]
 SHAPES = {
     # a small model with a real-world vocabulary: where the LM head dominates, as in SFT of small models
     "tiny": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -80,7 +80,7 @@ def peak_memory_bytes(device: str) -> int:
 
 # ---------------------------------------------------------------- workers (one system per process)
 
-def run_tunelab(args: argparse.Namespace, workload: list, model_dir: Path, work: Path) -> dict:
+def run_tunelab(args: argparse.Namespace, workload: list, model_dir: Path, work: Path, liger: bool = False) -> dict:
     from tunelab.config import validate_config
     from tunelab.train.loop import train
     from tunelab.train.metrics import read_metrics
@@ -92,7 +92,8 @@ def run_tunelab(args: argparse.Namespace, workload: list, model_dir: Path, work:
         "data": {"train": str(data), "max_length": MAX_LENGTH},
         "train": {"max_steps": args.warmup + args.steps, "learning_rate": 1e-5, "tokens_per_step": args.tokens_per_step,
                   "seed": 0, "progress": False, "device": args.device, "max_grad_norm": 1.0,
-                  "precision": "bf16" if args.device == "cuda" else "fp32"},
+                  "precision": "bf16" if args.device == "cuda" else "fp32",
+                  "loss_kernel": "liger" if liger else "chunked"},
         "output_dir": str(work / "tunelab-run"),
     })
     result = train(cfg)
@@ -219,6 +220,7 @@ def worker(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(dir=args.work))
     model_dir = Path(args.work) / "model"
     runners = {"tunelab": lambda: run_tunelab(args, workload, model_dir, work),
+               "tunelab_liger": lambda: run_tunelab(args, workload, model_dir, work, liger=True),
                "hf_trainer": lambda: run_hf_trainer(args, workload, model_dir, work),
                "trl": lambda: run_trl(args, workload, model_dir, work, packed=False),
                "trl_packed": lambda: run_trl(args, workload, model_dir, work, packed=True),

@@ -12,7 +12,8 @@ import pytest
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-CHECKS = {"loss_equals_transformers", "packed_equals_padded", "strategies_train", "eval_on_device", "fsdp2_one_process"}
+CHECKS = {"loss_equals_transformers", "packed_equals_padded", "strategies_train", "liger_equals_chunked", "eval_on_device",
+          "fsdp2_one_process"}
 
 
 def _gpu_check(out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -33,6 +34,8 @@ def test_gpu_check_smoke_runs_every_check_and_the_bench(tmp_path):
     fsdp2 = checks["fsdp2_one_process"]  # one FSDP2 process trains as the plain single-process run does
     assert fsdp2["losses"] == pytest.approx(fsdp2["single_process_losses"], rel=1e-5)
     assert checks["eval_on_device"]["lora"]["parameters_on"] == ["cpu"]
+    assert checks["eval_on_device"]["lora"]["dtypes"] == ["torch.float32"]  # eval.precision auto: fp32 on a CPU
+    assert "train.loss_kernel is 'liger'" in checks["liger_equals_chunked"]["refused"]
     markdown = (tmp_path / "gpu_check.md").read_text()
     assert all(f"| {name} | ok |" in markdown for name in CHECKS) and "| tunelab |" in markdown
 

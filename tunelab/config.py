@@ -176,6 +176,9 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     fused_adamw: bool | None = None  # None: fused where the device supports it
+    # the output projection fused with the loss: chunked (tunelab's, everywhere) or liger (liger-kernel's Triton
+    # kernel: CUDA with the liger-kernel package installed)
+    loss_kernel: Literal["chunked", "liger"] = "chunked"
     # on the CPU, floats below 1.2e-38 are flushed to zero: a trained model's backward makes such denormals, which
     # the CPU computes many times slower (stories260K soft prompt, GSM8K rows of 512: 0.273 s per step unflushed,
     # 0.248 s flushed, means of four runs); the random weights tunelab plan times make none. No effect on a GPU

@@ -90,3 +90,14 @@ def test_a_runs_eval_section_chooses_the_precision_and_a_flag_overrides_it(tmp_p
     out = tmp_path / "e.json"
     assert main(["eval", str(tmp_path / "run"), str(data), "--output", str(out), "--max-examples", "3"]) == 0
     assert json.loads(out.read_text())["settings"]["precision"] == "bf16"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_the_liger_loss_kernel_is_refused_off_cuda_before_anything_is_written(tmp_path, stories260k, capsys):
+    tree = config_tree(stories260k, write_jsonl(tmp_path / "d.jsonl", VARIED_ROWS), tmp_path / "run",
+                       train={"device": "cpu", "loss_kernel": "liger"})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(tree))
+    assert main(["train", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "train.loss_kernel is 'liger'" in err and "CUDA only" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.data.encode import IGNORE
-from tunelab.models.linear_cross_entropy import DEFAULT_CHUNK, linear_cross_entropy_sum
+from tunelab.models.linear_cross_entropy import DEFAULT_CHUNK, liger_linear_cross_entropy_sum, linear_cross_entropy_sum
 
 
 @dataclass(frozen=True)
@@ -66,17 +66,20 @@ class OutputHead:
             logits = torch.tanh(logits / self.soft_cap) * self.soft_cap
         return logits
 
-    def cross_entropy_sum(self, at: TargetPositions, chunk_size: int = DEFAULT_CHUNK, count_correct: bool = False
-                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def cross_entropy_sum(self, at: TargetPositions, chunk_size: int = DEFAULT_CHUNK, count_correct: bool = False,
+                          kernel: str = "chunked") -> tuple[torch.Tensor, torch.Tensor | None]:
         """(summed cross-entropy over the targets, argmax hits or None). A plain Linear head runs fused with
-        the cross-entropy, chunk by chunk; any other (LoRA on the head, scaled or soft-capped logits)
-        computes the logits at the target positions only."""
+        the cross-entropy, chunk by chunk (`kernel` chunked) or by liger-kernel (`kernel` liger); any other
+        (LoRA on the head, scaled or soft-capped logits) computes the logits at the target positions only."""
         if not self.is_plain_linear:
             logits = self.logits(at.hidden)  # (n, vocab)
             correct = (logits.argmax(-1) == at.targets).sum() if count_correct else None
             return F.cross_entropy(logits, at.targets, reduction="sum"), correct
         weight, bias = self.projection.weight, self.projection.bias
-        loss = linear_cross_entropy_sum(at.hidden, weight, bias, at.targets, chunk_size)
+        if kernel == "liger":
+            loss = liger_linear_cross_entropy_sum(at.hidden, weight, bias, at.targets)
+        else:
+            loss = linear_cross_entropy_sum(at.hidden, weight, bias, at.targets, chunk_size)
         correct = None
         if count_correct:
             with torch.no_grad():

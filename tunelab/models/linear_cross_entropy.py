@@ -3,14 +3,20 @@
 The vocabulary projection is computed from the hidden states at the target positions only, in
 chunks, and the gradient of each chunk is taken while its logits exist; so peak memory holds one
 (chunk, vocab) block instead of (batch, seq, vocab) logits.
+
+A second path, `train.loss_kernel: liger`, runs liger-kernel's Triton kernel of the same sum (CUDA only,
+when the liger-kernel package is installed); bench/gpu_check.py compares the two.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from tunelab.errors import ConfigError
 
 DEFAULT_CHUNK = 1024
 
@@ -70,3 +76,23 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: t
                              targets: torch.Tensor, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
     """Summed cross-entropy of the projection of `hidden` (n, d) onto `weight` (vocab, d) against `targets` (n,)."""
     return ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_size)
+
+
+def liger_linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                   targets: torch.Tensor) -> torch.Tensor:
+    """The same sum by liger-kernel's fused linear cross-entropy (Triton, CUDA)."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    return LigerFusedLinearCrossEntropyLoss(reduction="sum")(weight, hidden, targets, bias)
+
+
+def check_loss_kernel(kernel: str, device: torch.device) -> None:
+    """Refuse `train.loss_kernel: liger` where it cannot run, before the model loads."""
+    if kernel != "liger":
+        return
+    if device.type != "cuda":
+        raise ConfigError(f"train.loss_kernel is 'liger', whose Triton kernel runs on CUDA only, and this run is on "
+                          f"{device.type}: use train.loss_kernel: chunked (the default), which runs everywhere.")
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise ConfigError("train.loss_kernel is 'liger' but the liger-kernel package is not installed: "
+                          "pip install liger-kernel, or use train.loss_kernel: chunked (the default).")

@@ -44,6 +44,7 @@ class TrainModel(torch.nn.Module):
         self.strategy = strategy
         self.virtual_tokens = virtual_tokens  # slots reserved per example (prompt tuning, P-tuning)
         self.prefix = prefix  # prefix tuning: peft's forward supplies the prefix keys and values
+        self.loss_kernel = "chunked"  # the fused head+loss: chunked (tunelab's) or liger (train.loss_kernel)
 
     @property
     def is_peft(self) -> bool:
@@ -80,7 +81,7 @@ class TrainModel(torch.nn.Module):
         The whole loss runs inside this forward, so that DDP and FSDP see every parameter use.
         """
         at = target_positions(*self.hidden_states(batch))
-        loss, correct = self.head.cross_entropy_sum(at, chunk_size, count_correct)
+        loss, correct = self.head.cross_entropy_sum(at, chunk_size, count_correct, self.loss_kernel)
         return loss, int(at.targets.shape[0]), correct
 
     def soft_prompt(self) -> torch.Tensor:

@@ -27,6 +27,7 @@ from tunelab.data.render import spec_from_config, turn_end
 from tunelab.errors import ConfigError, DiskFullError, NonFiniteError
 from tunelab.models.load import enable_activation_checkpointing, load_model, load_tokenizer, pad_token_id
 from tunelab.models.device import choose_device
+from tunelab.models.linear_cross_entropy import check_loss_kernel
 from tunelab.strategies.model import count_parameters
 from tunelab.strategies.registry import resolve
 from tunelab.strategies.prepare import prepare_strategy
@@ -203,6 +204,7 @@ def run_recipe(cfg: Config, on_exit: contextlib.ExitStack) -> TrainResult:
     check_run_dir(cfg)
     seed_everything(cfg.train.seed)
     device, amp_dtype = resolve_device(cfg.train, info)
+    check_loss_kernel(cfg.train.loss_kernel, device)
     set_denormal_mode(cfg.train, device)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     tokenizer = load_tokenizer(cfg.model)
@@ -239,6 +241,7 @@ def run_recipe(cfg: Config, on_exit: contextlib.ExitStack) -> TrainResult:
 
     # 3. strategy: decide what trains and what is added; speed options; data parallelism
     model = prepare_strategy(model, cfg.strategy, tokenizer, cfg.train.seed).to(device)
+    model.loss_kernel = cfg.train.loss_kernel
     model.train()
     if cfg.train.activation_checkpointing:
         enable_activation_checkpointing(model.base)
