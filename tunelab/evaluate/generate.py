@@ -12,7 +12,7 @@ from tunelab.data.batching import left_pad
 from tunelab.data.encode import tokenize_texts
 from tunelab.evaluate.loaders import EvalModel
 from tunelab.errors import ModelError
-from tunelab.models.load import pad_token_id, stop_token_ids
+from tunelab.models.load import cache_argument, pad_token_id, stop_token_ids
 
 
 @dataclass
@@ -27,15 +27,35 @@ def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
     return tokenize_texts(tokenizer, prompts)[0]
 
 
-def _peft_aware_generate(em: EvalModel, input_ids: torch.Tensor, mask: torch.Tensor, kwargs: dict[str, Any]) -> Any:
-    """transformers' generate (through peft's, which prepends a soft prompt); where peft cannot generate with a soft
-    prompt on this architecture, a clear error instead of a shape error from inside the model."""
+def _generate_new_tokens(em: EvalModel, input_ids: torch.Tensor, mask: torch.Tensor, kwargs: dict[str, Any]
+                         ) -> torch.Tensor:
+    """The new tokens (batch, new) of transformers' generate on the base model. A soft prompt enters as in training:
+    prompt tuning and P-tuning as embeddings in slots before each row's first token (positions 0..virtual-1, the
+    tokens after them), a prefix as the KV cache every layer attends to first. peft's own generate gets positions
+    wrong after the first new token under transformers 5, and drops a prefix altogether."""
+    model, base = em.model, em.model.base
+    width, kwargs = input_ids.shape[1], dict(kwargs)
+    if model.prefix or model.virtual_tokens:
+        lm = model.lm
+        virtual = lm.peft_config[lm.active_adapter].num_virtual_tokens
+        ones = torch.ones((mask.shape[0], virtual), dtype=mask.dtype, device=mask.device)
+        mask = torch.cat([ones, mask], dim=1)  # left padding sits between the prompt and the row's tokens
+        if model.prefix:
+            kwargs[cache_argument(base)] = lm.get_prompt(batch_size=input_ids.shape[0])
+        else:
+            input_ids = torch.cat([torch.full_like(ones, kwargs["pad_token_id"], dtype=input_ids.dtype), input_ids], 1)
+            embeds = base.get_input_embeddings()(input_ids)
+            slots = torch.zeros_like(input_ids, dtype=torch.bool)
+            slots[:, :virtual] = True
+            prompt = model.soft_prompt().to(embeds.dtype).repeat(input_ids.shape[0], 1)
+            kwargs["inputs_embeds"] = embeds.masked_scatter(slots[..., None], prompt)
+            width += virtual
     try:
-        return em.model.lm.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+        return base.generate(input_ids=input_ids, attention_mask=mask, **kwargs)[:, width:]
     except RuntimeError as exc:
-        if not em.model.virtual_tokens:
+        if not model.virtual_tokens:
             raise
-        raise ModelError(f"peft cannot generate with a soft prompt on '{em.model.config.model_type}' models ({exc}). "
+        raise ModelError(f"cannot generate with a soft prompt on '{model.config.model_type}' models ({exc}). "
                          "Score label options instead (tunelab eval --mode score), or train a strategy without "
                          "virtual tokens (lora, full).") from None
 
@@ -47,7 +67,7 @@ def generate(em: EvalModel, prompts: list[str], max_new_tokens: int = 64, do_sam
     """Continue each prompt; the text is cut at the first stop string. EOS, the model's own end ids and the run's
     end of turn always stop, and count as ending the answer (`ended_with_eos`). A transformers streamer (one prompt
     only) receives the tokens as they are generated."""
-    tok, lm = em.tokenizer, em.model.lm
+    tok = em.tokenizer
     device = next(em.model.parameters()).device
     pad_id = pad_token_id(tok)
     ends = [t for t in em.stop_texts if t]  # the run's end of turn (chat templates), besides EOS
@@ -60,7 +80,6 @@ def generate(em: EvalModel, prompts: list[str], max_new_tokens: int = 64, do_sam
     for s in range(0, len(order), batch_size):
         chunk = order[s : s + batch_size]
         input_ids, mask = left_pad([ids[i] for i in chunk], pad_id)
-        width = input_ids.shape[1]
         kwargs = {"do_sample": do_sample, "max_new_tokens": max_new_tokens, "eos_token_id": stop_ids,
                   "pad_token_id": pad_id, "streamer": streamer}
         if multi_token:  # an end of turn written as text: transformers stops at it
@@ -69,8 +88,7 @@ def generate(em: EvalModel, prompts: list[str], max_new_tokens: int = 64, do_sam
             kwargs.update(temperature=temperature, top_p=top_p)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
-        generated = _peft_aware_generate(em, input_ids.to(device), mask.to(device), kwargs)
-        new = generated[:, width:]  # generate returns the prompt, then the new tokens
+        new = _generate_new_tokens(em, input_ids.to(device), mask.to(device), kwargs)
         for row, i in enumerate(chunk):
             tokens = new[row].tolist()
             stops = [k for k, t in enumerate(tokens) if t in stop_ids]

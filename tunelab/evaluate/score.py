@@ -15,7 +15,7 @@ from tunelab.data.records import SHAPES, Example
 from tunelab.data.render import RenderSpec, render_example
 from tunelab.models.device import to_device
 from tunelab.models.head import target_positions
-from tunelab.models.load import pad_token_id
+from tunelab.models.load import cache_argument, pad_token_id
 from tunelab.strategies.model import TrainModel
 
 
@@ -50,12 +50,6 @@ def sequence_log_probs(model: TrainModel, encoded: list[Encoded], pad_id: int, b
         for i, result in zip(part, zip(sums.tolist(), counts.tolist())):
             out[i] = result
     return out
-
-
-def _cache_kwarg(lm: Any) -> str:
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
 
 
 def _shared_prompt(model: TrainModel, group: list[Encoded]) -> tuple[list[int], list[list[int]]] | None:
@@ -93,7 +87,7 @@ def shared_prompt_log_probs(model: TrainModel, groups: list[tuple[list[int], lis
             opt_mask[r, plen - len(prompt) : plen + len(o)] = 1
     opt_pos = torch.tensor([len(p) for p, _ in groups], device=device).repeat_interleave(n_opt)[:, None] + \
         torch.arange(width, device=device)[None]
-    logits = lm(input_ids=opt_ids, attention_mask=opt_mask, position_ids=opt_pos, **{_cache_kwarg(lm): cache}).logits
+    logits = lm(input_ids=opt_ids, attention_mask=opt_mask, position_ids=opt_pos, **{cache_argument(lm): cache}).logits
     logp = F.log_softmax(logits.float(), dim=-1)  # (examples * options, width, vocab)
     results = []
     for i, (_, opts) in enumerate(groups):

@@ -205,3 +205,10 @@ def stop_token_ids(tokenizer: Any, model: Any, stop_texts: list[str] = ()) -> li
         if len(tokens) == 1:
             ids.append(tokens[0])
     return list(dict.fromkeys(ids))
+
+
+def cache_argument(model: Any) -> str:
+    """The name under which the model's forward takes a KV cache: `cache` (transformers 5) or `past_key_values`."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
