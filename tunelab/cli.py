@@ -249,6 +249,10 @@ def cmd_diff(args: argparse.Namespace) -> int:
         for key, value in result.get(section, {}).items():
             if key.endswith("verdict"):
                 print(f"{section}: {value['text']}")
+    off = result.get("forgetting", {}).get("adaptation_off")
+    if off:  # a soft prompt or an adapter: the base is kept, and this is the figure a user of it relies on
+        print(f"forgetting with the adaptation off: {off['verdict']['text']} (ranked by: "
+              f"{result['forgetting']['ranked_by']})")
     print(f"diff: {out}\nreport: {report_run(out.parent)}")
     return 0
 

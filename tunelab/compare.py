@@ -63,6 +63,11 @@ def _train_in_subprocess(cfg: Config, work: Path) -> float:
     return time.perf_counter() - t0
 
 
+# how a comparison ranks forgetting (said in compare.json, the report and every recommendation)
+RANKED_BY = ("forgetting ranked by general-text perplexity with the adaptation off for soft prompts and adapters, "
+             "whose base weights are untouched, and with it on for strategies that change the base weights")
+
+
 @dataclass
 class CompareRow:
     """One strategy's line of the comparison. compare.json's table holds `as_dict()`: these names, with each task
@@ -78,12 +83,22 @@ class CompareRow:
     eval_loss: float | None
     learning_rate: float
     metrics: dict[str, float] = field(default_factory=dict)
-    perplexity_ratio: float = 1.0  # tuned / base perplexity on the general reference text
+    perplexity_ratio: float = 1.0  # tuned / base perplexity on the general reference text, adaptation on
     kl_base_to_tuned: float = 0.0  # nats per token
+    # the same with the adaptation taken off (soft prompts, adapters: the base is kept); None where it cannot come off
+    perplexity_ratio_off: float | None = None
+    kl_base_to_tuned_off: float | None = None
     eos_share: float | None = None
     task_format_share: float | None = None
     probes_right: int | None = None
     probes_right_base: int | None = None
+    probes_right_off: int | None = None
+
+    @property
+    def retained_perplexity_ratio(self) -> float:
+        """The forgetting figure a comparison ranks by: with the adaptation off where it comes off (the base's own
+        behaviour stays available), else with it on."""
+        return self.perplexity_ratio if self.perplexity_ratio_off is None else self.perplexity_ratio_off
 
     def as_dict(self) -> dict[str, Any]:
         fields = asdict(self)
@@ -140,6 +155,10 @@ def compare(cfg: Config, strategies: list[str], out_dir: Path,
         row.metrics, row.perplexity_ratio, row.kl_base_to_tuned = d["task"]["tuned"], f["perplexity_ratio"], \
             f["kl_base_to_tuned"]
         row.eos_share, row.task_format_share = d["drift"]["eos_share_tuned"], d["drift"]["format_collapse_tuned"]
+        if "adaptation_off" in f:
+            off = f["adaptation_off"]
+            row.perplexity_ratio_off, row.kl_base_to_tuned_off = off["perplexity_ratio"], off["kl_base_to_tuned"]
+            row.probes_right_off = off.get("probes_right")
         if "probes" in d:
             row.probes_right, row.probes_right_base = d["probes"]["right_tuned"], d["probes"]["right_base"]
         table.append(row)
@@ -154,7 +173,7 @@ def compare(cfg: Config, strategies: list[str], out_dir: Path,
               "table": [r.as_dict() for r in table], "eval_data": data.path, "num_eval_examples": len(data.examples), "reference": reference[1],
               "note": f"same data, seed and step budget for every strategy; task metric on {len(data.examples)} "
                       f"held-out examples of {data.path}; forgetting on {reference[1]}",
-              "recommended": recommended, "recommendation": recommendation,
+              "recommended": recommended, "recommendation": recommendation, "forgetting_ranked_by": RANKED_BY,
               "settings": {"eval": eval_settings.model_dump(mode="json"), "diff": diff_settings.model_dump(mode="json")}}
     (out_dir / "compare.json").write_text(json.dumps(result, indent=2))
     (out_dir / "config.yaml").write_text(yaml.safe_dump({"compare": strategies, **cfg.model_dump(mode="json")}))
@@ -178,9 +197,10 @@ def measured_recommendation(table: list[CompareRow], metric: str | None,
                       "data.")
     best = max(r.metrics[metric] for r in beating)
     close = [r for r in beating if r.metrics[metric] >= best - tolerance]
-    pick = min(close, key=lambda r: (r.perplexity_ratio, -r.metrics[metric]))
+    pick = min(close, key=lambda r: (r.retained_perplexity_ratio, -r.metrics[metric]))
     above = f"; above {floor[0]}'s {floor[1]:.3f}" if floor else ""
+    off = " with its adaptation off" if pick.perplexity_ratio_off is not None else ""
     return pick.strategy, (
         f"measured: {pick.strategy} — {metric} {pick.metrics[metric]:.3f} (best {best:.3f}; strategies within "
         f"{tolerance} of the best count as tied{above}) with the least forgetting among them (general-text "
-        f"perplexity x{pick.perplexity_ratio:.3f}).")
+        f"perplexity x{pick.retained_perplexity_ratio:.3f}{off}; {RANKED_BY}).")

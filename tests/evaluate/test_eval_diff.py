@@ -98,3 +98,28 @@ def test_diff_against_itself_is_zero_and_against_the_tuned_model_is_not(colour_r
     assert d["probes"]["right_base"] == 1  # the base model knows its heroine
     for key in ("length_verdict", "eos_verdict", "collapse_verdict"):
         assert "threshold" in d["drift"][key]["text"] and d["drift"][key]["level"] in ("ok", "warning", "bad")
+    assert "adaptation_off" not in f and f["ranked_by"] == "adaptation on"  # full tuning changed the base weights
+
+
+@pytest.mark.parametrize("strategy", [{"name": "lora"}, {"name": "soft_prompt", "soft_prompt": {"method": "prefix_tuning"}}])
+def test_diff_of_a_detachable_adaptation_reports_it_on_and_off(strategy, stories260k, tmp_path, capsys):
+    """Soft prompts and adapters keep the base weights: the diff measures forgetting with the adaptation on and with
+    it off (exactly the base: perplexity ratio 1, KL 0, the base's probe answers), ranks by the latter, and says so
+    in diff.json, on the command line and in the report."""
+    tree = config_tree(stories260k, write_jsonl(tmp_path / "train.jsonl", ROWS), tmp_path / "run",
+                       strategy={**strategy, "template": {"prompt": "{text}\nColour:", "target": " {label}"}},
+                       train={"max_steps": 8, "learning_rate": 3e-2, "batch_size": 6})
+    train(validate_config(tree))
+    probes = write_jsonl(tmp_path / "probes.jsonl", [{"prompt": "Once upon a time, there was a little girl named",
+                                                      "answer": "Lily"}])
+    assert main(["diff", str(stories260k), str(tmp_path / "run"), "--probes", str(probes)]) == 0
+    shown = capsys.readouterr().out
+    d = json.loads((tmp_path / "run" / "diff.json").read_text())
+    f, off = d["forgetting"], d["forgetting"]["adaptation_off"]
+    assert f["kl_base_to_tuned"] > 0.01 and f["perplexity_ratio"] != 1.0  # on: the adaptation changes general text
+    assert off["perplexity_ratio"] == 1.0 and off["kl_base_to_tuned"] == 0.0  # off: the base's, exactly
+    assert off["probes_right"] == d["probes"]["right_base"] == 1
+    assert f["ranked_by"] == "adaptation off" and off["verdict"]["text"].startswith("no measurable forgetting")
+    assert "forgetting with the adaptation off: no measurable forgetting" in shown
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "adaptation off" in report and "rank by the adaptation off one" in report

@@ -115,9 +115,6 @@ STRATEGIES = {"full": {"name": "full"}, "lora": {"name": "lora", "lora": {"dropo
               "soft_prompt": {"name": "soft_prompt", "soft_prompt": {"num_virtual_tokens": 3}},
               "prompt_lm": {"name": "prompt_lm", "soft_prompt": {"num_virtual_tokens": 3}},
               "freeze": {"name": "freeze", "freeze": {"trainable_layers": 1}}}
-# peft's generate with a soft prompt breaks inside OPT's position embeddings (transformers 5.24, peft 0.21): eval
-# refuses it by name; scoring and training are unaffected
-CANNOT_GENERATE = {("opt", "soft_prompt"), ("opt", "prompt_lm")}
 CHATS = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a},
                        {"role": "user", "content": "And then?"}, {"role": "assistant", "content": "See you tomorrow."}]}
          for q, a in [("How are you today?", "Fine, thank you."), ("What colour is the sky?", "It is blue."),
@@ -174,9 +171,6 @@ def test_family(family, tmp_path, caplog, capsys):
         out = tmp_path / f"eval-{name}.json"  # `tunelab eval` of the run on its chats, generating on the device
         code = main(["eval", cfg.output_dir, str(data), "--mode", "generate", "--max-new-tokens", "3",
                      "--output", str(out)])
-        if (family, name) in CANNOT_GENERATE:  # refused with a clear error, not a traceback
-            assert code == 2 and "peft cannot generate with a soft prompt" in capsys.readouterr().err
-            continue
         assert code == 0, (family, name, capsys.readouterr().err[-2000:])
         summary = json.loads(out.read_text())
         assert summary["num_examples"] == len(CHATS) and "rouge_l" in summary["metrics"]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,7 +19,7 @@ from tunelab.data.render import RenderSpec, render_example
 from tunelab.config import DiffConfig, EvalConfig
 from tunelab.errors import DataError
 from tunelab.evaluate.generate import generate
-from tunelab.evaluate.loaders import EvalModel
+from tunelab.evaluate.loaders import EvalModel, adaptation_off
 from tunelab.evaluate.metrics import normalize
 from tunelab.evaluate.run import EvalData, evaluate, label_options
 from tunelab.evaluate.score import label_log_probs, sequence_log_probs
@@ -116,6 +115,27 @@ def _task_like(text: str, labels: set[str], template_prefix: str) -> bool:
     return normalize(stripped) in labels or (bool(template_prefix) and stripped.startswith(template_prefix))
 
 
+def _right(probes: list[dict[str, str]], gens: list[Any]) -> list[bool]:
+    """Whether each probe's normalised answer appears in its normalised generation."""
+    return [normalize(p["answer"]) in normalize(g.text) for p, g in zip(probes, gens)]
+
+
+def _forgetting_off(base: EvalModel, off: EvalModel, texts: list[str], ppl_b: float, probes: list[dict[str, str]],
+                    settings: DiffConfig, base_cache: dict[str, Any] | None) -> dict[str, Any]:
+    """The forgetting figures of the tuned model with its adaptation taken off (measured, not assumed: they are
+    the base's exactly when the adaptation really comes off)."""
+    ppl_off = perplexity(off, texts)
+    figures: dict[str, Any] = {"perplexity_tuned": ppl_off, "perplexity_ratio": ppl_off / ppl_b,
+                               "kl_base_to_tuned": mean_kl(base, off, texts, cache=base_cache)}
+    if probes:
+        figures["probes_right"] = sum(_right(probes, generate(off, [p["prompt"] for p in probes],
+                                                              settings.max_new_tokens)))
+    figures["verdict"] = graded(figures["perplexity_ratio"], (PPL_MILD, PPL_STRONG),
+                                ("no measurable forgetting", "mild forgetting", "strong forgetting"),
+                                "general-text perplexity with the adaptation off", "x{}")
+    return figures
+
+
 def diff(base: EvalModel, tuned: EvalModel, data: EvalData | None, settings: DiffConfig,
          eval_settings: EvalConfig, reference: tuple[list[str], str] | None = None,
          base_eval: dict[str, Any] | None = None, base_cache: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -156,13 +176,19 @@ def diff(base: EvalModel, tuned: EvalModel, data: EvalData | None, settings: Dif
                                "KL(base||tuned)", "{} nats per token"),
     }
 
+    probes = read_probes(settings.probes) if settings.probes else []
+    out["forgetting"]["ranked_by"] = "adaptation on"
+    if tuned.detachable:  # the way such a strategy keeps general knowledge: the base, with the adaptation off
+        with adaptation_off(tuned) as off:
+            out["forgetting"]["adaptation_off"] = _forgetting_off(base, off, texts, ppl_b, probes, settings, base_cache)
+        out["forgetting"]["ranked_by"] = "adaptation off"
+
     if settings.probes:
-        probes = read_probes(settings.probes)
         prompts = [p["prompt"] for p in probes]
         before = _memo(base_cache, "probe generations", lambda: generate(base, prompts, settings.max_new_tokens))
         after = generate(tuned, prompts, settings.max_new_tokens)
-        right_b = [normalize(p["answer"]) in normalize(g.text) for p, g in zip(probes, before)]
-        right_t = [normalize(p["answer"]) in normalize(g.text) for p, g in zip(probes, after)]
+        right_b = _right(probes, before)
+        right_t = _right(probes, after)
         lost = [p["prompt"] for p, b, t in zip(probes, right_b, right_t) if b and not t]
         gained = [p["prompt"] for p, b, t in zip(probes, right_b, right_t) if t and not b]
         out["probes"] = {"num": len(probes), "right_base": sum(right_b), "right_tuned": sum(right_t), "lost": lost,

@@ -12,7 +12,7 @@ from tunelab.data.batching import left_pad
 from tunelab.data.encode import tokenize_texts
 from tunelab.evaluate.loaders import EvalModel
 from tunelab.errors import ModelError
-from tunelab.models.load import cache_argument, pad_token_id, stop_token_ids
+from tunelab.models.load import pad_token_id, stop_token_ids
 
 
 @dataclass
@@ -29,33 +29,14 @@ def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
 
 def _generate_new_tokens(em: EvalModel, input_ids: torch.Tensor, mask: torch.Tensor, kwargs: dict[str, Any]
                          ) -> torch.Tensor:
-    """The new tokens (batch, new) of transformers' generate on the base model. A soft prompt enters as in training:
-    prompt tuning and P-tuning as embeddings in slots before each row's first token (positions 0..virtual-1, the
-    tokens after them), a prefix as the KV cache every layer attends to first. peft's own generate gets positions
-    wrong after the first new token under transformers 5, and drops a prefix altogether."""
-    model, base = em.model, em.model.base
-    width, kwargs = input_ids.shape[1], dict(kwargs)
-    if model.prefix or model.virtual_tokens:
-        lm = model.lm
-        virtual = lm.peft_config[lm.active_adapter].num_virtual_tokens
-        ones = torch.ones((mask.shape[0], virtual), dtype=mask.dtype, device=mask.device)
-        mask = torch.cat([ones, mask], dim=1)  # left padding sits between the prompt and the row's tokens
-        if model.prefix:
-            kwargs[cache_argument(base)] = lm.get_prompt(batch_size=input_ids.shape[0])
-        else:
-            input_ids = torch.cat([torch.full_like(ones, kwargs["pad_token_id"], dtype=input_ids.dtype), input_ids], 1)
-            embeds = base.get_input_embeddings()(input_ids)
-            slots = torch.zeros_like(input_ids, dtype=torch.bool)
-            slots[:, :virtual] = True
-            prompt = model.soft_prompt().to(embeds.dtype).repeat(input_ids.shape[0], 1)
-            kwargs["inputs_embeds"] = embeds.masked_scatter(slots[..., None], prompt)
-            width += virtual
+    """TrainModel.generate_new_tokens; where an architecture cannot take a soft prompt's embeddings in generation,
+    a clear error instead of a shape error from inside the model."""
     try:
-        return base.generate(input_ids=input_ids, attention_mask=mask, **kwargs)[:, width:]
+        return em.model.generate_new_tokens(input_ids, mask, **kwargs)
     except RuntimeError as exc:
-        if not model.virtual_tokens:
+        if not em.model.virtual_tokens:
             raise
-        raise ModelError(f"cannot generate with a soft prompt on '{model.config.model_type}' models ({exc}). "
+        raise ModelError(f"cannot generate with a soft prompt on '{em.model.config.model_type}' models ({exc}). "
                          "Score label options instead (tunelab eval --mode score), or train a strategy without "
                          "virtual tokens (lora, full).") from None
 

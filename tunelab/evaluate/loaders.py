@@ -3,7 +3,9 @@ or a tunelab run directory (whose config also says how the data was rendered in 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,24 @@ class EvalModel:
     name: str  # what was loaded, for reports
     run_config: Config | None = None  # the training run's config, when a run directory was given
     stop_texts: list[str] = field(default_factory=list)  # what ends an answer besides EOS (a chat turn's end)
+
+    @property
+    def detachable(self) -> bool:
+        """The adaptation comes off: a peft adapter or soft prompt over base weights that training left unchanged
+        (not prompt+LM tuning, whose base weights trained too)."""
+        if not self.model.is_peft:
+            return False
+        return self.run_config is None or resolve(self.run_config.strategy).keeps_base_weights
+
+
+@contextmanager
+def adaptation_off(em: EvalModel) -> Iterator[EvalModel]:
+    """The tuned model with its adaptation taken off (peft's disable_adapter; a soft prompt not inserted): the base
+    model's own behaviour, exactly, for a detachable adaptation."""
+    if not em.detachable:
+        raise ValueError(f"{em.name}: its adaptation does not come off (its base weights trained)")
+    with em.model.lm.disable_adapter():
+        yield replace(em, model=TrainModel(em.model.base, em.model.strategy), name=f"{em.name}, adaptation off")
 
 
 def _wrap(lm: Any, strategy: str) -> TrainModel:

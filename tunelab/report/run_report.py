@@ -76,10 +76,19 @@ def diff_sections(d: dict[str, Any]) -> list[Section]:
                                                 "tuned": [t["tuned"][n] for n in names]}, "task", "score")))
         out.append(s)
     f = d["forgetting"]
-    out.append(Section("Forgetting", text=[f"Reference text: {f['reference']}."],
-                       verdicts=[verdict_text(f["perplexity_verdict"]), verdict_text(f["kl_verdict"])],
-                       table=[{"figure": "perplexity", "base": f["perplexity_base"], "tuned": f["perplexity_tuned"]},
-                              {"figure": "KL(base || tuned) per token", "base": 0.0, "tuned": f["kl_base_to_tuned"]}]))
+    off = f.get("adaptation_off")  # a soft prompt or an adapter: with it off, the model is the base's own
+    on_label = "adaptation on" if off else "tuned"
+    figures = [("perplexity", f["perplexity_base"], f["perplexity_tuned"], off and off["perplexity_tuned"]),
+               ("KL(base || tuned) per token", 0.0, f["kl_base_to_tuned"], off and off["kl_base_to_tuned"])]
+    forgetting = Section("Forgetting", text=[f"Reference text: {f['reference']}."],
+                         verdicts=[verdict_text(f["perplexity_verdict"]), verdict_text(f["kl_verdict"])],
+                         table=[{"figure": name, "base": b, on_label: t, **({"adaptation off": o} if off else {})}
+                                for name, b, t, o in figures])
+    if off:
+        forgetting.text.append(f"The adaptation comes off (the base weights are untouched): both figures are shown, "
+                               f"and comparisons rank by the {f['ranked_by']} one.")
+        forgetting.verdicts.append(verdict_text(off["verdict"]))
+    out.append(forgetting)
     if "probes" in d:
         p = d["probes"]
         out.append(Section("Probe questions", text=[p["rule"]], verdicts=[verdict_text(p["verdict"])],
@@ -107,7 +116,8 @@ COMPARE_LABELS = {"trainable_params": "trainable params", "share_trained": "shar
                   "eval_loss": "eval loss", "learning_rate": "learning rate", "perplexity_ratio": "perplexity ratio",
                   "kl_base_to_tuned": "KL base->tuned", "eos_share": "EOS share",
                   "task_format_share": "task-format share", "probes_right": "probes right",
-                  "probes_right_base": "probes right (base)"}
+                  "probes_right_base": "probes right (base)", "perplexity_ratio_off": "perplexity ratio (off)",
+                  "kl_base_to_tuned_off": "KL base->tuned (off)", "probes_right_off": "probes right (off)"}
 
 
 def labelled(row: dict[str, Any]) -> dict[str, Any]:
@@ -117,7 +127,8 @@ def labelled(row: dict[str, Any]) -> dict[str, Any]:
 
 def compare_sections(c: dict[str, Any]) -> list[Section]:
     rows = c["table"]
-    s = Section("Strategy comparison", text=[t for t in (c.get("note", ""), describe(c.get("baselines"))) if t],
+    s = Section("Strategy comparison", text=[t for t in (c.get("note", ""), describe(c.get("baselines")),
+                                                         c.get("forgetting_ranked_by", "")) if t],
                 table=[labelled(r) for r in rows])
     metric = c.get("metric")
     names = [r["strategy"] for r in rows]
@@ -126,7 +137,9 @@ def compare_sections(c: dict[str, Any]) -> list[Section]:
                          plots.bar_plot(names, {metric: [r.get(metric) or 0.0 for r in rows]}, metric, metric)))
     if any(r.get("perplexity_ratio") for r in rows):
         s.images.append(("forgetting per strategy (tuned / base perplexity on general text; 1 = none)",
-                         plots.bar_plot(names, {"perplexity ratio": [r.get("perplexity_ratio") or 0.0 for r in rows]},
+                         plots.bar_plot(names, {"adaptation on": [r.get("perplexity_ratio") or 0.0 for r in rows],
+                                                "adaptation off (where it comes off)":
+                                                    [r.get("perplexity_ratio_off") or 0.0 for r in rows]},
                                         "forgetting", "ratio")))
     if c.get("recommendation"):
         s.verdicts.append(c["recommendation"])

@@ -15,6 +15,7 @@ import torch
 
 from tunelab.models.attention import packed_inputs, packing_refusal
 from tunelab.models.head import OutputHead, target_positions
+from tunelab.models.load import cache_argument
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,9 @@ class TrainModel(torch.nn.Module):
 
     @property
     def is_peft(self) -> bool:
-        return hasattr(self.lm, "peft_config")
+        """A peft model around the transformers one (peft also marks the model it injects LoRA layers into with a
+        peft_config, which is no wrapper)."""
+        return hasattr(self.lm, "peft_config") and hasattr(self.lm, "get_base_model")
 
     @property
     def base(self) -> Any:
@@ -107,6 +110,32 @@ class TrainModel(torch.nn.Module):
             inputs["inputs_embeds"] = embeds.masked_scatter(slots[..., None], prompts.repeat(n_examples, 1))
         hidden = self.base.get_decoder()(**inputs, use_cache=False).last_hidden_state
         return hidden, labels
+
+    def generate_new_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any
+                            ) -> torch.Tensor:
+        """transformers' generate on the base model from left-padded prompts; returns the new tokens (batch, new).
+
+        A soft prompt enters as in training: prompt tuning and P-tuning as embeddings in slots before each row's
+        tokens (positions 0..virtual-1, the tokens after them; left padding sits between), a prefix as the KV cache
+        every layer attends to first. peft's own generate gets positions wrong after the first new token under
+        transformers 5, and drops a prefix altogether."""
+        width, mask = input_ids.shape[1], attention_mask
+        if self.prefix or self.virtual_tokens:
+            virtual = self.lm.peft_config[self.lm.active_adapter].num_virtual_tokens
+            ones = torch.ones((mask.shape[0], virtual), dtype=mask.dtype, device=mask.device)
+            mask = torch.cat([ones, mask], dim=1)
+            if self.prefix:
+                kwargs[cache_argument(self.base)] = self.lm.get_prompt(batch_size=input_ids.shape[0])
+            else:
+                input_ids = torch.cat([torch.full_like(ones, kwargs.get("pad_token_id") or 0, dtype=input_ids.dtype),
+                                       input_ids], dim=1)
+                embeds = self.base.get_input_embeddings()(input_ids)  # (batch, virtual + width, d)
+                slots = torch.zeros_like(input_ids, dtype=torch.bool)
+                slots[:, :virtual] = True
+                prompts = self.soft_prompt().to(embeds.dtype).repeat(input_ids.shape[0], 1)
+                kwargs["inputs_embeds"] = embeds.masked_scatter(slots[..., None], prompts)
+                width += virtual
+        return self.base.generate(input_ids=input_ids, attention_mask=mask, **kwargs)[:, width:]
 
     def _peft_forward_hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         captured: dict[str, torch.Tensor] = {}

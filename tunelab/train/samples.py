@@ -33,11 +33,10 @@ def sample_predictions(tm: Any, examples: list[Encoded], tokenizer: Any, pad_id:
         prompts.append(ex.input_ids[:first])
         refs.append([t for t in ex.labels if t != IGNORE])
     ids, mask = left_pad(prompts, pad_id)
-    width = ids.shape[1]
     stop_ids = stop_token_ids(tokenizer, tm.base, [turn_end])
-    out = tm.lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                         max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id,
-                         temperature=None, top_p=None, top_k=None, use_cache=True)
+    new_tokens = tm.generate_new_tokens(ids.to(device), mask.to(device), do_sample=False,
+                                        max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id,
+                                        temperature=None, top_p=None, top_k=None, use_cache=True)
     tm.train(was_training)
 
     def text(tokens: list[int]) -> str:
@@ -46,4 +45,4 @@ def sample_predictions(tm: Any, examples: list[Encoded], tokenizer: Any, pad_id:
         return (decoded.split(turn_end)[0] if turn_end else decoded).strip()
 
     return [{"step": step, "index": i, "prompt": tokenizer.decode(p, skip_special_tokens=True), "reference": text(ref),
-             "prediction": text(new)} for i, (p, ref, new) in enumerate(zip(prompts, refs, out[:, width:].tolist()))]
+             "prediction": text(new)} for i, (p, ref, new) in enumerate(zip(prompts, refs, new_tokens.tolist()))]

@@ -1,0 +1,55 @@
+"""A strategy that keeps the base weights (soft prompts, LoRA) gives back the base model exactly when its
+adaptation comes off: the diff's "base behaviour with it off" figure rests on this."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import VARIED_ROWS, config_tree, write_jsonl
+from tunelab.config import validate_config
+from tunelab.data.batching import pad_collate
+from tunelab.data.encode import encode_examples
+from tunelab.data.render import Rendered
+from tunelab.evaluate.loaders import adaptation_off, load_for_eval
+from tunelab.models.head import target_positions
+from tunelab.train.loop import train
+
+STRATEGIES = {"lora": {"name": "lora"},
+              "prompt_tuning": {"name": "soft_prompt", "soft_prompt": {"method": "prompt_tuning"}},
+              "p_tuning": {"name": "soft_prompt", "soft_prompt": {"method": "p_tuning"}},
+              "prefix_tuning": {"name": "soft_prompt", "soft_prompt": {"method": "prefix_tuning"}}}
+
+
+def _logits(em, texts):
+    encoded = encode_examples([Rendered(t, [(0, len(t))], "x", i) for i, t in enumerate(texts)], em.tokenizer, 64)
+    batch = pad_collate(encoded, 0, em.model.virtual_tokens)
+    with torch.no_grad():  # the logits at every trained position, as the loss and the scoring see them
+        return em.model.head.logits(target_positions(*em.model.hidden_states(batch)).hidden)  # (tokens, vocab)
+
+
+@pytest.mark.parametrize("kind", list(STRATEGIES))
+def test_adaptation_off_is_the_base_model_exactly(kind, stories260k, tmp_path):
+    tree = config_tree(stories260k, write_jsonl(tmp_path / "d.jsonl", VARIED_ROWS), tmp_path / "run",
+                       strategy=STRATEGIES[kind], train={"max_steps": 2, "learning_rate": 5e-2})
+    train(validate_config(tree))
+    tuned, base = load_for_eval(str(tmp_path / "run")), load_for_eval(str(stories260k))
+    assert tuned.detachable and not base.detachable
+    texts = [r["prompt"][:60] + r["completion"] for r in VARIED_ROWS[:4]]
+    with adaptation_off(tuned) as off:
+        assert off.model.virtual_tokens == 0 and not off.model.prefix
+        assert torch.equal(_logits(off, texts), _logits(base, texts))  # exactly, not within a tolerance
+    # the adaptation is back on after the block, and it does change the model
+    on = _logits(tuned, texts)
+    ref = _logits(base, texts)
+    assert on.shape == ref.shape and not torch.allclose(on, ref, atol=1e-3)
+
+
+def test_full_tuning_has_no_adaptation_to_take_off(stories260k, tmp_path):
+    tree = config_tree(stories260k, write_jsonl(tmp_path / "d.jsonl", VARIED_ROWS), tmp_path / "run")
+    train(validate_config(tree))
+    tuned = load_for_eval(str(tmp_path / "run"))
+    assert not tuned.detachable
+    with pytest.raises(ValueError, match="does not come off"):
+        with adaptation_off(tuned):
+            pass
