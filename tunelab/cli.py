@@ -257,6 +257,9 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_COMPARE = "prompting,soft_prompt,lora,full"
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from tunelab.compare import compare
     from tunelab.config import load_config
@@ -279,14 +282,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
         per_strategy.setdefault(name, []).append(override)
     eval_settings, diff_settings = _settings(args, cfg)
     cfg = cfg.model_copy(update={"eval": eval_settings, "diff": diff_settings})
-    result = compare(cfg, args.strategies.split(","), out, per_strategy)
-    cols = ["strategy", "trainable_params", "wall_time_s", "peak_memory_mib", "tokens_per_s", "train_loss",
-            "eval_loss", result["metric"], "perplexity_ratio", "kl_base_to_tuned"]
+    strategies = args.strategies.split(",") if args.strategies else DEFAULT_COMPARE.split(",")
+    if args.preset:
+        from tunelab.compare import PRESETS, apply_preset
+
+        cfg, preset_strategies, per_strategy = apply_preset(cfg, PRESETS[args.preset], per_strategy)
+        strategies = strategies if args.strategies else preset_strategies
+        print(f"preset {args.preset}: {PRESETS[args.preset].about}")
+    result = compare(cfg, strategies, out, per_strategy)
+    cols = ["strategy", "trainable_params", "wall_time_s", "train_flops", "peak_memory_mib", "tokens_per_s",
+            "eval_loss", result["metric"], "perplexity_ratio", "perplexity_ratio_off", "kl_base_to_tuned"]
     print("  ".join(f"{COMPARE_LABELS.get(c, c):>14}" for c in cols))
     for row in result["table"]:
         print("  ".join(f"{fmt(row.get(c)):>14}" for c in cols))
     print(describe(result["baselines"]))
     print(result["recommendation"])
+    print(result["forgetting_ranked_by"])
     print(f"report: {report_run(out, 'tunelab compare')}")
     return 0
 
@@ -558,7 +569,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
     _add_cache_flag(p)
-    p.add_argument("--strategies", default="prompting,soft_prompt,lora,full")
+    p.add_argument("--strategies", help=f"comma-separated, LABEL=STRATEGY for a labelled variant (default: "
+                   f"{DEFAULT_COMPARE}, or the preset's)")
+    p.add_argument("--preset", choices=["small-data"], help="small-data: 64 examples, every strategy (zero- and "
+                   "few-shot prompting, soft prompt, LoRA, IA3, freeze, full, prompt+LM)")
     p.add_argument("--set", action="append", help="STRATEGY:dotted.key=value for one strategy (repeatable)")
     p.add_argument("--out", help="where the comparison goes (default: OUTPUT_DIR-compare)")
     _add_eval_flags(p, data_positional=False)

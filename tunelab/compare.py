@@ -26,6 +26,45 @@ from tunelab.train.metrics import read_metrics
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class ComparePreset:
+    """A ready comparison: how much of the training data it keeps, the strategies it runs, and their settings
+    (dotted.key=value per strategy label, under any the command line gives)."""
+
+    name: str
+    max_examples: int | None
+    strategies: tuple[str, ...]
+    overrides: dict[str, tuple[str, ...]]
+    about: str
+
+
+# The soft prompt that learned on the demo's summaries (bench figures in README): prefix tuning through the
+# reparameterising MLP (Li and Liang 2021), 32 virtual tokens, lr 1e-2.
+SOFT_PROMPT_SETTINGS = ("strategy.soft_prompt.method=prefix_tuning", "strategy.soft_prompt.prefix_projection=true",
+                        "strategy.soft_prompt.num_virtual_tokens=32")
+PRESETS = {
+    "small-data": ComparePreset(
+        "small-data", 64,
+        ("zero-shot=prompting", "few-shot=prompting", "soft_prompt", "lora", "ia3", "freeze", "full", "prompt_lm"),
+        {"few-shot": ("strategy.num_shots=2",), "soft_prompt": SOFT_PROMPT_SETTINGS,
+         "freeze": ("strategy.freeze.trainable_layers=2",)},
+        "64 labeled examples (a seeded sample of the training data), every strategy on the same budget: task score, "
+        "trainable parameters, compute (FLOPs, seconds) and forgetting with the adaptation on and off"),
+}
+
+
+def apply_preset(cfg: Config, preset: ComparePreset, overrides: dict[str, list[str]]) -> tuple[Config, list[str],
+                                                                                             dict[str, list[str]]]:
+    """(the config with the preset's share of the data, its strategies, its per-strategy settings under the
+    caller's)."""
+    tree = cfg.model_dump(mode="json")
+    if preset.max_examples is not None:
+        tree["data"]["max_examples"] = preset.max_examples
+    merged = {label: [*preset.overrides.get(label, ()), *overrides.get(label, [])]
+              for label in {*preset.overrides, *overrides}}
+    return validate_config(tree, f"compare preset {preset.name}"), list(preset.strategies), merged
+
+
 def strategy_configs(cfg: Config, strategies: list[str], out_dir: Path,
                      overrides: dict[str, list[str]] | None = None) -> dict[str, Config]:
     """One validated config per strategy (all checked before anything trains). `overrides` holds
@@ -82,6 +121,7 @@ class CompareRow:
     train_loss: float | None
     eval_loss: float | None
     learning_rate: float
+    train_flops: float | None = None  # the plan's FLOPs formula for this run's budget (0 for prompting)
     metrics: dict[str, float] = field(default_factory=dict)
     perplexity_ratio: float = 1.0  # tuned / base perplexity on the general reference text, adaptation on
     kl_base_to_tuned: float = 0.0  # nats per token
@@ -103,8 +143,17 @@ class CompareRow:
     def as_dict(self) -> dict[str, Any]:
         fields = asdict(self)
         metrics = fields.pop("metrics")
-        head = list(fields)[: list(fields).index("learning_rate") + 1]
+        head = list(fields)[: list(fields).index("train_flops") + 1]
         return {**{k: fields[k] for k in head}, **metrics, **{k: v for k, v in fields.items() if k not in head}}
+
+
+def _flops_per_config(cfg: Config, configs: dict[str, Config]) -> dict[str, float]:
+    """Each strategy's training FLOPs for its budget, by the plan's formula on the real training data's shape."""
+    from tunelab.plan.estimate import flops, model_shape, workload
+    from tunelab.plan.run import load_train_data
+
+    shape, data = model_shape(cfg.model.path, cfg.model.trust_remote_code), load_train_data(cfg)[0]
+    return {name: flops(shape, workload(scfg, data), data, scfg) for name, scfg in configs.items()}
 
 
 def run_row(name: str, cfg: Config, seconds: float) -> CompareRow:
@@ -127,6 +176,7 @@ def compare(cfg: Config, strategies: list[str], out_dir: Path,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     configs = strategy_configs(cfg, strategies, out_dir, overrides)
+    flops_of = _flops_per_config(cfg, configs)
     data = eval_data_from_config(cfg, eval_settings.max_examples)
     base = load_for_eval(cfg.model.path, device=eval_settings.device, precision=eval_settings.precision)
     reference = reference_texts(base, diff_settings)
@@ -137,6 +187,7 @@ def compare(cfg: Config, strategies: list[str], out_dir: Path,
         log.info("compare: strategy %s", name)
         seconds = _train_in_subprocess(scfg, out_dir)
         row = run_row(name, scfg, seconds)
+        row.train_flops = flops_of[name]
         tuned = load_for_eval(scfg.output_dir, device=eval_settings.device, precision=eval_settings.precision)
         if base_eval is None:
             base_eval = evaluate(base, data, eval_settings)[0]

@@ -4,8 +4,10 @@ A small general-purpose model (pre-trained by tunelab on a generated world: fact
 everyday text, products and customers) is adapted to a task it never saw: turning support tickets
 into concise summaries. Tuning-free prompting (zero- and few-shot) is the baseline; soft prompt,
 LoRA and full fine-tuning train on the same budget; each is evaluated on held-out tickets and diffed
-against the base on what it knew (facts, arithmetic, general text); a second task labels each
-ticket's intent and urgency. Then the comparison, the recommendation and the HTML report.
+against the base on what it knew (facts, arithmetic, general text), with a soft prompt's or an
+adapter's forgetting measured both with it on and off; a second task names what each customer wants;
+a third gives every strategy only 64 examples and sets the advisor's rule against the measurement.
+Then the comparisons, the recommendation and the HTML report.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tunelab.compare import compare
+from tunelab.compare import PRESETS, SOFT_PROMPT_SETTINGS, apply_preset, compare
 from tunelab.config import validate_config
 from tunelab.demo_world.build import MODEL_DIR
 from tunelab.demo_world.data import write_demo_data
@@ -23,9 +25,13 @@ from tunelab.report.page import Section, fmt, write_report
 from tunelab.report.run_report import COMPARE_LABELS, compare_sections
 
 SUMMARY_TEMPLATE = {"prompt": "Ticket: {prompt}\nSummary:", "target": " {completion}"}
-TRIAGE_TEMPLATE = {"prompt": "Ticket: {prompt}\nIntent and urgency:", "target": " {completion}"}
-LEARNING_RATES = {"soft_prompt": 3e-2, "lora": 5e-3, "full": 1e-3}
+INTENT_TEMPLATE = {"prompt": "Ticket: {prompt}\nThe customer wants:", "target": " {completion}"}
+# measured on this model (README): LoRA above 5e-3 and soft prompts above 1e-2 diverge or collapse
+LEARNING_RATES = {"soft_prompt": 1e-2, "lora": 5e-3, "ia3": 1e-2, "full": 1e-3, "freeze": 1e-3, "prompt_lm": 1e-3}
 TOKENS_PER_STEP = 1024
+# task 2 needs more steps: full tuning stays at chance after 100 (accuracy 0.28) and is right on every held-out
+# ticket after 300 (measured, see README)
+INTENT_STEP_FACTOR = 3
 
 
 def _config(data: dict[str, Path], task: str, out: Path, steps: int, max_eval: int) -> Any:
@@ -34,9 +40,10 @@ def _config(data: dict[str, Path], task: str, out: Path, steps: int, max_eval: i
                   {"mode": "score"})
     return validate_config({
         "model": {"path": str(MODEL_DIR)},
-        "data": {"train": str(data[f"{task}_train"]), "eval": str(data[f"{task}_eval"]), "max_length": 192,
+        "data": {"train": str(data[f"{'summary' if summary else 'intent'}_train"]),
+                 "eval": str(data[f"{'summary' if summary else 'intent'}_eval"]), "max_length": 192,
                  "max_eval_examples": max_eval},
-        "strategy": {"template": SUMMARY_TEMPLATE if task == "summary" else TRIAGE_TEMPLATE,
+        "strategy": {"template": SUMMARY_TEMPLATE if summary else INTENT_TEMPLATE,
                      "soft_prompt": {"num_virtual_tokens": 16, "init_text": "Summarise the support ticket."},
                      "lora": {"rank": 16, "alpha": 32, "dropout": 0.0}},
         "train": {"max_steps": steps, "learning_rate": LEARNING_RATES["full"], "tokens_per_step": TOKENS_PER_STEP,
@@ -47,20 +54,31 @@ def _config(data: dict[str, Path], task: str, out: Path, steps: int, max_eval: i
     })
 
 
-def _print_table(title: str, result: dict[str, Any], metric_names: list[str]) -> None:
-    cols = ["strategy", "trainable_params", "wall_time_s", *metric_names, "perplexity_ratio", "probes_right"]
+def _print_table(title: str, result: dict[str, Any], metric_names: list[str], compute: bool = False) -> None:
+    cols = ["strategy", "trainable_params", "wall_time_s", *(["train_flops"] if compute else []), *metric_names,
+            "perplexity_ratio", "perplexity_ratio_off", "probes_right"]
     print(f"\n{title}")
     print("  ".join(f"{COMPARE_LABELS.get(c, c):>16}" for c in cols))
     for row in result["table"]:
         print("  ".join(f"{fmt(row.get(c)):>16}" for c in cols))
+    print(result["forgetting_ranked_by"])
 
 
 DEFAULT_STEPS = 100
 
 
+def _overrides(strategies: list[str]) -> dict[str, list[str]]:
+    """Each trained strategy's learning rate on this model, and the soft prompt that learned (compare's)."""
+    out = {name: [f"train.learning_rate={lr}"] for name, lr in LEARNING_RATES.items()}
+    out["soft_prompt"] += list(SOFT_PROMPT_SETTINGS)
+    out["few-shot"] = ["strategy.num_shots=2", "data.max_length=400"]  # room for two demonstrations
+    return {k: v for k, v in out.items() if k in {s.partition("=")[0] for s in strategies}}
+
+
 def run_demo(out: Path = Path("runs/demo"), quick: bool = False, steps: int | None = None) -> dict[str, Any]:
-    """Run the demo; returns the two comparisons and the report path. `steps` overrides the step budget of
-    every trained strategy (default: 100; 10 with `quick`)."""
+    """Run the demo; returns the three comparisons and the report path. `steps` overrides the step budget of
+    every trained strategy of tasks 1 and 3 (task 2 takes INTENT_STEP_FACTOR times as many; default: 100; 10 with
+    `quick`, which runs two strategies per task and no task 3)."""
     t0 = time.perf_counter()
     data = write_demo_data(out / "data", n_train=400, n_eval=100)
     steps, max_eval = (steps or 10, 12) if quick else (steps or DEFAULT_STEPS, 60)
@@ -69,33 +87,67 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False, steps: int | No
     strategies = ["zero-shot=prompting", "few-shot=prompting", "soft_prompt", "lora", "full"]
     if quick:
         strategies = ["zero-shot=prompting", "lora"]
-    overrides = {name: [f"train.learning_rate={lr}"] for name, lr in LEARNING_RATES.items()}
-    overrides["few-shot"] = ["strategy.num_shots=2", "data.max_length=400"]  # room for two demonstrations
     print(f"1-3. task 1, summaries: {', '.join(strategies)}; {steps} steps of {TOKENS_PER_STEP:,} tokens each")
-    summary = compare(_config(data, "summary", out, steps, max_eval), strategies, out / "summary-compare", overrides)
+    summary = compare(_config(data, "summary", out, steps, max_eval), strategies, out / "summary-compare",
+                      _overrides(strategies))
     _print_table("Task 1: ticket -> concise summary (held-out tickets; forgetting on the base's general text "
                  "and 60 probes)", summary, ["rouge_l", "exact_match"])
-    # the labels are a harder target for this small model: full tuning at a gentler rate learns some of
-    # them in the budget; LoRA at 1e-3 stayed at chance and at 5e-3 collapsed (measured, see README)
-    triage_strategies = ["few-shot=prompting", "full"]
-    triage_overrides = {**overrides, "full": ["train.learning_rate=3e-4"]}
-    triage = compare(_config(data, "triage", out, steps, max_eval), triage_strategies, out / "triage-compare",
-                     triage_overrides)
-    _print_table("Task 2: ticket -> intent and urgency (12 label options, ranked by likelihood)", triage,
-                 ["accuracy", "macro_f1"])
-
+    intent_strategies = ["few-shot=prompting", "full"] if quick else strategies
+    intent_steps = INTENT_STEP_FACTOR * steps
+    print(f"\ntask 2, intent (4 labels): {', '.join(intent_strategies)}; {intent_steps} steps")
+    intent = compare(_config(data, "intent", out, intent_steps, max_eval), intent_strategies, out / "intent-compare",
+                     _overrides(intent_strategies))
+    _print_table("Task 2: ticket -> what the customer wants (refund, replacement, repair or help; ranked by "
+                 "likelihood)", intent, ["accuracy", "macro_f1"])
+    small = small_advice = None
+    if not quick:
+        small, small_advice = _small_data(data, out, steps, max_eval)
     from tunelab.plan.run import plan
 
     advice = plan(_config(data, "summary", out, steps, max_eval), "cpu",
                   compare_json=out / "summary-compare" / "compare.json").advice
-    print(f"\n4. recommendation: {advice.strategy}. {advice.reasons}")
+    print(f"\n4. recommendation for task 1: {advice.strategy}. {advice.reasons}")
     sections = [Section("The story", text=[__doc__.split("\n\n")[1].replace("\n", " ")])]
-    sections += [Section(f"Task 1 ({s.title})", s.text, s.verdicts, s.table, s.images) for s in compare_sections(summary)]
-    sections += [Section(f"Task 2 ({s.title})", s.text, s.verdicts, s.table, s.images) for s in compare_sections(triage)]
+    for task, result in (("Task 1", summary), ("Task 2", intent), ("Task 3, 64 examples", small)):
+        if result is not None:
+            sections += [Section(f"{task} ({s.title})", s.text, s.verdicts, s.table, s.images)
+                         for s in compare_sections(result)]
+    if small_advice:
+        sections.append(Section("Task 3: the advisor against the measurement", text=[small_advice["text"]]))
     sections.append(Section("Recommendation", text=[f"{advice.strategy}: {advice.reasons}"]))
     report = write_report(out, "tunelab demo", sections)
     seconds = time.perf_counter() - t0
     print(f"report: {report}\n(the demo took {seconds:.0f} s)")
-    (out / "demo.json").write_text(json.dumps({"summary": summary, "triage": triage, "seconds": seconds,
-                                               "recommendation": advice.strategy}, indent=2))
-    return {"summary": summary, "triage": triage, "report": report, "seconds": seconds}
+    result = {"summary": summary, "intent": intent, "small_data": small, "small_data_advice": small_advice,
+              "seconds": seconds, "recommendation": advice.strategy}
+    (out / "demo.json").write_text(json.dumps(result, indent=2))
+    return {**result, "report": report}
+
+
+def _small_data(data: dict[str, Path], out: Path, steps: int, max_eval: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Task 3: 64 labeled summaries, every strategy (compare's small-data preset), and the advisor's rule for that
+    situation set against what the measured table supports, at each retention level."""
+    from tunelab.plan.advisor import measured_pick
+    from tunelab.plan.run import plan
+
+    preset = PRESETS["small-data"]
+    cfg, strategies, overrides = apply_preset(_config(data, "summary", out / "small", steps, max_eval), preset,
+                                              _overrides(list(preset.strategies)))
+    print(f"\ntask 3, small data: {preset.about}")
+    small = compare(cfg, strategies, out / "small-data-compare", overrides)
+    _print_table("Task 3: 64 labeled tickets -> summary, every strategy", small, ["rouge_l"], compute=True)
+    levels = {}
+    for retention in ("high", "medium", "low"):
+        tree = cfg.model_dump(mode="json")
+        tree["plan"]["retention"] = retention
+        ruled = plan(validate_config(tree), "cpu").advice  # the rules alone: no measured comparison given
+        measured = measured_pick(small["table"], small["metric"], retention)
+        levels[retention] = {"rule": ruled.rule, "ruled": ruled.strategy, "measured": measured,
+                             "agrees": ruled.strategy == measured}
+    text = "; ".join(f"{r} retention: the advisor's rule {v['rule']} says {v['ruled']}, the measurement {v['measured']}"
+                     for r, v in levels.items())
+    text += (" (the measurement: the best ROUGE-L among the strategies whose general-text forgetting that retention "
+             "accepts, with the adaptation off where it comes off). " +
+             ("They agree." if all(v["agrees"] for v in levels.values()) else "They DISAGREE: the rule must change."))
+    print(text)
+    return small, {"levels": levels, "agrees": all(v["agrees"] for v in levels.values()), "text": text}

@@ -60,8 +60,10 @@ def test_parameter_counts_equal_the_built_model(request, strategy, model, tmp_pa
 SITUATIONS = [
     (0, 0, "classification", "medium", True, True, True, "prompting", "1"),
     (5, 40, "short_answer", "high", True, True, True, "prompting", "1"),
-    (60, 600, "classification", "high", True, True, True, "soft_prompt", "3"),
-    (60, 600, "short_answer", "low", True, True, True, "lora", "3"),
+    (60, 600, "classification", "high", True, True, True, "lora", "3"),
+    (60, 600, "short_answer", "medium", True, True, True, "lora", "3"),
+    (60, 600, "short_answer", "low", True, True, True, "full", "3"),
+    (60, 600, "short_answer", "low", False, True, True, "lora", "2"),
     (2_000, 40_000, "short_answer", "high", True, True, True, "lora", "4"),
     (2_000, 40_000, "long_generation", "low", True, True, True, "full", "4"),
     (50_000, 5_000_000, "long_generation", "low", True, True, True, "prompt_lm", "5"),

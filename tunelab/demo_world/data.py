@@ -21,7 +21,7 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def write_demo_data(out: Path, n_train: int = 400, n_eval: int = 100) -> dict[str, Path]:
-    """summary_{train,eval}.jsonl, triage_{train,eval}.jsonl, probes.jsonl and reference.txt in `out`."""
+    """summary_{train,eval}.jsonl, intent_{train,eval}.jsonl, probes.jsonl and reference.txt in `out`."""
     out.mkdir(parents=True, exist_ok=True)
     w = build_world(WORLD_SEED)
     tix = tickets(w, n_train + n_eval, TICKET_SEED)
@@ -30,8 +30,8 @@ def write_demo_data(out: Path, n_train: int = 400, n_eval: int = 100) -> dict[st
     for name, part in split.items():
         paths[f"summary_{name}"] = _jsonl(out / f"summary_{name}.jsonl",
                                           [{"prompt": t.text, "completion": t.summary} for t in part])
-        paths[f"triage_{name}"] = _jsonl(out / f"triage_{name}.jsonl",
-                                         [{"prompt": t.text, "completion": f"{t.intent}, {t.urgency}"} for t in part])
+        paths[f"intent_{name}"] = _jsonl(out / f"intent_{name}.jsonl",
+                                         [{"prompt": t.text, "completion": t.intent} for t in part])
     rng = random.Random(WORLD_SEED)
     probe_facts = rng.sample(facts(w), 40) + arithmetic(random.Random(REFERENCE_SEED), 20)
     paths["probes"] = _jsonl(out / "probes.jsonl", [{"prompt": p, "answer": a} for p, a in probe_facts])

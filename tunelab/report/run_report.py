@@ -113,7 +113,7 @@ def diff_sections(d: dict[str, Any]) -> list[Section]:
 # the words for the fields of a comparison row (tunelab.compare.CompareRow); task metrics keep their names
 COMPARE_LABELS = {"trainable_params": "trainable params", "share_trained": "share trained", "wall_time_s": "wall time s",
                   "peak_memory_mib": "peak memory MiB", "tokens_per_s": "tokens/s", "train_loss": "train loss",
-                  "eval_loss": "eval loss", "learning_rate": "learning rate", "perplexity_ratio": "perplexity ratio",
+                  "eval_loss": "eval loss", "learning_rate": "learning rate", "train_flops": "train FLOPs", "perplexity_ratio": "perplexity ratio",
                   "kl_base_to_tuned": "KL base->tuned", "eos_share": "EOS share",
                   "task_format_share": "task-format share", "probes_right": "probes right",
                   "probes_right_base": "probes right (base)", "perplexity_ratio_off": "perplexity ratio (off)",
