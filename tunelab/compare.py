@@ -20,6 +20,7 @@ from tunelab.evaluate.baselines import bar
 from tunelab.evaluate.diff import diff, reference_texts
 from tunelab.evaluate.loaders import load_for_eval
 from tunelab.evaluate.run import eval_data_from_config, evaluate
+from tunelab.plan.advisor import SOFT_PROMPT
 from tunelab.strategies.registry import resolve
 from tunelab.train.metrics import read_metrics
 
@@ -38,10 +39,9 @@ class ComparePreset:
     about: str
 
 
-# The soft prompt that learned on the demo's summaries (bench figures in README): prefix tuning through the
-# reparameterising MLP (Li and Liang 2021), 32 virtual tokens, lr 1e-2.
-SOFT_PROMPT_SETTINGS = ("strategy.soft_prompt.method=prefix_tuning", "strategy.soft_prompt.prefix_projection=true",
-                        "strategy.soft_prompt.num_virtual_tokens=32")
+# the soft prompt that learned (tunelab.plan.advisor.SOFT_PROMPT), as compare settings
+SOFT_PROMPT_SETTINGS = tuple(f"{'train' if k == 'learning_rate' else 'strategy.soft_prompt'}.{k}="
+                             f"{str(v).lower() if isinstance(v, bool) else v}" for k, v in SOFT_PROMPT.items())
 PRESETS = {
     "small-data": ComparePreset(
         "small-data", 64,

@@ -68,6 +68,11 @@ def measured_pick(rows: list[dict[str, Any]], metric: str, retention: str, toler
     return min((r for r in kept if r[metric] >= best - tolerance), key=lambda r: (forgetting(r), -r[metric]))["strategy"]
 
 
+# The soft prompt that learned (the demo's summaries: ROUGE-L 0.123 against few-shot prompting's 0.074, where
+# prompt tuning and P-tuning stayed below zero-shot prompting): prefix tuning through its MLP, 32 virtual tokens.
+SOFT_PROMPT = {"method": "prefix_tuning", "prefix_projection": True, "num_virtual_tokens": 32, "learning_rate": 1e-2}
+
+
 def _lr(strategy: str) -> str:
     return STRATEGIES[strategy].learning_rates
 
@@ -112,8 +117,7 @@ def _by_rules(s: Situation) -> Advice:
                           f"a soft prompt {s.memory_gib.get('soft_prompt', 0):.1f} GiB, mostly the frozen weights): "
                           "shard LoRA's model over several GPUs with FSDP2 (the plan's 'to fit' lines give the "
                           f"count). {figures}.", "2")
-        return Advice("soft_prompt", {"num_virtual_tokens": 20, "activation_checkpointing": True,
-                                      "learning_rate": _lr("soft_prompt")},
+        return Advice("soft_prompt", {**SOFT_PROMPT, "activation_checkpointing": True},
                       f"{mem}, and LoRA does not fit either; a soft prompt trains only the prompt "
                       "(turn on train.activation_checkpointing).", "2")
     if n < 100:
