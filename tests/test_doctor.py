@@ -122,3 +122,29 @@ def test_exit_code_is_1_for_an_error_finding_and_0_for_warnings(tmp_path, capsys
 def test_not_a_run_directory(tmp_path):
     with pytest.raises(Exception, match="no metrics.jsonl"):
         diagnose(tmp_path)
+
+
+def test_a_detachable_adaptation_that_keeps_the_base_is_not_called_forgetting(tmp_path):
+    """A soft prompt or adapter whose general-text shift vanishes with it off: the doctor says to serve general
+    requests without it, not to tune fewer parameters; where the base did change, the measured alternatives are
+    ranked with their adaptation off."""
+    (tmp_path / "run").mkdir()
+    run = tmp_path / "run"
+    (run / "metrics.jsonl").write_text(json.dumps({"type": "train", "step": 1, "loss": 1.0, "grad_norm": 1.0,
+                                                   "num_tokens": 100, "num_label_tokens": 40}) + "\n")
+    d = _diff("strong forgetting (87x)", "large shift (3.1)", "no format collapse", ("bad", "bad", "ok"))
+    d["forgetting"]["adaptation_off"] = {"perplexity_ratio": 1.0, "verdict": {
+        "figure": "general-text perplexity with the adaptation off", "value": 1.0, "threshold": [1.05, 1.25],
+        "level": "ok", "text": "no measurable forgetting: general-text perplexity with the adaptation off x1"}}
+    (run / "diff.json").write_text(json.dumps(d))
+    found = {f["what"]: f for f in diagnose(run)["findings"]}
+    assert "forgetting above the threshold" not in found
+    shift = found["general text shifts with the adaptation on"]
+    assert "with it off: no measurable forgetting" in shift["evidence"] and "adaptation off" in shift["fix"]
+    del d["forgetting"]["adaptation_off"]  # full tuning: forgetting, with what forgot less measured beside it
+    (run / "diff.json").write_text(json.dumps(d))
+    (tmp_path / "compare.json").write_text(json.dumps({"table": [
+        {"strategy": "lora", "perplexity_ratio": 1.9, "perplexity_ratio_off": 1.0},
+        {"strategy": "freeze", "perplexity_ratio": 1.03, "perplexity_ratio_off": None}]}))
+    fix = {f["what"]: f for f in diagnose(run)["findings"]}["forgetting above the threshold"]["fix"]
+    assert "these forgot less: lora (x1.00 with the adaptation off), freeze (x1.03)" in fix

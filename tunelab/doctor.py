@@ -195,16 +195,34 @@ def _from_results(run_dir: Path) -> list[Diagnosis]:
             compare = run_dir.parent / "compare.json"
             if compare.is_file():
                 rows = json.loads(compare.read_text())["table"]
-                less = sorted((r for r in rows if r["perplexity_ratio"] < f["perplexity_ratio"]),
-                              key=lambda r: r["perplexity_ratio"])
+                kept = {r["strategy"]: r["perplexity_ratio"] if r.get("perplexity_ratio_off") is None
+                        else r["perplexity_ratio_off"] for r in rows}  # off where the adaptation comes off
+                less = sorted((name for name, ratio in kept.items() if ratio < f["perplexity_ratio"]), key=kept.get)
                 measured = "; measured here, these forgot less: " + ", ".join(
-                    f"{r['strategy']} (x{r['perplexity_ratio']:.2f})" for r in less)
-            out.append(Diagnosis("forgetting above the threshold",
-                                 f"{verdict_text(f['perplexity_verdict'])}; {verdict_text(f['kl_verdict'])}",
-                                 "the model lost part of what it knew before tuning",
-                                 "tune fewer parameters (strategy.name: lora with a small strategy.lora.rank, or "
-                                 "soft_prompt), lower train.learning_rate or train.max_steps" + measured))
+                    f"{name} (x{kept[name]:.2f}{' with the adaptation off' if name in off_rows(rows) else ''})"
+                    for name in less)
+            off = f.get("adaptation_off")
+            if off and verdict_level(off["verdict"]) == "ok":  # the base is kept: only the adapted model shifts
+                out.append(Diagnosis("general text shifts with the adaptation on",
+                                     f"{verdict_text(f['perplexity_verdict'])}; with it off: "
+                                     f"{verdict_text(off['verdict'])}",
+                                     "the adaptation steers every input towards the task; the base weights are "
+                                     "untouched, so with it off the model is the base",
+                                     "serve general requests with the adaptation off (peft's disable_adapter, or "
+                                     "the base model alone) and task requests with it on"))
+            else:
+                out.append(Diagnosis("forgetting above the threshold",
+                                     f"{verdict_text(f['perplexity_verdict'])}; {verdict_text(f['kl_verdict'])}",
+                                     "the model lost part of what it knew before tuning",
+                                     "tune fewer parameters (strategy.name: lora, whose adapter detaches, with a "
+                                     "small strategy.lora.rank), lower train.learning_rate or train.max_steps"
+                                     + measured))
     return out
+
+
+def off_rows(rows: list[dict[str, Any]]) -> set[str]:
+    """The strategies of a comparison whose forgetting was measured with the adaptation off."""
+    return {r["strategy"] for r in rows if r.get("perplexity_ratio_off") is not None}
 
 
 def diagnose(run_dir: Path) -> dict[str, Any]:
