@@ -53,3 +53,19 @@ def test_full_tuning_has_no_adaptation_to_take_off(stories260k, tmp_path):
     with pytest.raises(ValueError, match="does not come off"):
         with adaptation_off(tuned):
             pass
+
+
+def test_an_adapter_over_a_bf16_saved_base_is_evaluated_in_float32(tmp_path):
+    """The demo's base model is saved in bf16 (its config says so): training holds float32 weights, and the
+    evaluation of its LoRA run must too (transformers' default would load the base in bf16), so that with the
+    adapter off it is the base exactly."""
+    from tunelab.demo_world.build import MODEL_DIR
+
+    tree = config_tree(MODEL_DIR, write_jsonl(tmp_path / "d.jsonl", VARIED_ROWS), tmp_path / "run",
+                       strategy={"name": "lora"}, train={"max_steps": 1})
+    train(validate_config(tree))
+    tuned, base = load_for_eval(str(tmp_path / "run")), load_for_eval(str(MODEL_DIR))
+    assert {p.dtype for p in tuned.model.parameters()} == {torch.float32} == {p.dtype for p in base.model.parameters()}
+    texts = [r["prompt"][:60] + r["completion"] for r in VARIED_ROWS[:4]]
+    with adaptation_off(tuned) as off:
+        assert torch.equal(_logits(off, texts), _logits(base, texts))

@@ -54,7 +54,10 @@ def save_final(run_dir: Path, model: TrainModel, tokenizer: Any, base_path: str,
 
 
 def load_final(final: Path) -> Any:
-    """Load final/ (any strategy) with plain transformers and peft, as a user would."""
+    """Load final/ (any strategy) with plain transformers and peft, as a user would, in float32: the precision
+    training keeps its weights in (transformers' default, the config's dtype, would load a bf16-saved base in bf16
+    under an adapter trained over float32)."""
+    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -66,20 +69,22 @@ def load_final(final: Path) -> Any:
         if (folder / "adapter_config.json").is_file():
             read_adapter_config(folder)
     if (final / "adapter" / "adapter_config.json").is_file():  # prompt_lm
-        return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(final / "base"), final / "adapter")
+        return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(final / "base", dtype=torch.float32),
+                                         final / "adapter")
     if (final / "adapter_config.json").is_file():
         return PeftModel.from_pretrained(_load_base_of(final), final)
-    return AutoModelForCausalLM.from_pretrained(final)
+    return AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
 
 
 def _load_base_of(adapter_dir: Path) -> Any:
+    import torch
     from transformers import AutoModelForCausalLM
 
     from tunelab.models.load import check_weights, read_adapter_config
 
     base = read_adapter_config(adapter_dir)["base_model_name_or_path"]
     check_weights(base)
-    return AutoModelForCausalLM.from_pretrained(base)
+    return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
 
 
 def export_run(run_dir: Path, out_dir: Path, merge: bool) -> str:
