@@ -180,7 +180,7 @@ def _from_results(run_dir: Path) -> list[Diagnosis]:
     e = json.loads(eval_path.read_text()) if eval_path.is_file() else None
     eos = d["drift"]["eos_share_tuned"] if d else e.get("eos_rate") if e else None
     if eos is not None and eos == 0:
-        out.append(Diagnosis("the tuned model never emits EOS", f"0% of its generations ended with EOS",
+        out.append(Diagnosis("the tuned model never emits EOS", "0% of its generations ended with EOS",
                              "outputs run to max_new_tokens: slow, and rambling past the answer",
                              "make targets end with EOS (`tunelab data check` lists those that do not); do not let "
                              "data.max_length cut targets; train longer", "error"))

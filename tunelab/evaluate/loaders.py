@@ -58,8 +58,6 @@ def _wrap(lm: Any, strategy: str) -> TrainModel:
 
 
 def _load_hf(path: str, trust_remote_code: bool = False) -> Any:
-    from transformers import AutoModelForCausalLM
-
     from tunelab.models.load import load_model
 
     return load_model(ModelConfig(path=path, trust_remote_code=trust_remote_code))
