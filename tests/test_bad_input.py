@@ -151,6 +151,13 @@ def test_impossible_config(tmp_path, stories260k, capsys, override, message):
     _expect_error(tmp_path, capsys, _tree(tmp_path, stories260k), message, args=[override])
 
 
+def test_prefix_tuning_with_activation_checkpointing_is_refused(tmp_path, stories260k, capsys):
+    """The recomputation would extend the prefix's KV cache twice (a shape error deep in attention): refused."""
+    _expect_error(tmp_path, capsys, _tree(tmp_path, stories260k), "turn train.activation_checkpointing off",
+                  args=["strategy.name=soft_prompt", "strategy.soft_prompt.method=prefix_tuning",
+                        "train.activation_checkpointing=true"])
+
+
 def _cli(capsys, *argv):
     """`tunelab ARGV` in-process: (exit code, stdout, stderr)."""
     code = main([str(a) for a in argv])

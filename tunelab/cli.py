@@ -144,14 +144,16 @@ def _settings(args: argparse.Namespace, cfg: Any = None) -> tuple[Any, Any]:
                                                                                          "diff")
 
 
-def _device_flags(args: argparse.Namespace) -> dict[str, str | None]:
-    """--device and --precision, else a --config's eval: section; None lets a run directory's own eval: decide."""
+def _device_flags(args: argparse.Namespace, path: str) -> dict[str, str | None]:
+    """Where the model of `path` runs, in the order _settings resolves the eval: section: --device and
+    --precision, else a run directory's own eval: section (None: the loader reads it), else --config's."""
     from tunelab.config import load_config
 
-    cfg = load_config(args.config) if getattr(args, "config", None) and args.config.endswith((".yaml", ".yml")) \
-        else None
-    return {key: getattr(args, key, None) or (getattr(cfg.eval, key) if cfg else None)
-            for key in ("device", "precision")}
+    flags = {key: getattr(args, key, None) for key in ("device", "precision")}
+    if (Path(path) / "config.yaml").is_file() or not (getattr(args, "config", None) or "").endswith((".yaml", ".yml")):
+        return flags
+    cfg = load_config(args.config)
+    return {key: value or getattr(cfg.eval, key) for key, value in flags.items()}
 
 
 def _eval_data(args: argparse.Namespace, em: Any, settings: Any) -> Any:
@@ -177,7 +179,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tunelab.evaluate.loaders import load_for_eval
     from tunelab.evaluate.run import evaluate, write_outputs
 
-    em = load_for_eval(args.model, args.adapter, **_device_flags(args))
+    em = load_for_eval(args.model, args.adapter, **_device_flags(args, args.model))
     settings = _settings(args, em.run_config)[0]
     summary, rows = evaluate(em, _eval_data(args, em, settings), settings)
     write_outputs(summary, rows, args.output, args.predictions)
@@ -193,7 +195,7 @@ def _run_inputs(path: str, args: argparse.Namespace) -> tuple[Any, Any]:
     from tunelab.evaluate.inputs import Inputs
     from tunelab.evaluate.loaders import load_for_eval
 
-    em = load_for_eval(path, **_device_flags(args))
+    em = load_for_eval(path, **_device_flags(args, path))
     inputs = Inputs(em.run_config)
     if em.run_config is None:  # a plain model: its chat template's end of turn ends a reply, as a run's does
         em.stop_texts = [turn_end(inputs.spec, em.tokenizer, True)]
@@ -239,7 +241,9 @@ def cmd_diff(args: argparse.Namespace) -> int:
     from tunelab.evaluate.loaders import load_for_eval
     from tunelab.report.run_report import report_run
 
-    base, tuned = load_for_eval(args.base, **_device_flags(args)), load_for_eval(args.tuned, **_device_flags(args))
+    tuned = load_for_eval(args.tuned, **_device_flags(args, args.tuned))
+    # the base where the tuned model runs, in its precision: the same arithmetic on both sides of every figure
+    base = load_for_eval(args.base, device=tuned.device_setting, precision=tuned.precision_setting)
     eval_settings, diff_settings = _settings(args, tuned.run_config)
     data = _eval_data(args, tuned, eval_settings) if args.data else None
     result = diff(base, tuned, data, diff_settings, eval_settings)

@@ -20,7 +20,8 @@ from tunelab.evaluate.baselines import bar
 from tunelab.evaluate.diff import diff, reference_texts
 from tunelab.evaluate.loaders import load_for_eval
 from tunelab.evaluate.run import eval_data_from_config, evaluate
-from tunelab.plan.advisor import SOFT_PROMPT
+from tunelab.evaluate.verdicts import retained_perplexity_ratio
+from tunelab.plan.advisor import LEARNED_SOFT_PROMPT
 from tunelab.strategies.registry import resolve
 from tunelab.train.metrics import read_metrics
 
@@ -39,9 +40,9 @@ class ComparePreset:
     about: str
 
 
-# the soft prompt that learned (tunelab.plan.advisor.SOFT_PROMPT), as compare settings
+# the soft prompt that learned (tunelab.plan.advisor.LEARNED_SOFT_PROMPT), as compare settings
 SOFT_PROMPT_SETTINGS = tuple(f"{'train' if k == 'learning_rate' else 'strategy.soft_prompt'}.{k}="
-                             f"{str(v).lower() if isinstance(v, bool) else v}" for k, v in SOFT_PROMPT.items())
+                             f"{str(v).lower() if isinstance(v, bool) else v}" for k, v in LEARNED_SOFT_PROMPT.items())
 PRESETS = {
     "small-data": ComparePreset(
         "small-data", 64,
@@ -136,9 +137,8 @@ class CompareRow:
 
     @property
     def retained_perplexity_ratio(self) -> float:
-        """The forgetting figure a comparison ranks by: with the adaptation off where it comes off (the base's own
-        behaviour stays available), else with it on."""
-        return self.perplexity_ratio if self.perplexity_ratio_off is None else self.perplexity_ratio_off
+        """The forgetting figure a comparison ranks by (tunelab.evaluate.verdicts.retained_perplexity_ratio)."""
+        return retained_perplexity_ratio(asdict(self))
 
     def as_dict(self) -> dict[str, Any]:
         fields = asdict(self)
@@ -148,7 +148,8 @@ class CompareRow:
 
 
 def _flops_per_config(cfg: Config, configs: dict[str, Config]) -> dict[str, float]:
-    """Each strategy's training FLOPs for its budget, by the plan's formula on the real training data's shape."""
+    """Each strategy's training FLOPs for its budget, by the plan's formula on the real training data's shape (the
+    tokens of the examples: a soft prompt's virtual tokens are not counted)."""
     from tunelab.plan.estimate import flops, model_shape, workload
     from tunelab.plan.run import load_train_data
 

@@ -269,6 +269,11 @@ class Config(_Section):
                                  "or turn streaming off (the on-disk cache keeps memory flat too)")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite are both set: choose one")
+        if (self.train.activation_checkpointing and self.strategy.name == "soft_prompt"
+                and self.strategy.soft_prompt.method == "prefix_tuning"):
+            raise ValueError("prefix tuning's keys and values enter through the KV cache, which activation "
+                             "checkpointing's recomputation would extend a second time: turn "
+                             "train.activation_checkpointing off, or use strategy.soft_prompt.method: prompt_tuning")
         t, n = self.train, self.data.max_length
         if t.tokens_per_micro_batch is not None and t.tokens_per_step is None:
             raise ValueError("train.tokens_per_micro_batch needs train.tokens_per_step")

@@ -41,10 +41,10 @@ def _config(data: dict[str, Path], task: str, out: Path, steps: int, max_eval: i
                   {"mode": "score"})
     return validate_config({
         "model": {"path": str(MODEL_DIR)},
-        "data": {"train": str(data[f"{'summary' if summary else 'intent'}_train"]),
-                 "eval": str(data[f"{'summary' if summary else 'intent'}_eval"]), "max_length": 192,
+        "data": {"train": str(data[f"{task}_train"]), "eval": str(data[f"{task}_eval"]), "max_length": 192,
                  "max_eval_examples": max_eval},
         "strategy": {"template": SUMMARY_TEMPLATE if summary else INTENT_TEMPLATE,
+                     # prompt+LM's prompt (the soft_prompt strategy's prefix comes from _overrides)
                      "soft_prompt": {"num_virtual_tokens": 16, "init_text": "Summarise the support ticket."},
                      "lora": {"rank": 16, "alpha": 32, "dropout": 0.0}},
         "train": {"max_steps": steps, "learning_rate": LEARNING_RATES["full"], "tokens_per_step": TOKENS_PER_STEP,

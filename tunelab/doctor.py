@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
-from tunelab.evaluate.verdicts import verdict_level, verdict_text
+from tunelab.evaluate.verdicts import retained_perplexity_ratio, verdict_level, verdict_text
 
 
 @dataclass
@@ -188,41 +188,38 @@ def _from_results(run_dir: Path) -> list[Diagnosis]:
         out.append(Diagnosis("format collapse", verdict_text(d["drift"]["collapse_verdict"]), "the model answers everything "
                              "in the task's format, even unrelated prompts", "tune fewer parameters (strategy.name: "
                              "lora or soft_prompt), fewer steps, or mix general examples into data.train"))
-    if d:
-        f = d["forgetting"]
-        if "bad" in (verdict_level(f["perplexity_verdict"]), verdict_level(f["kl_verdict"])):
-            measured = ""
-            compare = run_dir.parent / "compare.json"
-            if compare.is_file():
-                rows = json.loads(compare.read_text())["table"]
-                kept = {r["strategy"]: r["perplexity_ratio"] if r.get("perplexity_ratio_off") is None
-                        else r["perplexity_ratio_off"] for r in rows}  # off where the adaptation comes off
-                less = sorted((name for name, ratio in kept.items() if ratio < f["perplexity_ratio"]), key=kept.get)
-                measured = "; measured here, these forgot less: " + ", ".join(
-                    f"{name} (x{kept[name]:.2f}{' with the adaptation off' if name in off_rows(rows) else ''})"
-                    for name in less)
-            off = f.get("adaptation_off")
-            if off and verdict_level(off["verdict"]) == "ok":  # the base is kept: only the adapted model shifts
-                out.append(Diagnosis("general text shifts with the adaptation on",
-                                     f"{verdict_text(f['perplexity_verdict'])}; with it off: "
-                                     f"{verdict_text(off['verdict'])}",
-                                     "the adaptation steers every input towards the task; the base weights are "
-                                     "untouched, so with it off the model is the base",
-                                     "serve general requests with the adaptation off (peft's disable_adapter, or "
-                                     "the base model alone) and task requests with it on"))
-            else:
-                out.append(Diagnosis("forgetting above the threshold",
-                                     f"{verdict_text(f['perplexity_verdict'])}; {verdict_text(f['kl_verdict'])}",
-                                     "the model lost part of what it knew before tuning",
-                                     "tune fewer parameters (strategy.name: lora, whose adapter detaches, with a "
-                                     "small strategy.lora.rank), lower train.learning_rate or train.max_steps"
-                                     + measured))
+    if d and "bad" in (verdict_level(d["forgetting"]["perplexity_verdict"]),
+                       verdict_level(d["forgetting"]["kl_verdict"])):
+        out.append(_forgetting_finding(d["forgetting"], run_dir))
     return out
 
 
-def off_rows(rows: list[dict[str, Any]]) -> set[str]:
-    """The strategies of a comparison whose forgetting was measured with the adaptation off."""
-    return {r["strategy"] for r in rows if r.get("perplexity_ratio_off") is not None}
+def _forgetting_finding(f: dict[str, Any], run_dir: Path) -> Diagnosis:
+    """A forgetting verdict of the diff, read as the strategy is used: a detachable adaptation whose base is kept
+    with it off only shifts the adapted model; otherwise forgetting, with what forgot less in the same comparison."""
+    off = f.get("adaptation_off")
+    if off and verdict_level(off["verdict"]) == "ok":  # the base is kept: only the adapted model shifts
+        return Diagnosis("general text shifts with the adaptation on",
+                         f"{verdict_text(f['perplexity_verdict'])}; with it off: {verdict_text(off['verdict'])}",
+                         "the adaptation steers every input towards the task; the base weights are untouched, so "
+                         "with it off the model is the base",
+                         "serve general requests with the adaptation off (peft's disable_adapter, or the base model "
+                         "alone) and task requests with it on")
+    measured = ""
+    compare = run_dir.parent / "compare.json"
+    if compare.is_file():
+        rows = json.loads(compare.read_text())["table"]
+        kept = {r["strategy"]: retained_perplexity_ratio(r) for r in rows if r["strategy"] != run_dir.name}
+        less = sorted((name for name, ratio in kept.items() if ratio < f["perplexity_ratio"]), key=kept.get)
+        detached = {r["strategy"] for r in rows if r.get("perplexity_ratio_off") is not None}
+        if less:
+            measured = "; measured here, these forgot less: " + ", ".join(
+                f"{name} (x{kept[name]:.2f}{' with the adaptation off' if name in detached else ''})" for name in less)
+    return Diagnosis("forgetting above the threshold",
+                     f"{verdict_text(f['perplexity_verdict'])}; {verdict_text(f['kl_verdict'])}",
+                     "the model lost part of what it knew before tuning",
+                     "tune fewer parameters (strategy.name: lora, whose adapter detaches, with a small "
+                     "strategy.lora.rank), lower train.learning_rate or train.max_steps" + measured)
 
 
 def diagnose(run_dir: Path) -> dict[str, Any]:

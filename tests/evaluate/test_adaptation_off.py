@@ -69,3 +69,21 @@ def test_an_adapter_over_a_bf16_saved_base_is_evaluated_in_float32(tmp_path):
     texts = [r["prompt"][:60] + r["completion"] for r in VARIED_ROWS[:4]]
     with adaptation_off(tuned) as off:
         assert torch.equal(_logits(off, texts), _logits(base, texts))
+
+
+def test_prompt_plus_lm_tuning_has_no_base_to_detach_back_to(stories260k, tmp_path):
+    """prompt+LM tuning trains the base weights too: neither its run nor its adapter folder (over final/base, the
+    tuned weights) counts as detachable, so the diff never calls its adaptation-off model the base."""
+    tree = config_tree(stories260k, write_jsonl(tmp_path / "d.jsonl", VARIED_ROWS), tmp_path / "run",
+                       strategy={"name": "prompt_lm"}, train={"max_steps": 1})
+    train(validate_config(tree))
+    assert not load_for_eval(str(tmp_path / "run")).detachable
+    assert not load_for_eval(str(tmp_path / "run" / "final" / "adapter")).detachable
+
+
+def test_bf16_evaluation_keeps_the_rope_frequencies_in_float32(stories260k):
+    """Only the weights go to bf16: a buffer such as RoPE's inverse frequencies keeps its precision."""
+    em = load_for_eval(str(stories260k), device="cpu", precision="bf16")
+    buffers = {name: b.dtype for name, b in em.model.named_buffers() if b.is_floating_point()}
+    assert buffers and set(buffers.values()) == {torch.float32}, buffers
+    assert {p.dtype for p in em.model.parameters()} == {torch.bfloat16}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,14 +24,13 @@ from tunelab.evaluate.loaders import EvalModel, adaptation_off
 from tunelab.evaluate.metrics import normalize
 from tunelab.evaluate.run import EvalData, evaluate, label_options
 from tunelab.evaluate.score import label_log_probs, sequence_log_probs
-from tunelab.evaluate.verdicts import graded, judged
+from tunelab.evaluate.verdicts import PPL_MILD, PPL_STRONG, graded, judged
 from tunelab.models.device import to_device
 from tunelab.models.load import pad_token_id
 from tunelab.percentile import percentile
 from tunelab.data.batching import pad_collate
 
 # thresholds of the verdicts (stated in every verdict)
-PPL_MILD, PPL_STRONG = 1.05, 1.25  # tuned / base perplexity on general text
 KL_SMALL, KL_LARGE = 0.05, 0.5  # nats per token
 LENGTH_RATIO = 2.0  # mean output length changed by more than this factor
 EOS_DROP = 0.5  # EOS share fell below half of the base's
@@ -179,8 +179,9 @@ def diff(base: EvalModel, tuned: EvalModel, data: EvalData | None, settings: Dif
     probes = read_probes(settings.probes) if settings.probes else []
     out["forgetting"]["ranked_by"] = "adaptation on"
     if tuned.detachable:  # the way such a strategy keeps general knowledge: the base, with the adaptation off
-        with adaptation_off(tuned) as off:
-            out["forgetting"]["adaptation_off"] = _forgetting_off(base, off, texts, ppl_b, probes, settings, base_cache)
+        with adaptation_off(tuned) as off:  # ended where the base's answers end, to be the base in every respect
+            out["forgetting"]["adaptation_off"] = _forgetting_off(base, replace(off, stop_texts=base.stop_texts),
+                                                                  texts, ppl_b, probes, settings, base_cache)
         out["forgetting"]["ranked_by"] = "adaptation off"
 
     if settings.probes:

@@ -28,12 +28,15 @@ class EvalModel:
     name: str  # what was loaded, for reports
     run_config: Config | None = None  # the training run's config, when a run directory was given
     stop_texts: list[str] = field(default_factory=list)  # what ends an answer besides EOS (a chat turn's end)
+    device_setting: str = "auto"  # the eval.device and eval.precision it was loaded with
+    precision_setting: str = "auto"
+    base_trained: bool = False  # its base weights trained too (prompt+LM tuning's adapter over its tuned base)
 
     @property
     def detachable(self) -> bool:
         """The adaptation comes off: a peft adapter or soft prompt over base weights that training left unchanged
         (not prompt+LM tuning, whose base weights trained too)."""
-        if not self.model.is_peft:
+        if not self.model.is_peft or self.base_trained:
             return False
         return self.run_config is None or resolve(self.run_config.strategy).keeps_base_weights
 
@@ -63,17 +66,14 @@ def _load_hf(path: str, trust_remote_code: bool = False) -> Any:
     return load_model(ModelConfig(path=path, trust_remote_code=trust_remote_code))
 
 
-def load_for_eval(path: str, adapter: str | None = None, device: str | None = None,
-                  precision: str | None = None) -> EvalModel:
-    """Load what `path` names, ready for evaluation (eval mode, KV cache on) on the device (auto: a GPU when there is
-    one, cuda or cpu) in the precision (auto: bf16 weights on a GPU that has it, bf16 or fp32) that
-    tunelab.models.device decides; None: the run directory's eval: section, else auto."""
+def _find_model(p: Path, adapter: str | None) -> tuple[Any, Any, str, str, Config | None, bool]:
+    """(the model, its tokenizer's folder, strategy, name, the run's config, whether its base trained) of what `p`
+    names: a run directory, a peft adapter folder (or `p` with `adapter` on it), or a model folder."""
     from peft import PeftModel
 
     from tunelab.strategies.export import load_final
 
-    p = Path(path)
-    run_config = None
+    run_config, base_trained = None, False
     if (p / "config.yaml").is_file() and adapter is None:  # a tunelab run directory
         run_config = validate_config(yaml.safe_load((p / "config.yaml").read_text()), str(p / "config.yaml"))
         strategy = run_config.strategy.name
@@ -91,21 +91,38 @@ def load_for_eval(path: str, adapter: str | None = None, device: str | None = No
         if not (adapter_dir / "adapter_config.json").is_file():
             raise ModelError(f"'{adapter_dir}' has no adapter_config.json, so it is not a peft adapter folder.")
         adapter_cfg = read_adapter_config(adapter_dir)
-        base = path if adapter else adapter_cfg["base_model_name_or_path"]
+        base = str(p) if adapter else adapter_cfg["base_model_name_or_path"]
         check_model_folder(base)
         check_weights(adapter_dir)
         lm = PeftModel.from_pretrained(_load_hf(base), adapter_dir)
+        # prompt+LM tuning's final/ holds base/ (its tuned weights) beside adapter/: no base to detach back to
+        base_trained = Path(base).name == "base" and (Path(base).parent / "adapter").is_dir()
         tok_dir, strategy, name = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base, \
             "adapter", f"{base} + {adapter_dir}"
     else:
-        lm, tok_dir, strategy, name = _load_hf(path), path, "model", path
+        lm, tok_dir, strategy, name = _load_hf(str(p)), p, "model", str(p)
+    return lm, tok_dir, strategy, name, run_config, base_trained
+
+
+def load_for_eval(path: str, adapter: str | None = None, device: str | None = None,
+                  precision: str | None = None) -> EvalModel:
+    """Load what `path` names, ready for evaluation (eval mode, KV cache on) on the device (auto: a GPU when there is
+    one, cuda or cpu) in the precision (auto: bf16 weights on a GPU that has it, bf16 or fp32) that
+    tunelab.models.device decides; None: the run directory's eval: section, else auto."""
+    p = Path(path)
+    lm, tok_dir, strategy, name, run_config, base_trained = _find_model(p, adapter)
     tokenizer = load_tokenizer(ModelConfig(path=str(tok_dir)))
     settings = run_config.eval if run_config else None
-    choice = choose_device(device or (settings.device if settings else "auto"),
-                           precision or (settings.precision if settings else "auto"), key="eval.device")
-    model = _wrap(lm, strategy).to(choice.device, dtype=choice.autocast_dtype).eval()
+    device = device or (settings.device if settings else "auto")
+    precision = precision or (settings.precision if settings else "auto")
+    choice = choose_device(device, precision, key="eval.device")
+    model = _wrap(lm, strategy).to(choice.device).eval()
+    if choice.autocast_dtype is not None:  # the weights only: buffers such as RoPE's inverse frequencies stay float32
+        for param in model.parameters():
+            param.data = param.data.to(choice.autocast_dtype)
     model.base.config.use_cache = True
-    return EvalModel(model, tokenizer, name, run_config, _turn_end(p) if run_config else [])
+    return EvalModel(model, tokenizer, name, run_config, _turn_end(p) if run_config else [], device, precision,
+                     base_trained)
 
 
 def _turn_end(run_dir: Path) -> list[str]:

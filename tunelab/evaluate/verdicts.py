@@ -7,6 +7,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+# general-text forgetting: tuned / base perplexity below PPL_MILD is no measurable forgetting, below PPL_STRONG mild
+PPL_MILD, PPL_STRONG = 1.05, 1.25
+
+
+def retained_perplexity_ratio(row: dict[str, Any]) -> float:
+    """A comparison row's forgetting as the strategy is used: with the adaptation off where it comes off (soft
+    prompts, adapters: the base stays available), else with it on."""
+    off = row.get("perplexity_ratio_off")
+    return row["perplexity_ratio"] if off is None else off
+
 LEVELS = ("ok", "warning", "bad")
 
 

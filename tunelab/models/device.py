@@ -1,5 +1,5 @@
 """The device decision, made once and used by every command that runs a model (train, eval, diff, compare,
-chat, generate, doctor): CUDA when it is available unless configured otherwise, bf16 autocast where the
+chat, generate): CUDA when it is available unless configured otherwise, bf16 autocast where the
 device supports it, this rank's GPU under torchrun."""
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ class OutputHead:
             correct = (logits.argmax(-1) == at.targets).sum() if count_correct else None
             return F.cross_entropy(logits, at.targets, reduction="sum"), correct
         weight, bias = self.projection.weight, self.projection.bias
-        if kernel == "liger":
+        if kernel == "liger" and torch.is_grad_enabled():  # liger computes the weight's gradient in its forward
             loss = liger_linear_cross_entropy_sum(at.hidden, weight, bias, at.targets)
         else:
             loss = linear_cross_entropy_sum(at.hidden, weight, bias, at.targets, chunk_size)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunelab.evaluate.verdicts import PPL_MILD, PPL_STRONG, retained_perplexity_ratio
 from tunelab.strategies.registry import STRATEGIES
 
 
@@ -52,25 +53,24 @@ class Advice:
 
 # How much general-text forgetting each retention level accepts (tuned / base perplexity, with the adaptation off
 # where it comes off): the diff's verdict thresholds, no measurable forgetting and mild forgetting.
-RETENTION_FORGETTING = {"high": 1.05, "medium": 1.25, "low": math.inf}
+RETENTION_FORGETTING = {"high": PPL_MILD, "medium": PPL_STRONG, "low": math.inf}
 
 
 def measured_pick(rows: list[dict[str, Any]], metric: str, retention: str, tolerance: float = 0.02) -> str | None:
     """The strategy a measured comparison (compare.json's table) supports at a retention level: among the rows
-    whose forgetting that level accepts, the best task score (within `tolerance` of it, the least forgetting)."""
-    def forgetting(r: dict[str, Any]) -> float:
-        return r["perplexity_ratio"] if r.get("perplexity_ratio_off") is None else r["perplexity_ratio_off"]
-
-    kept = [r for r in rows if forgetting(r) <= RETENTION_FORGETTING[retention]]
+    whose forgetting that level accepts, the best task score (within `tolerance` of it, the least forgetting).
+    Unlike the comparison's recommendation it does not ask whether any row beats the model-free baselines."""
+    kept = [r for r in rows if retained_perplexity_ratio(r) <= RETENTION_FORGETTING[retention]]
     if not kept:
         return None
     best = max(r[metric] for r in kept)
-    return min((r for r in kept if r[metric] >= best - tolerance), key=lambda r: (forgetting(r), -r[metric]))["strategy"]
+    close = [r for r in kept if r[metric] >= best - tolerance]
+    return min(close, key=lambda r: (retained_perplexity_ratio(r), -r[metric]))["strategy"]
 
 
 # The soft prompt that learned (the demo's summaries: ROUGE-L 0.129 against few-shot prompting's 0.072, where
 # prompt tuning and P-tuning stayed below zero-shot prompting): prefix tuning through its MLP, 32 virtual tokens.
-SOFT_PROMPT = {"method": "prefix_tuning", "prefix_projection": True, "num_virtual_tokens": 32, "learning_rate": 1e-2}
+LEARNED_SOFT_PROMPT = {"method": "prefix_tuning", "prefix_projection": True, "num_virtual_tokens": 32, "learning_rate": 1e-2}
 
 
 def _lr(strategy: str) -> str:
@@ -117,11 +117,15 @@ def _by_rules(s: Situation) -> Advice:
                           f"a soft prompt {s.memory_gib.get('soft_prompt', 0):.1f} GiB, mostly the frozen weights): "
                           "shard LoRA's model over several GPUs with FSDP2 (the plan's 'to fit' lines give the "
                           f"count). {figures}.", "2")
-        return Advice("soft_prompt", {**SOFT_PROMPT, "activation_checkpointing": True},
+        # prompt tuning: a prefix's MLP would add layers x 2 x kv width x hidden parameters (1.1B on a 7B Llama),
+        # and a prefix cannot go with activation checkpointing (its keys and values live in the KV cache)
+        return Advice("soft_prompt", {"method": "prompt_tuning", "num_virtual_tokens": 32,
+                                      "learning_rate": LEARNED_SOFT_PROMPT["learning_rate"],
+                                      "activation_checkpointing": True},
                       f"{mem}, and LoRA does not fit either; a soft prompt trains only the prompt "
                       "(turn on train.activation_checkpointing).", "2")
     if n < 100:
-        if retention == "low" and s.fits.get("full", True):
+        if retention == "low":  # full tuning fits here: rule 2 answered where it does not
             return Advice("full", {"learning_rate": _lr("full"), "epochs": _epochs(n)},
                           f"With {figures} and low retention, full tuning learns the most even from few examples "
                           "(measured: the demo's 64-example comparison), at the cost of general text.", "3")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,15 @@ def labelled(row: dict[str, Any]) -> dict[str, Any]:
     return {COMPARE_LABELS.get(k, k): v for k, v in row.items()}
 
 
+def _forgetting_bars(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Perplexity ratios with the adaptation on, and off where it comes off (no bar where it does not)."""
+    bars = {"adaptation on": [r.get("perplexity_ratio") or 0.0 for r in rows]}
+    if any(r.get("perplexity_ratio_off") is not None for r in rows):
+        bars["adaptation off"] = [math.nan if r.get("perplexity_ratio_off") is None else r["perplexity_ratio_off"]
+                                  for r in rows]
+    return bars
+
+
 def compare_sections(c: dict[str, Any]) -> list[Section]:
     rows = c["table"]
     s = Section("Strategy comparison", text=[t for t in (c.get("note", ""), describe(c.get("baselines")),
@@ -137,10 +147,7 @@ def compare_sections(c: dict[str, Any]) -> list[Section]:
                          plots.bar_plot(names, {metric: [r.get(metric) or 0.0 for r in rows]}, metric, metric)))
     if any(r.get("perplexity_ratio") for r in rows):
         s.images.append(("forgetting per strategy (tuned / base perplexity on general text; 1 = none)",
-                         plots.bar_plot(names, {"adaptation on": [r.get("perplexity_ratio") or 0.0 for r in rows],
-                                                "adaptation off (where it comes off)":
-                                                    [r.get("perplexity_ratio_off") or 0.0 for r in rows]},
-                                        "forgetting", "ratio")))
+                         plots.bar_plot(names, _forgetting_bars(rows), "forgetting", "ratio")))
     if c.get("recommendation"):
         s.verdicts.append(c["recommendation"])
     return [s]
