@@ -170,6 +170,22 @@ def run_row(name: str, cfg: Config, seconds: float) -> CompareRow:
                       cfg.train.learning_rate)
 
 
+def _with_diff(row: CompareRow, d: dict[str, Any]) -> CompareRow:
+    """The row with its diff's figures: the task metrics, forgetting (on, and off where it comes off), drift and
+    probes."""
+    f = d["forgetting"]
+    row.metrics, row.perplexity_ratio, row.kl_base_to_tuned = d["task"]["tuned"], f["perplexity_ratio"], \
+        f["kl_base_to_tuned"]
+    row.eos_share, row.task_format_share = d["drift"]["eos_share_tuned"], d["drift"]["format_collapse_tuned"]
+    if "adaptation_off" in f:
+        off = f["adaptation_off"]
+        row.perplexity_ratio_off, row.kl_base_to_tuned_off = off["perplexity_ratio"], off["kl_base_to_tuned"]
+        row.probes_right_off = off.get("probes_right")
+    if "probes" in d:
+        row.probes_right, row.probes_right_base = d["probes"]["right_tuned"], d["probes"]["right_base"]
+    return row
+
+
 def compare(cfg: Config, strategies: list[str], out_dir: Path,
             overrides: dict[str, list[str]] | None = None) -> dict[str, Any]:
     """Train, evaluate (cfg.eval) and diff (cfg.diff) each strategy; write out_dir/compare.json and the report."""
@@ -203,17 +219,7 @@ def compare(cfg: Config, strategies: list[str], out_dir: Path,
         d = diff(base, tuned, data, diff_settings, eval_settings, reference=reference, base_eval=base_eval,
                  base_cache=base_cache)
         (Path(scfg.output_dir) / "diff.json").write_text(json.dumps(d, indent=2))
-        f = d["forgetting"]
-        row.metrics, row.perplexity_ratio, row.kl_base_to_tuned = d["task"]["tuned"], f["perplexity_ratio"], \
-            f["kl_base_to_tuned"]
-        row.eos_share, row.task_format_share = d["drift"]["eos_share_tuned"], d["drift"]["format_collapse_tuned"]
-        if "adaptation_off" in f:
-            off = f["adaptation_off"]
-            row.perplexity_ratio_off, row.kl_base_to_tuned_off = off["perplexity_ratio"], off["kl_base_to_tuned"]
-            row.probes_right_off = off.get("probes_right")
-        if "probes" in d:
-            row.probes_right, row.probes_right_base = d["probes"]["right_tuned"], d["probes"]["right_base"]
-        table.append(row)
+        table.append(_with_diff(row, d))
     base_probes = next((r.probes_right_base for r in table if r.probes_right_base is not None), None)
     for row in table:
         if not resolve(configs[row.strategy].strategy).trains_anything and base_probes is not None:
@@ -222,7 +228,8 @@ def compare(cfg: Config, strategies: list[str], out_dir: Path,
     no_model = base_eval["baselines"] if base_eval else None
     recommended, recommendation = measured_recommendation(table, metric, no_model)
     result = {"metric": metric, "base_metrics": base_eval["metrics"] if base_eval else None, "baselines": no_model,
-              "table": [r.as_dict() for r in table], "eval_data": data.path, "num_eval_examples": len(data.examples), "reference": reference[1],
+              "table": [r.as_dict() for r in table], "eval_data": data.path, "num_eval_examples": len(data.examples),
+              "reference": reference[1],
               "note": f"same data, seed and step budget for every strategy; task metric on {len(data.examples)} "
                       f"held-out examples of {data.path}; forgetting on {reference[1]}",
               "recommended": recommended, "recommendation": recommendation, "forgetting_ranked_by": RANKED_BY,

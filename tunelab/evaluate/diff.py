@@ -136,6 +136,20 @@ def _forgetting_off(base: EvalModel, off: EvalModel, texts: list[str], ppl_b: fl
     return figures
 
 
+def _task_gain(base: EvalModel, tuned: EvalModel, data: EvalData, eval_settings: EvalConfig,
+               base_eval: dict[str, Any] | None) -> dict[str, Any]:
+    """The task metric before and after, and its verdict."""
+    sb = base_eval or evaluate(base, data, eval_settings)[0]
+    st = evaluate(tuned, data, eval_settings)[0]
+    metric = next(iter(st["metrics"]))
+    gain = st["metrics"][metric] - sb["metrics"][metric]
+    return {"metric": metric, "base": sb["metrics"], "tuned": st["metrics"], "gain": gain, "mode": st["mode"],
+            "num_examples": st["num_examples"],
+            "verdict": judged(f"task {metric}", gain, "any gain > 0", gain <= 0,
+                              f"{'better' if gain > 0 else 'not better'} on the task: {metric} "
+                              f"{sb['metrics'][metric]:.3f} -> {st['metrics'][metric]:.3f} (threshold: any gain > 0)")}
+
+
 def diff(base: EvalModel, tuned: EvalModel, data: EvalData | None, settings: DiffConfig,
          eval_settings: EvalConfig, reference: tuple[list[str], str] | None = None,
          base_eval: dict[str, Any] | None = None, base_cache: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -147,17 +161,8 @@ def diff(base: EvalModel, tuned: EvalModel, data: EvalData | None, settings: Dif
     labels: set[str] = set()
     template_prefix = ""
     if data is not None:
-        sb = base_eval or evaluate(base, data, eval_settings)[0]
-        st = evaluate(tuned, data, eval_settings)[0]
-        metric = next(iter(st["metrics"]))
-        gain = st["metrics"][metric] - sb["metrics"][metric]
-        out["task"] = {"metric": metric, "base": sb["metrics"], "tuned": st["metrics"], "gain": gain,
-                       "mode": st["mode"], "num_examples": st["num_examples"],
-                       "verdict": judged(f"task {metric}", gain, "any gain > 0", gain <= 0,
-                                         f"{'better' if gain > 0 else 'not better'} on the task: {metric} "
-                                         f"{sb['metrics'][metric]:.3f} -> {st['metrics'][metric]:.3f} "
-                                         "(threshold: any gain > 0)")}
-        if st["mode"] == "score":
+        out["task"] = _task_gain(base, tuned, data, eval_settings, base_eval)
+        if out["task"]["mode"] == "score":
             labels = {normalize(o) for o in label_options(data)}
         if data.spec.template is not None:
             template_prefix = data.spec.template.target.split("{")[0].strip()
