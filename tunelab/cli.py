@@ -111,8 +111,15 @@ def cmd_convert_llama2c(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from tunelab.demo import run_demo
+    import torch
 
+    from tunelab.config import TrainConfig
+    from tunelab.demo import run_demo
+    from tunelab.train.loop import set_denormal_mode
+
+    # as compare does, before anything computes: the demo trains prompting runs in this process, and a flag set
+    # then would reach only the calling thread, not the intra-op threads the base model's evaluation started
+    set_denormal_mode(TrainConfig(), torch.device("cpu"))
     run_demo(Path(args.out), quick=args.quick, steps=args.steps)
     return 0
 
