@@ -93,6 +93,19 @@ def test_discrete_template_with_few_shot_demonstrations(tokenizer):
     assert [r.text for r in again] == [r.text for r in rendered]  # same seed, same demonstrations
 
 
+def test_few_shot_demonstrations_do_not_depend_on_the_data_files_folder(tokenizer):
+    """The same file in another folder (a fresh clone, the demo's --out) gets the same demonstrations."""
+    rows = [{"text": f"message {i}", "label": f"intent_{i}"} for i in range(12)]
+    spec = RenderSpec(template=Template(prompt="Message: {text}\nIntent:", target=" {label}"), num_shots=3, seed=0)
+
+    def rendered_from(folder: str) -> list[str]:
+        examples = to_examples([Record(r, f"{folder}/train.jsonl:{i + 1}", i) for i, r in enumerate(rows)], "auto")
+        return [render_example(e, spec, tokenizer, examples).text for e in examples]
+
+    assert rendered_from("/runs/a/data") == rendered_from("/tmp/elsewhere/data")
+    assert len(set(rendered_from("/runs/a/data"))) == len(rows)
+
+
 def test_column_mapping(tokenizer):
     rows = [{"question": "2+2?", "answer": " 4"}]
     examples, _, (enc,), _ = _encode(rows, tokenizer, columns={"prompt": "question", "completion": "answer"})

@@ -15,6 +15,7 @@ the template writes one), not the template's whitespace after it and no EOS it d
 from __future__ import annotations
 
 import logging
+import os
 import random
 import re
 from dataclasses import dataclass
@@ -125,7 +126,8 @@ def choose_demos(pool: list[Example], k: int, seed: int, ex: Example) -> list[Ex
     candidates = [d for d in pool if not (d.source == ex.source)]
     if len(candidates) < k:
         raise DataError(f"strategy.num_shots is {k} but the training data has only {len(candidates)} other examples.")
-    rng = random.Random(f"{seed}:{ex.source}")
+    # seeded by the file's name and line, not its folder: the same data copied elsewhere gets the same demonstrations
+    rng = random.Random(f"{seed}:{os.path.basename(ex.source)}")
     return rng.sample(candidates, k)
 
 
