@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,9 @@ from tunelab.report.run_report import COMPARE_LABELS, compare_sections
 
 SUMMARY_TEMPLATE = {"prompt": "Ticket: {prompt}\nSummary:", "target": " {completion}"}
 INTENT_TEMPLATE = {"prompt": "Ticket: {prompt}\nThe customer wants:", "target": " {completion}"}
-# measured on this model (README): LoRA above 5e-3 and soft prompts above 1e-2 diverge or collapse
-LEARNING_RATES = {"soft_prompt": 1e-2, "lora": 5e-3, "ia3": 1e-2, "full": 1e-3, "freeze": 1e-3, "prompt_lm": 1e-3}
+# measured on this model (README): LoRA above 5e-3 diverges or collapses; the soft prompt's rate is the one that
+# learned (SOFT_PROMPT_SETTINGS)
+LEARNING_RATES = {"lora": 5e-3, "ia3": 1e-2, "full": 1e-3, "freeze": 1e-3, "prompt_lm": 1e-3}
 TOKENS_PER_STEP = 1024
 # task 2 needs more steps: full tuning stays at chance after 100 (accuracy 0.28) and is right on every held-out
 # ticket after 300 (measured, see README); LoRA learns it at 2e-3 (0.78), not at 5e-3 (0.28) or 1e-3 (0.27)
@@ -72,7 +74,7 @@ def _overrides(strategies: list[str], rates: dict[str, float] | None = None) -> 
     """Each trained strategy's learning rate on this model (`rates` over the defaults), and the soft prompt that
     learned (compare's)."""
     out = {name: [f"train.learning_rate={lr}"] for name, lr in {**LEARNING_RATES, **(rates or {})}.items()}
-    out["soft_prompt"] += list(SOFT_PROMPT_SETTINGS)
+    out["soft_prompt"] = list(SOFT_PROMPT_SETTINGS)
     out["few-shot"] = ["strategy.num_shots=2", "data.max_length=400"]  # room for two demonstrations
     return {k: v for k, v in out.items() if k in {s.partition("=")[0] for s in strategies}}
 
@@ -129,20 +131,20 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False, steps: int | No
 def _small_data(data: dict[str, Path], out: Path, steps: int, max_eval: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """Task 3: 64 labeled summaries, every strategy (compare's small-data preset), and the advisor's rule for that
     situation set against what the measured table supports, at each retention level."""
-    from tunelab.plan.advisor import measured_pick
+    from tunelab.plan.advisor import advise, measured_pick
     from tunelab.plan.run import plan
 
     preset = PRESETS["small-data"]
-    cfg, strategies, overrides = apply_preset(_config(data, "summary", out / "small", steps, max_eval), preset,
-                                              _overrides(list(preset.strategies)))
+    rates = _overrides(list(preset.strategies))
+    del rates["soft_prompt"]  # the preset carries the soft prompt that learned, its rate included
+    cfg, strategies, overrides = apply_preset(_config(data, "summary", out / "small", steps, max_eval), preset, rates)
     print(f"\ntask 3, small data: {preset.about}")
     small = compare(cfg, strategies, out / "small-data-compare", overrides)
     _print_table("Task 3: 64 labeled tickets -> summary, every strategy", small, ["rouge_l"], compute=True)
+    situation = plan(cfg, "cpu").situation  # estimated once; only the retention level changes below
     levels = {}
     for retention in ("high", "medium", "low"):
-        tree = cfg.model_dump(mode="json")
-        tree["plan"]["retention"] = retention
-        ruled = plan(validate_config(tree), "cpu").advice  # the rules alone: no measured comparison given
+        ruled = advise(replace(situation, retention=retention))  # the rules alone: no measured comparison given
         measured = measured_pick(small["table"], small["metric"], retention)
         levels[retention] = {"rule": ruled.rule, "ruled": ruled.strategy, "measured": measured,
                              "agrees": ruled.strategy == measured}

@@ -115,6 +115,12 @@ def _task_like(text: str, labels: set[str], template_prefix: str) -> bool:
     return normalize(stripped) in labels or (bool(template_prefix) and stripped.startswith(template_prefix))
 
 
+def _perplexity_verdict(ratio: float, figure: str) -> dict[str, Any]:
+    """The forgetting verdict of a tuned / base perplexity ratio on general text."""
+    return graded(ratio, (PPL_MILD, PPL_STRONG), ("no measurable forgetting", "mild forgetting", "strong forgetting"),
+                  figure, "x{}")
+
+
 def _right(probes: list[dict[str, str]], gens: list[Any]) -> list[bool]:
     """Whether each probe's normalised answer appears in its normalised generation."""
     return [normalize(p["answer"]) in normalize(g.text) for p, g in zip(probes, gens)]
@@ -130,9 +136,8 @@ def _forgetting_off(base: EvalModel, off: EvalModel, texts: list[str], ppl_b: fl
     if probes:
         figures["probes_right"] = sum(_right(probes, generate(off, [p["prompt"] for p in probes],
                                                               settings.max_new_tokens)))
-    figures["verdict"] = graded(figures["perplexity_ratio"], (PPL_MILD, PPL_STRONG),
-                                ("no measurable forgetting", "mild forgetting", "strong forgetting"),
-                                "general-text perplexity with the adaptation off", "x{}")
+    figures["verdict"] = _perplexity_verdict(figures["perplexity_ratio"],
+                                             "general-text perplexity with the adaptation off")
     return figures
 
 
@@ -174,9 +179,7 @@ def diff(base: EvalModel, tuned: EvalModel, data: EvalData | None, settings: Dif
     out["forgetting"] = {
         "reference": source, "num_texts": len(texts), "perplexity_base": ppl_b, "perplexity_tuned": ppl_t,
         "perplexity_ratio": ppl_t / ppl_b, "kl_base_to_tuned": kl,
-        "perplexity_verdict": graded(ppl_t / ppl_b, (PPL_MILD, PPL_STRONG),
-                                       ("no measurable forgetting", "mild forgetting", "strong forgetting"),
-                                       "general-text perplexity", "x{}"),
+        "perplexity_verdict": _perplexity_verdict(ppl_t / ppl_b, "general-text perplexity"),
         "kl_verdict": graded(kl, (KL_SMALL, KL_LARGE), ("close to the base", "moderate shift", "large shift"),
                                "KL(base||tuned)", "{} nats per token"),
     }

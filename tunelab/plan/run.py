@@ -47,6 +47,7 @@ class PlanResult:
     data: DataShape
     pretraining: tuple[float, str] | None
     config_strategy: str
+    situation: Situation  # what the advice was given for
 
     def as_dict(self) -> dict[str, Any]:
         out = {name: e.as_dict() for name, e in self.estimates.items()}
@@ -197,7 +198,7 @@ def plan(cfg: Config, device_name: str = "cpu", pretraining_tokens: float | None
                           {k: v <= device.memory_bytes for k, v in totals.items()},
                           {k: e.trainable_params / e.total_params for k, e in estimates.items()}, gib,
                           device.memory_bytes / 2**30)
-    return PlanResult(estimates, advise(situation, compare_json), device, data, pre, cfg.strategy.name)
+    return PlanResult(estimates, advise(situation, compare_json), device, data, pre, cfg.strategy.name, situation)
 
 
 def write_plan(result: PlanResult, path: str) -> None:

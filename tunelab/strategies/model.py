@@ -103,13 +103,16 @@ class TrainModel(torch.nn.Module):
             inputs = {k: v for k, v in batch.items() if k not in ("labels", "virtual_mask")}
         if self.virtual_tokens:
             ids = inputs.pop("input_ids")
-            slots = batch["virtual_mask"].reshape(ids.shape)
-            embeds = self.base.get_input_embeddings()(ids)
-            prompts = self.soft_prompt().to(embeds.dtype)
-            n_examples = int(slots.sum()) // self.virtual_tokens
-            inputs["inputs_embeds"] = embeds.masked_scatter(slots[..., None], prompts.repeat(n_examples, 1))
+            inputs["inputs_embeds"] = self._embed_with_prompt(ids, batch["virtual_mask"].reshape(ids.shape))
         hidden = self.base.get_decoder()(**inputs, use_cache=False).last_hidden_state
         return hidden, labels
+
+    def _embed_with_prompt(self, ids: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (batch, seq, d) of `ids`, with the soft prompt's vectors in the `slots` (batch, seq),
+        one whole prompt per run of virtual_tokens slots."""
+        embeds = self.base.get_input_embeddings()(ids)
+        prompts = self.soft_prompt().to(embeds.dtype)
+        return embeds.masked_scatter(slots[..., None], prompts.repeat(int(slots.sum()) // self.virtual_tokens, 1))
 
     def generate_new_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any
                             ) -> torch.Tensor:
@@ -129,11 +132,9 @@ class TrainModel(torch.nn.Module):
             else:
                 input_ids = torch.cat([torch.full_like(ones, kwargs.get("pad_token_id") or 0, dtype=input_ids.dtype),
                                        input_ids], dim=1)
-                embeds = self.base.get_input_embeddings()(input_ids)  # (batch, virtual + width, d)
                 slots = torch.zeros_like(input_ids, dtype=torch.bool)
                 slots[:, :virtual] = True
-                prompts = self.soft_prompt().to(embeds.dtype).repeat(input_ids.shape[0], 1)
-                kwargs["inputs_embeds"] = embeds.masked_scatter(slots[..., None], prompts)
+                kwargs["inputs_embeds"] = self._embed_with_prompt(input_ids, slots)
                 width += virtual
         return self.base.generate(input_ids=input_ids, attention_mask=mask, **kwargs)[:, width:]
 
