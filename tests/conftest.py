@@ -86,8 +86,9 @@ VARIED_ROWS = [
 
 # The files that take longest under `make test` (its --durations list), longest first: a scheduling hint only
 # (a stale list costs wall time, never a result).
-LONGEST_FIRST = ["evaluate/test_banking77_acceptance.py", "test_demo.py", "train/test_distributed.py",
-                 "plan/test_validation.py", "test_bench_smoke.py", "train/test_recipe.py"]
+LONGEST_FIRST = ["test_demo_task_intent.py", "test_demo_task_summary.py", "test_demo_task_small_data.py",
+                 "evaluate/test_banking77_acceptance.py", "train/test_distributed.py", "plan/test_validation.py",
+                 "test_bench_smoke.py", "train/test_recipe.py", "test_demo.py"]
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -68,6 +68,7 @@ def _print_table(title: str, result: dict[str, Any], metric_names: list[str], co
 
 
 DEFAULT_STEPS = 100
+SUMMARY_STRATEGIES = ["zero-shot=prompting", "few-shot=prompting", "soft_prompt", "lora", "full"]
 
 
 def _overrides(strategies: list[str], rates: dict[str, float] | None = None) -> dict[str, list[str]]:
@@ -79,37 +80,57 @@ def _overrides(strategies: list[str], rates: dict[str, float] | None = None) -> 
     return {k: v for k, v in out.items() if k in {s.partition("=")[0] for s in strategies}}
 
 
+def summary_task(data: dict[str, Path], out: Path, steps: int, max_eval: int, quick: bool = False) -> dict[str, Any]:
+    """Task 1: ticket -> concise summary, prompting against the trained strategies (two strategies with `quick`)."""
+    strategies = ["zero-shot=prompting", "lora"] if quick else SUMMARY_STRATEGIES
+    print(f"1-3. task 1, summaries: {', '.join(strategies)}; {steps} steps of {TOKENS_PER_STEP:,} tokens each")
+    summary = compare(_config(data, "summary", out, steps, max_eval), strategies, out / "summary-compare",
+                      _overrides(strategies))
+    _print_table("Task 1: ticket -> concise summary (held-out tickets; forgetting on the base's general text "
+                 "and 60 probes)", summary, ["rouge_l", "exact_match"])
+    return summary
+
+
+def intent_task(data: dict[str, Path], out: Path, steps: int, max_eval: int, quick: bool = False) -> dict[str, Any]:
+    """Task 2: ticket -> what the customer wants (4 labels, scored by likelihood), at INTENT_STEP_FACTOR x `steps`."""
+    strategies = ["few-shot=prompting", "full"] if quick else SUMMARY_STRATEGIES
+    intent_steps = INTENT_STEP_FACTOR * steps
+    print(f"\ntask 2, intent (4 labels): {', '.join(strategies)}; {intent_steps} steps")
+    intent = compare(_config(data, "intent", out, intent_steps, max_eval), strategies, out / "intent-compare",
+                     _overrides(strategies, INTENT_LEARNING_RATES))
+    _print_table("Task 2: ticket -> what the customer wants (refund, replacement, repair or help; ranked by "
+                 "likelihood)", intent, ["accuracy", "macro_f1"])
+    return intent
+
+
+def recommend(data: dict[str, Path], out: Path, steps: int, max_eval: int) -> Any:
+    """The advisor's recommendation for task 1, with task 1's measured comparison (run first) as its evidence."""
+    from tunelab.plan.run import plan
+
+    return plan(_config(data, "summary", out, steps, max_eval), "cpu",
+                compare_json=out / "summary-compare" / "compare.json").advice
+
+
+def demo_budget(quick: bool, steps: int | None) -> tuple[int, int]:
+    """(steps of each trained strategy, held-out examples): 100 and 60; 10 and 12 with `quick`; `steps` decides."""
+    return (steps or 10, 12) if quick else (steps or DEFAULT_STEPS, 60)
+
+
 def run_demo(out: Path = Path("runs/demo"), quick: bool = False, steps: int | None = None) -> dict[str, Any]:
     """Run the demo; returns the three comparisons and the report path. `steps` overrides the step budget of
     every trained strategy of tasks 1 and 3 (task 2 takes INTENT_STEP_FACTOR times as many; default: 100; 10 with
     `quick`, which runs two strategies per task and no task 3)."""
     t0 = time.perf_counter()
     data = write_demo_data(out / "data", n_train=400, n_eval=100)
-    steps, max_eval = (steps or 10, 12) if quick else (steps or DEFAULT_STEPS, 60)
+    steps, max_eval = demo_budget(quick, steps)
     print(f"tunelab demo: the built-in base model ({MODEL_DIR}, pre-trained by tunelab on a generated world; "
           f"`python -m tunelab.demo_world.build` rebuilds it); 400 labeled tickets, {max_eval} held out")
-    strategies = ["zero-shot=prompting", "few-shot=prompting", "soft_prompt", "lora", "full"]
-    if quick:
-        strategies = ["zero-shot=prompting", "lora"]
-    print(f"1-3. task 1, summaries: {', '.join(strategies)}; {steps} steps of {TOKENS_PER_STEP:,} tokens each")
-    summary = compare(_config(data, "summary", out, steps, max_eval), strategies, out / "summary-compare",
-                      _overrides(strategies))
-    _print_table("Task 1: ticket -> concise summary (held-out tickets; forgetting on the base's general text "
-                 "and 60 probes)", summary, ["rouge_l", "exact_match"])
-    intent_strategies = ["few-shot=prompting", "full"] if quick else strategies
-    intent_steps = INTENT_STEP_FACTOR * steps
-    print(f"\ntask 2, intent (4 labels): {', '.join(intent_strategies)}; {intent_steps} steps")
-    intent = compare(_config(data, "intent", out, intent_steps, max_eval), intent_strategies, out / "intent-compare",
-                     _overrides(intent_strategies, INTENT_LEARNING_RATES))
-    _print_table("Task 2: ticket -> what the customer wants (refund, replacement, repair or help; ranked by "
-                 "likelihood)", intent, ["accuracy", "macro_f1"])
+    summary = summary_task(data, out, steps, max_eval, quick)
+    intent = intent_task(data, out, steps, max_eval, quick)
     small = small_advice = None
     if not quick:
-        small, small_advice = _small_data(data, out, steps, max_eval)
-    from tunelab.plan.run import plan
-
-    advice = plan(_config(data, "summary", out, steps, max_eval), "cpu",
-                  compare_json=out / "summary-compare" / "compare.json").advice
+        small, small_advice = small_data_task(data, out, steps, max_eval)
+    advice = recommend(data, out, steps, max_eval)
     print(f"\n4. recommendation for task 1: {advice.strategy}. {advice.reasons}")
     sections = [Section("The story", text=[__doc__.split("\n\n")[1].replace("\n", " ")])]
     for task, result in (("Task 1", summary), ("Task 2", intent), ("Task 3, 64 examples", small)):
@@ -128,7 +149,7 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False, steps: int | No
     return {**result, "report": report}
 
 
-def _small_data(data: dict[str, Path], out: Path, steps: int, max_eval: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def small_data_task(data: dict[str, Path], out: Path, steps: int, max_eval: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """Task 3: 64 labeled summaries, every strategy (compare's small-data preset), and the advisor's rule for that
     situation set against what the measured table supports, at each retention level."""
     from tunelab.plan.advisor import advise, measured_pick
