@@ -26,24 +26,33 @@ def prompt_text(ex: Example) -> str:
     return ex.fields.get("prompt", ex.fields.get("text", ""))
 
 
+def label_baselines(metrics: list[str], examples: list[Example], pool: list[Example], options: list[str],
+                    references: list[str], seed: int = 0) -> dict[str, dict[str, Any]]:
+    """The majority label of the training data (of the eval data without any) and a uniformly random label."""
+    n = len(references)
+    labels = [ex.target.strip() for ex in (pool or examples)]
+    counts = Counter(labels)
+    majority = min(counts, key=lambda label: (-counts[label], label))  # ties: the first in sorted order
+    where = "the training labels" if pool else "the eval labels (no training data given)"
+    rng = random.Random(seed)
+    draws = [compute(metrics, [rng.choice(options).strip() for _ in range(n)], references) for _ in range(CHANCE_DRAWS)]
+    return {"majority": {"answer": majority, "source": f"most common of {where} ({counts[majority]} of {len(labels)})",
+                         **compute(metrics, [majority] * n, references)},
+            "chance": {"answer": f"one of {len(options)} labels at random",
+                       "source": f"mean of {CHANCE_DRAWS} seeded draws",
+                       **{m: sum(d[m] for d in draws) / CHANCE_DRAWS for m in metrics}}}
+
+
 def baselines(mode: str, metrics: list[str], examples: list[Example], pool: list[Example], options: list[str],
               references: list[str], seed: int = 0) -> dict[str, dict[str, Any]]:
-    """name -> {"answer": what it answers, "source": where that came from, metric: score} on `references`."""
-    n = len(references)
+    """name -> {"answer": what it answers, "source": where that came from, metric: score} on `references`: the label
+    baselines where there are label `options` (ranked, or a closed label set generated), and for generation the
+    prompt copied."""
+    found = label_baselines(metrics, examples, pool, options, references, seed) if options else {}
     if mode == "score":
-        labels = [ex.target for ex in (pool or examples)]
-        counts = Counter(labels)
-        majority = min(counts, key=lambda label: (-counts[label], label))  # ties: the first in sorted order
-        where = "the training labels" if pool else "the eval labels (no training data given)"
-        rng = random.Random(seed)
-        draws = [compute(metrics, [rng.choice(options) for _ in range(n)], references) for _ in range(CHANCE_DRAWS)]
-        return {"majority": {"answer": majority, "source": f"most common of {where} ({counts[majority]} of {len(labels)})",
-                             **compute(metrics, [majority] * n, references)},
-                "chance": {"answer": f"one of {len(options)} labels at random",
-                           "source": f"mean of {CHANCE_DRAWS} seeded draws",
-                           **{m: sum(d[m] for d in draws) / CHANCE_DRAWS for m in metrics}}}
-    return {"copy the prompt": {"answer": "the example's own prompt text", "source": "the eval examples",
-                                **compute(metrics, [prompt_text(ex) for ex in examples], references)}}
+        return found
+    return {**found, "copy the prompt": {"answer": "the example's own prompt text", "source": "the eval examples",
+                                         **compute(metrics, [prompt_text(ex) for ex in examples], references)}}
 
 
 def bar(result_baselines: dict[str, dict[str, Any]] | None, metric: str) -> tuple[str, float] | None:

@@ -15,6 +15,7 @@ from tunelab.data.render import RenderSpec, render_example
 from tunelab.errors import DataError
 from tunelab.evaluate.baselines import baselines
 from tunelab.evaluate.generate import generate
+from tunelab.evaluate.labels import closed_label_set
 from tunelab.evaluate.loaders import EvalModel
 from tunelab.evaluate.metrics import compute, normalize
 from tunelab.evaluate.score import rank_options
@@ -33,9 +34,13 @@ class EvalData:
     path: str
 
 
-def default_metrics(mode: str, references: list[str]) -> list[str]:
+def default_metrics(mode: str, references: list[str], labels: list[str] | None = None) -> list[str]:
+    """Label metrics when ranking labels, or generating from a closed label set (exact match beside them); else
+    text-overlap metrics (and numeric match for answers ending `#### N`)."""
     if mode == "score":
         return ["accuracy", "macro_f1"]
+    if labels:
+        return ["accuracy", "macro_f1", "exact_match"]
     names = ["exact_match", "token_f1", "rouge_l"]
     if any("####" in r for r in references):
         names.append("numeric_match")
@@ -75,20 +80,23 @@ def evaluate(em: EvalModel, data: EvalData, settings: EvalConfig) -> tuple[dict[
     """The JSON summary and the per-example predictions."""
     mode, rows = predict(em, data, settings)
     preds, refs = [r["prediction"] for r in rows], [r["reference"] for r in rows]
-    names = settings.metrics or default_metrics(mode, refs)
+    labels = closed_label_set(data.examples, data.pool)
+    names = settings.metrics or default_metrics(mode, refs, labels)
     scores = compute(names, preds, refs)
-    options = label_options(data) if mode == "score" else []
+    options = label_options(data) if mode == "score" else labels or []
     for r in rows:
         r["correct"] = normalize(r["prediction"]) == normalize(r["reference"])
     summary: dict[str, Any] = {
         "model": em.name, "data": data.path, "num_examples": len(rows), "mode": mode, "metrics": scores,
         "baselines": baselines(mode, names, data.examples, data.pool, options, refs, settings.seed),
+        "label_task": labels is not None,  # a closed set of training targets: scored as labels (evaluate/labels.py)
         "rendering": {"render": data.spec.mode, "template": data.spec.template.model_dump() if data.spec.template else None,
                       "num_shots": data.spec.num_shots, "chat_template": data.spec.chat_template is not None,
                       "max_length": data.data_cfg.max_length},
         "settings": settings.model_dump(mode="json"),  # the resolved eval: section it ran with
     }
     if mode == "generate":
+        summary["num_options"] = len(options) if labels else None
         summary["eos_rate"] = sum(r["ended_with_eos"] for r in rows) / len(rows)
         summary["mean_output_tokens"] = sum(r["num_tokens"] for r in rows) / len(rows)
     else:

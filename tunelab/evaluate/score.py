@@ -103,7 +103,13 @@ def shared_prompt_log_probs(model: TrainModel, groups: list[tuple[list[int], lis
 def with_target(ex: Example, target: str) -> Example:
     """A copy of `ex` whose target is `target` (for scoring the options of a classification)."""
     fields = dict(ex.fields)
-    fields[SHAPES[ex.shape][2]] = target
+    if ex.shape == "chat":  # the last assistant turn is the target
+        messages = [dict(m) for m in fields["messages"]]
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        messages[last]["content"] = target
+        fields["messages"] = messages
+    else:
+        fields[SHAPES[ex.shape][2]] = target
     return dataclasses.replace(ex, fields=fields)
 
 
