@@ -9,13 +9,17 @@ from typing import Any
 
 STYLE = """mark{background:#cfc}pre{white-space:pre-wrap;background:#fafafa;padding:6px}
 body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;color:#222}
-table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
+table{border-collapse:collapse;margin:1em 0;font-size:12px;max-width:100%}
+td,th{border:1px solid #ccc;padding:3px 4px;text-align:right}td{white-space:nowrap}
+th{font-weight:600;overflow-wrap:break-word;hyphens:auto}.table{max-width:100%;overflow-x:auto}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%}
 .verdict{background:#f7f7ff;border-left:4px solid #66c;padding:4px 10px;margin:4px 0}"""
 
 
 def fmt(value: Any) -> str:
     if isinstance(value, float):
+        if abs(value) >= 1e9:  # FLOPs and the like: 3.1e+13 reads where 31,000,000,000,000 widens a table
+            return f"{value:.3g}"
         return f"{value:,.4g}" if abs(value) < 1e5 else f"{value:,.0f}"
     if isinstance(value, int):
         return f"{value:,}"
@@ -36,7 +40,7 @@ def _table_html(rows: list[dict[str, Any]]) -> str:
     cols = list(rows[0])
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(fmt(r.get(c)))}</td>" for c in cols) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<div class='table'><table><tr>{head}</tr>{body}</table></div>"
 
 
 def _table_md(rows: list[dict[str, Any]]) -> str:

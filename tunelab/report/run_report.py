@@ -121,6 +121,11 @@ COMPARE_LABELS = {"trainable_params": "trainable params", "share_trained": "shar
                   "kl_base_to_tuned_off": "KL base->tuned (off)", "probes_right_off": "probes right (off)"}
 
 
+# compare.json's columns of what a strategy cost to train (the report's second table)
+COST_COLUMNS = ["strategy", "trainable_params", "share_trained", "wall_time_s", "peak_memory_mib", "tokens_per_s",
+                "train_loss", "eval_loss", "learning_rate", "train_flops"]
+
+
 def labelled(row: dict[str, Any]) -> dict[str, Any]:
     """A comparison row with words for its field names, for tables people read."""
     return {COMPARE_LABELS.get(k, k): v for k, v in row.items()}
@@ -135,22 +140,37 @@ def _forgetting_bars(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
     return bars
 
 
+def _strategy_map(rows: list[dict[str, Any]], metric: str, baselines: dict[str, dict[str, Any]] | None) -> str:
+    """Each strategy's task score against its forgetting as it is used (off where the adaptation comes off)."""
+    points = [plots.MapPoint(r["strategy"], r.get(metric) or 0.0,
+                             r.get("perplexity_ratio_off") or r.get("perplexity_ratio") or 1.0,
+                             r.get("trainable_params") or 0) for r in rows]
+    lines = {name: b[metric] for name, b in (baselines or {}).items() if metric in b}
+    return plots.strategy_map(points, lines, metric, "forgetting: tuned / base perplexity (log; off where it comes off)")
+
+
 def compare_sections(c: dict[str, Any]) -> list[Section]:
     rows = c["table"]
+    # two tables that each fit a page: what each strategy scored and changed, and what it cost
+    cost = [k for k in COST_COLUMNS if k in rows[0]]
     s = Section("Strategy comparison", text=[t for t in (c.get("note", ""), describe(c.get("baselines")),
                                                          c.get("forgetting_ranked_by", "")) if t],
-                table=[labelled(r) for r in rows])
+                table=[labelled({k: v for k, v in r.items() if k == "strategy" or k not in cost}) for r in rows])
     metric = c.get("metric")
     names = [r["strategy"] for r in rows]
     if metric:
         s.images.append((f"task {metric} per strategy",
                          plots.bar_plot(names, {metric: [r.get(metric) or 0.0 for r in rows]}, metric, metric)))
+    if metric and any(r.get("perplexity_ratio") for r in rows):
+        s.images.append(("strategy map: the task score against forgetting (with the adaptation off where it comes "
+                         "off), marker size by trainable parameters, the model-free baselines as lines",
+                         _strategy_map(rows, metric, c.get("baselines"))))
     if any(r.get("perplexity_ratio") for r in rows):
-        s.images.append(("forgetting per strategy (tuned / base perplexity on general text; 1 = none)",
-                         plots.bar_plot(names, _forgetting_bars(rows), "forgetting", "ratio")))
+        s.images.append(("forgetting per strategy (tuned / base perplexity on general text; 1 = none; log scale)",
+                         plots.bar_plot(names, _forgetting_bars(rows), "forgetting", "ratio", log_y=True)))
     if c.get("recommendation"):
         s.verdicts.append(c["recommendation"])
-    return [s]
+    return [s, Section("What each strategy cost", table=[labelled({k: r.get(k) for k in cost}) for r in rows])]
 
 
 def samples_section(rows: list[dict[str, Any]]) -> Section:
