@@ -98,6 +98,10 @@ class Addition:
         """Why the addition cannot train under activation checkpointing (None: it can)."""
         return None
 
+    def save(self, lm: Any, tokenizer: Any, out: Any, base_path: str) -> None:
+        """The addition alone, as its own folder whose config points at the base model `base_path`."""
+        raise ValueError("nothing was added to this model: there is no addition to save apart from it")
+
     def detached(self, lm: Any) -> AbstractContextManager[Any]:
         """A context in which `lm` runs without the addition: the base model's own behaviour."""
         raise ValueError("nothing was added to this model: there is no adaptation to take off")
@@ -115,6 +119,12 @@ class _PeftAddition(Addition):
 
     def slots(self, lm: Any) -> PromptSlots:
         return loaded_slots(lm)
+
+    def save(self, lm: Any, tokenizer: Any, out: Any, base_path: str) -> None:
+        """peft's adapter folder (adapter_config.json, adapter_model.safetensors) with the tokenizer beside it."""
+        lm.peft_config[lm.active_adapter].base_model_name_or_path = base_path
+        lm.save_pretrained(out)
+        tokenizer.save_pretrained(out)
 
     def detached(self, lm: Any) -> AbstractContextManager[Any]:
         return lm.disable_adapter()  # peft's: adapter layers bypassed, a soft prompt not inserted
