@@ -117,9 +117,6 @@ class _PeftAddition(Addition):
     def base_of(self, lm: Any) -> Any:
         return lm.get_base_model()
 
-    def slots(self, lm: Any) -> PromptSlots:
-        return loaded_slots(lm)
-
     def save(self, lm: Any, tokenizer: Any, out: Any, base_path: str) -> None:
         """peft's adapter folder (adapter_config.json, adapter_model.safetensors) with the tokenizer beside it."""
         lm.peft_config[lm.active_adapter].base_model_name_or_path = base_path
@@ -254,6 +251,9 @@ class SoftPrompt(_PeftAddition):
 
     def peft_types(self) -> set[str]:
         return {m.peft_type for m in SOFT_PROMPT_METHODS.values()}
+
+    def slots(self, lm: Any) -> PromptSlots:
+        return loaded_slots(lm)
 
     def build(self, model: Any, cfg: StrategyConfig, tokenizer: Any, seed: int) -> Any:
         """peft's soft prompt on the model, its vectors the embeddings of real tokens (of a prefix: the keys and values
