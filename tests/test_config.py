@@ -110,7 +110,8 @@ def test_compare_derives_each_strategy_config_as_before(tmp_path):
         before = _compare_before(shared, name, tmp_path / "cmp" / label, overrides.get(label, []))
         assert configs[label] == before, label
     assert configs["lora"].train.learning_rate == 2e-2 and configs["freeze"].strategy.freeze.trainable_layers == 2
-    assert configs["soft_prompt"].strategy.soft_prompt.method == "prefix_tuning" and configs["few-shot"].strategy.num_shots == 2
+    assert configs["soft_prompt"].strategy.soft_prompt.method == "prefix_tuning"
+    assert configs["few-shot"].strategy.num_shots == 2
 
 
 @pytest.mark.parametrize("freeze", [{}, {"trainable_layers": 3}, {"modules": ["model.layers.*.mlp"]}])
@@ -130,8 +131,8 @@ def test_for_strategy_applies_overrides_in_order_in_every_form(tmp_path):
     cfg = load_config(_write(tmp_path, USER))
     texts = cfg.for_strategy("freeze", ["strategy.freeze.trainable_layers=1", "strategy.freeze={modules: [a]}",
                                         "strategy.freeze.modules=[b]"])
-    pairs = cfg.for_strategy("freeze", [("strategy.freeze.trainable_layers", 1), ("strategy.freeze", {"modules": ["a"]}),
-                                        ("strategy.freeze.modules", ["b"])])
+    pairs = cfg.for_strategy("freeze", [("strategy.freeze.trainable_layers", 1),
+                                        ("strategy.freeze", {"modules": ["a"]}), ("strategy.freeze.modules", ["b"])])
     assert texts == pairs and texts.strategy.freeze.modules == ["b"] and texts.strategy.freeze.trainable_layers is None
     assert cfg.for_strategy("lora") == cfg and cfg.strategy.name == "lora"  # the user's config is not changed
 
