@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from tunelab.config import Config, dump_config, validate_config
+from tunelab.config import Config, dump_config
 from tunelab.errors import TunelabError
 from tunelab.evaluate.baselines import bar
 from tunelab.evaluate.diff import diff, reference_texts
@@ -58,31 +58,23 @@ def apply_preset(cfg: Config, preset: ComparePreset, overrides: dict[str, list[s
                                                                                              dict[str, list[str]]]:
     """(the config with the preset's share of the data, its strategies, its per-strategy settings under the
     caller's)."""
-    tree = cfg.model_dump(mode="json")
-    if preset.max_examples is not None:
-        tree["data"]["max_examples"] = preset.max_examples
+    share = {} if preset.max_examples is None else {"data.max_examples": preset.max_examples}
     merged = {label: [*preset.overrides.get(label, ()), *overrides.get(label, [])]
               for label in {*preset.overrides, *overrides}}
-    return validate_config(tree, f"compare preset {preset.name}"), list(preset.strategies), merged
+    return (cfg.for_strategy(cfg.strategy.name, share, f"compare preset {preset.name}"), list(preset.strategies),
+            merged)
 
 
 def strategy_configs(cfg: Config, strategies: list[str], out_dir: Path,
                      overrides: dict[str, list[str]] | None = None) -> dict[str, Config]:
     """One validated config per strategy (all checked before anything trains). `overrides` holds
     dotted.key=value settings for single strategies (e.g. a learning rate that suits adapters)."""
-    from tunelab.config import _set_dotted, parse_override
-
     configs = {}
     for entry in strategies:
         label, _, name = entry.rpartition("=")  # "few-shot=prompting": a labelled variant of a strategy
         label = label or name
-        tree = cfg.model_dump(mode="json")
-        tree["strategy"]["name"] = name
-        tree["output_dir"] = str(out_dir / label)
-        tree["overwrite"], tree["resume"] = True, False
-        for text in (overrides or {}).get(label, []):
-            _set_dotted(tree, *parse_override(text))
-        configs[label] = validate_config(tree, f"compare, strategy {label}")
+        run = [("output_dir", str(out_dir / label)), ("overwrite", True), ("resume", False)]
+        configs[label] = cfg.for_strategy(name, [*run, *(overrides or {}).get(label, [])], f"compare, strategy {label}")
     return configs
 
 

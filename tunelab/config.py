@@ -7,6 +7,7 @@ names the closest valid key; a wrong type names the key, the value and the expec
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunelab.errors import ConfigError
-from tunelab.strategies.registry import STRATEGIES
+from tunelab.strategies.registry import SOFT_PROMPT_METHODS, STRATEGIES, resolve
 
 
 class _Section(BaseModel):
@@ -104,7 +105,7 @@ class LoraSettings(_Section):
 
 
 class SoftPromptSettings(_Section):
-    method: Literal["prompt_tuning", "prefix_tuning", "p_tuning"] = "prompt_tuning"
+    method: Literal[tuple(SOFT_PROMPT_METHODS)] = "prompt_tuning"  # type: ignore[valid-type]  # the registry's
     num_virtual_tokens: int = Field(default=20, ge=1)
     init_text: str | None = None  # e.g. the task description; None: embeddings of sampled vocabulary tokens
     encoder_hidden_size: int | None = Field(default=None, ge=1)  # p_tuning's MLP width (default: the model's)
@@ -136,14 +137,9 @@ class StrategyConfig(_Section):
 
     @model_validator(mode="after")
     def _complete(self) -> "StrategyConfig":
-        strategy = STRATEGIES[self.name]
-        if strategy.requires_template and self.template is None:
-            raise ValueError(f"strategy {self.name} tunes the LM under a fixed discrete prompt: set strategy.template")
-        if strategy.base == "chosen":
-            chosen = [k for k in ("trainable_layers", "modules") if getattr(self.freeze, k)]
-            if len(chosen) != 1:
-                raise ValueError("strategy freeze needs exactly one of strategy.freeze.trainable_layers (top k layers) "
-                                 "and strategy.freeze.modules (parameter-name patterns)")
+        problem = STRATEGIES[self.name].settings_problem(self)
+        if problem:
+            raise ValueError(problem)
         return self
 
 
@@ -269,11 +265,9 @@ class Config(_Section):
                                  "or turn streaming off (the on-disk cache keeps memory flat too)")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite are both set: choose one")
-        if (self.train.activation_checkpointing and self.strategy.name == "soft_prompt"
-                and self.strategy.soft_prompt.method == "prefix_tuning"):
-            raise ValueError("prefix tuning's keys and values enter through the KV cache, which activation "
-                             "checkpointing's recomputation would extend a second time: turn "
-                             "train.activation_checkpointing off, or use strategy.soft_prompt.method: prompt_tuning")
+        refusal = resolve(self.strategy).activation_checkpointing_refusal(self.strategy)
+        if self.train.activation_checkpointing and refusal:
+            raise ValueError(refusal)
         t, n = self.train, self.data.max_length
         if t.tokens_per_micro_batch is not None and t.tokens_per_step is None:
             raise ValueError("train.tokens_per_micro_batch needs train.tokens_per_step")
@@ -286,6 +280,20 @@ class Config(_Section):
                 raise ValueError(f"train.tokens_per_step ({t.tokens_per_step}) must be a multiple of "
                                  f"train.tokens_per_micro_batch ({micro})")
         return self
+
+    def for_strategy(self, name: str, overrides: Mapping[str, Any] | Iterable[str | tuple[str, Any]] = (),
+                     source: str | None = None) -> Config:
+        """This config under strategy `name` with `overrides` set over it in order (dotted.key -> value, or
+        `dotted.key=value` texts as on the command line, or (dotted.key, value) pairs), validated as any config is:
+        an unknown key names the closest valid one. The one way compare, plan and the step timer derive a strategy's
+        config from the user's."""
+        tree = self.model_dump(mode="json")
+        tree["strategy"]["name"] = name
+        pairs = overrides.items() if isinstance(overrides, Mapping) else \
+            [parse_override(o) if isinstance(o, str) else o for o in overrides]
+        for key, value in pairs:
+            _set_dotted(tree, key, value)
+        return validate_config(tree, source or f"the config for strategy {name}")
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, source: str = "the config") -> None:

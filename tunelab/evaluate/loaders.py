@@ -16,9 +16,7 @@ from tunelab.errors import ModelError
 from tunelab.models.load import check_model_folder, check_weights, load_tokenizer, read_adapter_config
 from tunelab.models.device import choose_device
 from tunelab.strategies.model import TrainModel
-from tunelab.strategies.registry import resolve
-
-PROMPT_SLOT_TYPES = ("PROMPT_TUNING", "P_TUNING")
+from tunelab.strategies.registry import loaded_addition, resolve
 
 
 @dataclass
@@ -38,7 +36,7 @@ class EvalModel:
         (not prompt+LM tuning, whose base weights trained too)."""
         if not self.model.is_peft or self.base_trained:
             return False
-        return self.run_config is None or resolve(self.run_config.strategy).keeps_base_weights
+        return self.run_config is None or resolve(self.run_config.strategy).detachable
 
 
 @contextmanager
@@ -47,17 +45,13 @@ def adaptation_off(em: EvalModel) -> Iterator[EvalModel]:
     model's own behaviour, exactly, for a detachable adaptation."""
     if not em.detachable:
         raise ValueError(f"{em.name}: its adaptation does not come off (its base weights trained)")
-    with em.model.lm.disable_adapter():
+    with loaded_addition(em.model.lm).detached(em.model.lm):
         yield replace(em, model=TrainModel(em.model.base, em.model.strategy), name=f"{em.name}, adaptation off")
 
 
 def _wrap(lm: Any, strategy: str) -> TrainModel:
-    if hasattr(lm, "peft_config"):
-        cfg = lm.peft_config[lm.active_adapter]
-        peft_type = str(getattr(cfg.peft_type, "value", cfg.peft_type))
-        virtual = cfg.num_virtual_tokens if peft_type in PROMPT_SLOT_TYPES else 0
-        return TrainModel(lm, strategy, virtual_tokens=virtual, prefix=peft_type == "PREFIX_TUNING")
-    return TrainModel(lm, strategy)
+    """The loaded model as training saw it, its soft prompt (if any) entering where the addition puts it."""
+    return TrainModel(lm, strategy, *loaded_addition(lm).slots(lm))
 
 
 def _load_hf(path: str, trust_remote_code: bool = False) -> Any:

@@ -152,5 +152,5 @@ def _by_rules(s: Situation) -> Advice:
     pick = "prompt_lm" if s.task == "long_generation" else "full"
     return Advice(pick, {"learning_rate": _lr(pick), "epochs": _epochs(n)},
                   f"With {figures} and a large budget (full tuning fits: {s.memory_gib.get('full', 0):.1f} GiB of "
-                  f"{s.device_gib:.0f}), {'prompt+LM' if pick == 'prompt_lm' else 'full'} tuning uses all of the data.",
+                  f"{s.device_gib:.0f}), {STRATEGIES[pick].prose_name} tuning uses all of the data.",
                   "5")

@@ -154,13 +154,12 @@ def plan(cfg: Config, device_name: str = "cpu", pretraining_tokens: float | None
     prepared: dict[str, tuple[Config, Workload]] = {}
     names = list(dict.fromkeys([cfg.strategy.name, *(strategies or planned_strategies())]))
     for name in names:
-        tree = cfg.model_dump(mode="json")
-        tree["strategy"]["name"] = name
-        if STRATEGIES[name].base == "chosen" and not (cfg.strategy.freeze.trainable_layers or cfg.strategy.freeze.modules):
-            tree["strategy"]["freeze"] = {"trainable_layers": max(1, shape.layers // 4)}
         if STRATEGIES[name].requires_template and cfg.strategy.template is None:
             continue
-        scfg = Config.model_validate(tree)
+        chosen = cfg.strategy.freeze.trainable_layers or cfg.strategy.freeze.modules
+        default_choice = {"strategy.freeze": {"trainable_layers": max(1, shape.layers // 4)}} \
+            if STRATEGIES[name].base == "chosen" and not chosen else {}  # the top quarter of the layers
+        scfg = cfg.for_strategy(name, default_choice, f"tunelab plan, strategy {name}")
         trainable, total = parameter_counts(shape, scfg.strategy)
         w = workload(scfg, data)
         run_flops = flops(shape, w, data, scfg)

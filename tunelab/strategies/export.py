@@ -16,7 +16,7 @@ from typing import Any
 
 from tunelab.errors import TunelabError
 from tunelab.strategies.model import TrainModel
-from tunelab.strategies.registry import mergeable_peft_types
+from tunelab.strategies.registry import loaded_addition, mergeable_peft_types
 from tunelab.train.checkpoint import atomic_dir, remove_stale_temp
 
 
@@ -39,16 +39,13 @@ def save_final(run_dir: Path, model: TrainModel, tokenizer: Any, base_path: str,
         if saves == "model":
             _save_hf(model.lm, tokenizer, tmp)
             return
-        peft_config = model.lm.peft_config[model.lm.active_adapter]
+        addition = loaded_addition(model.lm)
         if saves == "model+adapter":
             _save_hf(model.base, tokenizer, tmp / "base")
-            peft_config.base_model_name_or_path = str((final / "base").resolve())
-            model.lm.save_pretrained(tmp / "adapter")
-            tokenizer.save_pretrained(tmp / "adapter")
+            addition.save(model.lm, tokenizer, tmp / "adapter", str((final / "base").resolve()))
         else:
-            peft_config.base_model_name_or_path = str(Path(base_path).resolve()) if Path(base_path).exists() else base_path
-            model.lm.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+            addition.save(model.lm, tokenizer, tmp,
+                          str(Path(base_path).resolve()) if Path(base_path).exists() else base_path)
 
     return atomic_dir(final, write)
 

@@ -115,9 +115,7 @@ def measured_step_seconds(cfg: Config, layers: int, examples: list[Encoded], tok
     def timed(n: int, trainable_layers: int | None = None) -> float:
         c = cfg
         if trainable_layers is not None:
-            tree = cfg.model_dump(mode="json")
-            tree["strategy"]["freeze"] = {"trainable_layers": trainable_layers}
-            c = Config.model_validate(tree)
+            c = cfg.for_strategy(cfg.strategy.name, {"strategy.freeze": {"trainable_layers": trainable_layers}})
         return time_cut_model(c, model_config, n, examples, tokenizer)
 
     log.info("timing %s steps on this CPU with cut copies of the model (%d layers)", cfg.strategy.name, layers)
