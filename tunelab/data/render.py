@@ -317,7 +317,13 @@ def _earlier_turn(render: Any, tokenizer: Any, messages: list[dict[str, str]], i
     """An assistant turn before the last, as the final conversation renders it: its span, and whether the template
     renders it otherwise when it is the last turn (history rewritten)."""
     prompt = render(messages[:i], True)
-    start = len(prompt) if full.startswith(prompt) else _opened_think_block(prompt, full, messages[i], source)
+    k = prompt.rfind(THINK_OPEN)
+    if full.startswith(prompt):
+        start = len(prompt)
+    elif k >= 0 and full.startswith(prompt[:k]):  # history shows no think block where the generation prompt has one
+        start = k
+    else:
+        start = _opened_think_block(prompt, full, messages[i], source)
     upto, _ = _turn_text(render, tokenizer, messages[: i + 1], start)
     if full.startswith(upto) and start <= len(upto):
         return (start, len(upto)), False
