@@ -66,6 +66,9 @@ class DataConfig(_Section):
     chat_template: str | None = None  # a Jinja template that replaces the tokenizer's own
     last_turn_only: bool = False
     append_eos: bool = False  # chat: also train an EOS after each assistant turn where the template renders none
+    # chat: the thinking mode a reasoning template (Qwen3) renders with, in training and in every generation from the
+    # run: false closes an empty think block in the generation prompt; true leaves the think block to the model
+    enable_thinking: bool = False
     max_examples: int | None = Field(default=None, ge=1)  # a seeded random sample of the training file
     max_eval_examples: int | None = Field(default=None, ge=1)  # a seeded random sample of the eval data
     cache: bool = True  # keep the encoded data on disk (Arrow), keyed by everything that changes it; --no-cache

@@ -237,6 +237,10 @@ def audit(train_path: str, cfg: DataConfig, spec: RenderSpec, tokenizer: Any, ev
               [t for t in e.labels if t != IGNORE][-len(end_ids):] != end_ids] if end_ids else []
     findings["missing_eos"] = Finding("warning", f"targets that do not end with {end!r} (EOS, or the chat template's "
                                       "end of turn): the model will not learn to stop", no_eos)
+    noted = [r for r in train.rendered if r.notes]
+    if noted:  # a template that is not prefix-stable, or that opens a think block: named, with what tunelab does
+        notes = list(dict.fromkeys(n for r in noted for n in r.notes))
+        findings["chat_template"] = Finding("warning", " ".join(notes), sorted({r.row for r in noted}))
     findings.update(_duplicates(train, threshold))
 
     result: dict[str, Any] = {"train": train_path, "eval": eval_path, "num_records": len(train.records),

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 # tunelab's encoding version: raise it whenever the encoding of the same inputs changes (rendering, label mask,
 # truncation, the columns of the table)
-ENCODING_VERSION = 4  # 4: few-shot demonstrations seeded by the file's name, not its path
+ENCODING_VERSION = 5  # 4: few-shot demonstrations seeded by the file's name, not its path; 5: reasoning chat templates
 _TMP = ".tmp-"
 
 

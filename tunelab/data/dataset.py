@@ -110,7 +110,8 @@ def _encode_spec(source: Any, cfg: DataConfig, spec: RenderSpec) -> EncodeSpec:
 def _render_key(spec: RenderSpec) -> dict[str, Any]:
     return {"mode": spec.mode, "template": spec.template.model_dump() if spec.template else None,
             "num_shots": spec.num_shots, "seed": spec.seed if spec.num_shots else None,
-            "last_turn_only": spec.last_turn_only, "chat_template": spec.chat_template, "append_eos": spec.append_eos}
+            "last_turn_only": spec.last_turn_only, "chat_template": spec.chat_template, "append_eos": spec.append_eos,
+            "enable_thinking": spec.enable_thinking}
 
 
 def _encoded(path: str, how: EncodeSpec, tokenizer: Any, pool: list[Example], pool_key: Any,

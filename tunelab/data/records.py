@@ -2,7 +2,8 @@
 
 Shapes: `prompt_completion` (prompt, completion), `chat` (messages), `instruction` (instruction,
 input, output), `text_label` (text, label), `text` (plain text, loss on every token) and
-`tokenized` (prompt_ids, completion_ids: token ids used as given). A column
+`tokenized` (prompt_ids, completion_ids: token ids used as given). A chat's assistant turn may carry
+`reasoning_content` (a reasoning model's thinking; a `<think>...</think>` prefix of its content works too). A column
 mapping (`data.columns: {canonical: file_column}`) covers files that use other names.
 """
 
@@ -112,7 +113,14 @@ def _messages(value: Any, record: Record) -> list[dict[str, str]]:
             raise DataError(f"{record.source}: messages[{i}] must be an object with 'role' and 'content'.")
         if m["role"] not in ROLES:
             raise DataError(f"{record.source}: messages[{i}] has role {m['role']!r}; use one of {', '.join(ROLES)}.")
-        out.append({"role": m["role"], "content": _as_text(m["content"], f"field 'messages[{i}].content'", record)})
+        message = {"role": m["role"], "content": _as_text(m["content"], f"field 'messages[{i}].content'", record)}
+        if m.get("reasoning_content") is not None:  # a reasoning model's thinking, which its chat template renders
+            if m["role"] != "assistant":
+                raise DataError(f"{record.source}: messages[{i}] is a {m['role']} turn with 'reasoning_content'; only "
+                                "assistant turns carry reasoning.")
+            message["reasoning_content"] = _as_text(m["reasoning_content"], f"field 'messages[{i}].reasoning_content'",
+                                                    record)
+        out.append(message)
     if not any(m["role"] == "assistant" for m in out):
         raise DataError(f"{record.source}: the conversation has no assistant turn, so there is nothing to train on.")
     empty = [i for i, m in enumerate(out) if m["role"] == "assistant" and not m["content"].strip()]

@@ -60,6 +60,7 @@ class Rendered:
     spans: list[tuple[int, int]]
     source: str
     row: int
+    notes: tuple[str, ...] = ()  # what tunelab did about a template that is not prefix-stable (data check shows it)
 
     @property
     def prompt(self) -> str:
@@ -82,13 +83,14 @@ class RenderSpec:
     last_turn_only: bool = False
     chat_template: str | None = None
     append_eos: bool = False  # chat: train an EOS after each assistant turn even where the template renders none
+    enable_thinking: bool = False  # chat: the thinking mode of a reasoning template, in training and in generation
 
 
 def spec_from_config(cfg: Any) -> RenderSpec:
     """The rendering a run's config describes (data and strategy sections)."""
     return RenderSpec(mode=cfg.data.render, template=cfg.strategy.template, num_shots=cfg.strategy.num_shots,
                       seed=cfg.train.seed, last_turn_only=cfg.data.last_turn_only, chat_template=cfg.data.chat_template,
-                      append_eos=cfg.data.append_eos)
+                      append_eos=cfg.data.append_eos, enable_thinking=cfg.data.enable_thinking)
 
 
 def _fields(ex: Example) -> dict[str, Any]:
@@ -159,43 +161,47 @@ def _as_messages(ex: Example, spec: RenderSpec, demos: list[Example]) -> list[di
     return messages
 
 
-def _render_chat(ex: Example, spec: RenderSpec, tokenizer: ChatTokenizer, demos: list[Example]) -> Rendered:
-    template = spec.chat_template or tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE
-    messages = _as_messages(ex, spec, demos)
-
+def _renderer(ex: Example, spec: RenderSpec, tokenizer: ChatTokenizer, template: str) -> Any:
+    """render(messages, generation_prompt) -> text, with the run's thinking mode; a template error names the record."""
     def render(msgs: list[dict[str, str]], generation_prompt: bool) -> str:
         try:
             return tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False,
-                                                 add_generation_prompt=generation_prompt)
+                                                 add_generation_prompt=generation_prompt,
+                                                 enable_thinking=spec.enable_thinking)
         except Exception as exc:  # Jinja raises many types (TemplateError, TypeError, ...)
             raise DataError(f"{ex.source}: the chat template failed on this conversation: {exc}") from None
+    return render
 
+
+def _render_chat(ex: Example, spec: RenderSpec, tokenizer: ChatTokenizer, demos: list[Example]) -> Rendered:
+    template = spec.chat_template or tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE
+    messages = _as_messages(ex, spec, demos)
+    render = _renderer(ex, spec, tokenizer, template)
     full = render(messages, False)
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if spec.last_turn_only or ex.shape != "chat":
         turns = turns[-1:]
+    last = _last_turn(render, tokenizer, messages, turns[-1], full, ex.source)
+    trim = _trimmer(full, tokenizer.eos_token or "")
+    last_span = trim(last.span)
+    ending = _end_of_turn(full[last_span[0]:last_span[1]], reply_of(messages[turns[-1]]))
+    notes = [REWRITES_HISTORY] if last.rewritten else []
     spans = []
-    for i in turns:
-        upto = _turn_text(render, tokenizer, messages[: i + 1])
-        start, end = len(render(messages[:i], True)), len(upto)
-        if not full.startswith(upto) or start > end:
-            raise DataError(
-                f"{ex.source}: the chat template renders earlier turns differently once later turns follow, so the "
-                "assistant turns cannot be located. Set data.chat_template to a prefix-stable template."
-            )
-        spans.append((start, end))
-    eos = tokenizer.eos_token or ""
-    # a turn is trained up to and including its EOS where the template writes one, else up to its end of turn;
-    # never the template's whitespace after it
-    spans = [(s, s + full[s:e].rindex(eos) + len(eos)) if eos in full[s:e] else (s, s + len(full[s:e].rstrip()))
-             for s, e in spans]
-    if spec.append_eos:
-        for k in reversed(range(len(spans))):
-            s, e = spans[k]
-            if not full[s:e].endswith(eos):
-                full = full[:e] + eos + full[e:]
-                spans = spans[:k] + [(s, e + len(eos))] + [(a + len(eos), b + len(eos)) for a, b in spans[k + 1:]]
-    marked = _generation_spans(template, messages, tokenizer, full, ex.source)
+    for i in turns[:-1]:
+        span, rewritten = _earlier_turn(render, tokenizer, messages, i, full, ending, ex.source)
+        spans.append(trim(span))
+        if rewritten and REWRITES_HISTORY not in notes:
+            notes.append(REWRITES_HISTORY)
+    spans.append(last_span)
+    if last.think_block:  # the think block tunelab writes goes in at the last turn's start; nothing before it moves
+        cut, block = last.think_block
+        rendered_length = len(full)
+        full = full[:cut] + block + full[cut:].lstrip("\n")
+        shift = len(full) - rendered_length
+        spans[-1] = (last.generation_start, spans[-1][1] + shift)
+        notes.append(OPENS_THINK_BLOCK)
+    full, spans = _with_eos(full, spans, tokenizer.eos_token or "") if spec.append_eos else (full, spans)
+    marked = _generation_spans(template, messages, tokenizer, full, ex.source, spec.enable_thinking)
     if marked is not None:  # the template marks what the assistant generates: that is what trains
         if spec.last_turn_only or ex.shape != "chat":
             marked = marked[-1:]
@@ -206,12 +212,136 @@ def _render_chat(ex: Example, spec: RenderSpec, tokenizer: ChatTokenizer, demos:
                         "rendering (%s); the generation blocks are trained", ex.source,
                         [full[a:b] for a, b in marked], [full[a:b] for a, b in spans])
         spans = marked
-    content = messages[turns[-1]]["content"].strip()
+    content = reply_of(messages[turns[-1]]).strip()
     if content and full[spans[-1][0] : spans[-1][1]].endswith(content):
         raise DataError(f"{ex.source}: the chat template ends an assistant turn with nothing after its content (no "
                         "end-of-turn token, no EOS), so the model could not learn to stop. Set data.append_eos: true, "
                         "or data.chat_template to a template that closes its turns.")
-    return Rendered(full, spans, ex.source, ex.row)
+    return Rendered(full, spans, ex.source, ex.row, tuple(notes))
+
+
+def _trimmer(full: str, eos: str) -> Any:
+    """A turn is trained up to and including its EOS where the template writes one, else up to its end of turn;
+    never the template's whitespace after it."""
+    def trim(span: tuple[int, int]) -> tuple[int, int]:
+        s, e = span
+        return (s, s + full[s:e].rindex(eos) + len(eos)) if eos and eos in full[s:e] else (s, s + len(full[s:e].rstrip()))
+    return trim
+
+
+def _with_eos(full: str, spans: list[tuple[int, int]], eos: str) -> tuple[str, list[tuple[int, int]]]:
+    """data.append_eos: an EOS after each trained turn that does not end with one."""
+    for k in reversed(range(len(spans))):
+        s, e = spans[k]
+        if not full[s:e].endswith(eos):
+            full = full[:e] + eos + full[e:]
+            spans = spans[:k] + [(s, e + len(eos))] + [(a + len(eos), b + len(eos)) for a, b in spans[k + 1:]]
+    return full, spans
+
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+REWRITES_HISTORY = (
+    "the chat template is not prefix-stable: it renders an assistant turn differently once later turns follow "
+    "(Qwen3's drops the turn's think block and reasoning from the history). tunelab trains the last assistant turn "
+    "as the template renders it at that turn (its think block, then the reply and the end of turn) and each earlier "
+    "turn as the final conversation renders it (the reply and the end of turn, as the model reads it back as "
+    "history; its reasoning is not trained). data.last_turn_only: true trains the last turn only.")
+OPENS_THINK_BLOCK = (
+    "the chat template's generation prompt opens a think block ('<think>\\n') that its assistant turns never show "
+    "(DeepSeek-R1 distills strip the reasoning from every turn): tunelab trains the last turn as the continuation "
+    "of that prompt: the record's reasoning (none where it has none), '\\n</think>\\n\\n', the reply and the end of "
+    "turn; earlier turns train as the conversation shows them (the reply and the end of turn).")
+
+
+def reasoning_of(message: dict[str, str]) -> str:
+    """An assistant turn's reasoning: its reasoning_content, else a <think>...</think> prefix of its content (the
+    rule Qwen3's template applies)."""
+    if "reasoning_content" in message:
+        return message["reasoning_content"]
+    content = message["content"]
+    if THINK_CLOSE not in content:
+        return ""
+    return content.split(THINK_CLOSE)[0].rstrip("\n").split(THINK_OPEN)[-1].lstrip("\n")
+
+
+def reply_of(message: dict[str, str]) -> str:
+    """An assistant turn's content without a think prefix."""
+    content = message["content"]
+    return content.split(THINK_CLOSE)[-1].lstrip("\n") if THINK_CLOSE in content else content
+
+
+@dataclass
+class LastTurn:
+    span: tuple[int, int]  # in the template's rendering of the whole conversation
+    generation_start: int  # where the model starts generating, in the rendered text (after any think block added)
+    rewritten: bool  # the template renders this turn otherwise once a later turn follows
+    think_block: tuple[int, str] | None = None  # (where, what): the generation prompt's think block, closed
+
+
+def _last_turn(render: Any, tokenizer: Any, messages: list[dict[str, str]], i: int, full: str, source: str) -> LastTurn:
+    """The last trained turn: from the end of the generation prompt (in the run's thinking mode) to its end of turn."""
+    prompt = render(messages[:i], True)
+    block = None
+    if full.startswith(prompt):
+        start = len(prompt)
+    else:
+        start = _opened_think_block(prompt, full, messages[i], source)
+        block = (start, prompt[start:] + reasoning_of(messages[i]).strip("\n") + "\n" + THINK_CLOSE + "\n\n")
+    upto, rewritten = _turn_text(render, tokenizer, messages[: i + 1], start)
+    if not full.startswith(upto) or start > len(upto):
+        raise DataError(f"{source}: the chat template renders the conversation's last assistant turn differently "
+                        "when it is the whole conversation, so the turn cannot be located. Set data.chat_template to "
+                        "a prefix-stable template.")
+    generation_start = len(prompt) if block else start
+    return LastTurn((start, len(upto)), generation_start, rewritten, block)
+
+
+def _opened_think_block(prompt: str, full: str, message: dict[str, str], source: str) -> int:
+    """Where the generation prompt's opening of a think block begins, for a template whose generation prompt opens
+    one that its rendered assistant turn lacks; anything else cannot be trained and is refused."""
+    k = prompt.rfind(THINK_OPEN)
+    if k >= 0 and prompt[k:].strip() == THINK_OPEN and full.startswith(prompt[:k]):
+        return k
+    if k >= 0 and THINK_CLOSE in prompt[k:] and reasoning_of(message):
+        raise DataError(f"{source}: the assistant turn carries reasoning, but with data.enable_thinking: false the "
+                        f"chat template's generation prompt closes an empty think block ({prompt[k:]!r}), so the "
+                        "model would never be asked to write reasoning. Set data.enable_thinking: true, or remove "
+                        "the reasoning from the data.")
+    raise DataError(f"{source}: the chat template's generation prompt ends with {prompt[-40:]!r}, which is not how it "
+                    "renders the assistant turn that follows, so the tokens the model must generate cannot be "
+                    "located. Set data.chat_template to a template whose generation prompt starts its assistant turns.")
+
+
+def _earlier_turn(render: Any, tokenizer: Any, messages: list[dict[str, str]], i: int, full: str, ending: str,
+                  source: str) -> tuple[tuple[int, int], bool]:
+    """An assistant turn before the last, as the final conversation renders it: its span, and whether the template
+    renders it otherwise when it is the last turn (history rewritten)."""
+    prompt = render(messages[:i], True)
+    k = prompt.rfind(THINK_OPEN)
+    if full.startswith(prompt):
+        start = len(prompt)
+    elif k >= 0 and full.startswith(prompt[:k]):  # history shows no think block where the generation prompt has one
+        start = k
+    else:
+        start = _opened_think_block(prompt, full, messages[i], source)
+    upto, _ = _turn_text(render, tokenizer, messages[: i + 1], start)
+    if full.startswith(upto) and start <= len(upto):
+        return (start, len(upto)), False
+    # the turn as history: up to the end of turn the last turn ends with, before the next message's content
+    continued = render([*messages[: i + 1], {"role": "user", "content": CONTINUE}], False)
+    boundary = _common_token_prefix(tokenizer, full, continued)
+    end = full.rfind(ending, start, boundary) if ending else -1
+    if end < 0:
+        raise DataError(f"{source}: the chat template renders earlier assistant turns differently once later turns "
+                        f"follow, and the end of turn {ending!r} of its last turn is not found after messages[{i}], "
+                        "so the turn cannot be located. Set data.chat_template to a prefix-stable template.")
+    return (start, end + len(ending)), True
+
+
+def _end_of_turn(trained: str, reply: str) -> str:
+    """What the template writes after a reply to end the turn (its end-of-turn token), from a trained turn's text."""
+    reply = reply.strip()
+    return trained[trained.rindex(reply) + len(reply):] if reply and reply in trained else ""
 
 
 GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -219,7 +349,7 @@ _WARNED: set[str] = set()  # templates whose generation blocks and rendered turn
 
 
 def _generation_spans(template: str, messages: list[dict[str, str]], tokenizer: Any, full: str,
-                      source: str) -> list[tuple[int, int]] | None:
+                      source: str, enable_thinking: bool) -> list[tuple[int, int]] | None:
     """The character spans of the template's `{% generation %}` blocks (transformers' own renderer records them),
     or None when the template has none."""
     if not GENERATION_BLOCK.search(template):
@@ -228,6 +358,7 @@ def _generation_spans(template: str, messages: list[dict[str, str]], tokenizer: 
 
     try:
         rendered, spans = render_jinja_template([messages], chat_template=template, return_assistant_tokens_mask=True,
+                                                enable_thinking=enable_thinking,
                                                 **getattr(tokenizer, "special_tokens_map", {}))
     except Exception as exc:  # Jinja raises many types
         raise DataError(f"{source}: the chat template failed on this conversation: {exc}") from None
@@ -236,25 +367,37 @@ def _generation_spans(template: str, messages: list[dict[str, str]], tokenizer: 
     return [tuple(span) for span in spans[0]]
 
 
-def _turn_text(render: Any, tokenizer: Any, messages: list[dict[str, str]]) -> str:
-    """The conversation rendered up to the end of its last (assistant) turn: the tokens it has in common with the
-    same conversation continued by a user, so that what a template writes only at the very end (Phi-3 closes the
-    whole conversation with EOS) is not part of the turn."""
-    upto = render(messages, False)
-    try:
-        more = render([*messages, {"role": "user", "content": "\u2063"}], False)
-    except DataError:  # the template refuses a conversation that goes on: the turn is all there is
-        return upto
-    if more.startswith(upto):
-        return upto
-    mine = tokenizer(upto, add_special_tokens=False, return_offsets_mapping=True)
-    theirs = tokenizer(more, add_special_tokens=False)["input_ids"]
+CONTINUE = "\u2063"  # a user turn that continues a conversation (invisible, not whitespace)
+
+
+def _common_token_prefix(tokenizer: Any, text: str, other: str) -> int:
+    """The character length of `text`'s longest token prefix that `other` shares."""
+    mine = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    theirs = tokenizer(other, add_special_tokens=False)["input_ids"]
     common = 0
     for a, b in zip(mine["input_ids"], theirs):
         if a != b:
             break
         common += 1
-    return upto[: mine["offset_mapping"][common - 1][1]] if common else ""
+    return mine["offset_mapping"][common - 1][1] if common else 0
+
+
+def _turn_text(render: Any, tokenizer: Any, messages: list[dict[str, str]], start: int) -> tuple[str, bool]:
+    """The conversation rendered up to the end of its last (assistant) turn, which begins at `start`: the tokens it
+    has in common with the same conversation continued by a user, so that what a template writes only at the very
+    end (Phi-3 closes the whole conversation with EOS) is not part of the turn; and whether the continuation
+    rewrites the turn itself (Qwen3 drops its think block), in which case the turn is all of its rendering."""
+    upto = render(messages, False)
+    try:
+        more = render([*messages, {"role": "user", "content": CONTINUE}], False)
+    except DataError:  # the template refuses a conversation that goes on: the turn is all there is
+        return upto, False
+    if more.startswith(upto):
+        return upto, False
+    common = _common_token_prefix(tokenizer, upto, more)
+    if common <= start:
+        return upto, True
+    return upto[:common], False
 
 
 def turn_end(spec: RenderSpec, tokenizer: ChatTokenizer, chat_records: bool) -> str:
