@@ -59,6 +59,19 @@ def test_no_module_but_runfiles_names_a_run_file():
     assert not found, "run files named outside tunelab/runfiles.py:\n" + "\n".join(found)
 
 
+def test_runfiles_is_on_the_low_floor_and_readers_of_runs_do_not_import_train():
+    from tests.test_imports import import_graph
+
+    graph = import_graph()
+    assert graph["tunelab.runfiles"] <= {"tunelab.errors"}
+    source = (PACKAGE / "runfiles.py").read_text()
+    assert not re.search(r"^\s*(import|from)\s+(torch|transformers|peft)\b", source, re.M)
+    readers = [m for m in graph if m.startswith(("tunelab.evaluate", "tunelab.report", "tunelab.plan"))
+               or m == "tunelab.doctor"]
+    upward = {m: sorted(t for t in graph[m] if t.startswith("tunelab.train")) for m in readers}
+    assert not {m: t for m, t in upward.items() if t}, upward
+
+
 def test_non_finite_metrics_round_trip_through_the_writer(tmp_path):
     path = tmp_path / runfiles.METRICS
     writer = MetricsWriter(path)

@@ -332,7 +332,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     import json
 
     from tunelab.config import DataConfig, ModelConfig, load_config
-    from tunelab.data.audit import audit, check_fix_target, terminal_summary, write_fixed_copy
+    from tunelab.data.audit import audit, check_fix_target, source_configs, terminal_summary, write_fixed_copy
     from tunelab.data.render import RenderSpec, spec_from_config
     from tunelab.errors import ConfigError
     from tunelab.models.load import load_tokenizer
@@ -342,8 +342,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     if args.target.endswith((".yaml", ".yml")):
         cfg = load_config(args.target, args.overrides)
         spec, model_cfg, eval_path = spec_from_config(cfg), cfg.model, args.eval or cfg.data.eval
-        files = [(s.path, cfg.data.model_copy(update={"train": s.path, "format": s.format, "columns": s.columns,
-                                                       "column_names": s.column_names})) for s in cfg.data.sources()]
+        files = source_configs(cfg.data)
         report_dir = Path(cfg.output_dir)
     else:
         if not args.model:

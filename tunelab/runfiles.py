@@ -1,8 +1,8 @@
 """The files of a run directory: their names and layout, and typed readers of what a run wrote.
 
 This is the one module that names a run's files; every stage that reads or places one asks here.
-It sits on the low floor (the standard library and tunelab.errors; PyYAML for config.yaml, imported
-when read), so that evaluate, report, doctor and the CLI read runs without importing train/.
+It sits on the low floor (the standard library; PyYAML for config.yaml, imported when read), so that
+evaluate, report, doctor and the CLI read runs without importing train/.
 
 A run directory (`output_dir`):
     config.yaml      the resolved config the run trained with

@@ -313,6 +313,13 @@ def rows_to_drop(result: dict[str, Any]) -> set[int]:
     return drop
 
 
+def source_configs(data: DataConfig) -> list[tuple[str, DataConfig]]:
+    """Each file of data.train (one file, or each of a mixture's) with the reader settings it is read with, to audit
+    one at a time."""
+    return [(s.path, data.model_copy(update={"train": s.path, "format": s.format, "columns": s.columns,
+                                             "column_names": s.column_names})) for s in data.sources()]
+
+
 def check_fix_target(fix: str, sources: list[str]) -> None:
     """Refuse a `--fix` copy that cannot be written as asked, before anything is read: one file only, and never the
     original."""
