@@ -349,5 +349,6 @@ def terminal_summary(result: dict[str, Any], path: str) -> str:
         f = result[key]
         if f["count"] or key == "label_balance":
             lines.append(f"[{f['severity']}] {key}: {f['count']} rows. {f['message']}")
-    lines += [f"--- row {item['row']} (trained tokens in green)\n{terminal_preview(item)}" for item in result["preview"]]
+    lines += [f"--- row {item['row']} (trained tokens in green)\n{terminal_preview(item)}"
+              for item in result["preview"]]
     return "\n".join(lines)
