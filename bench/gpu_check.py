@@ -215,7 +215,7 @@ def check_strategies_train(ctx: dict[str, Any]) -> dict[str, Any]:
 
     from tunelab.config import validate_config
     from tunelab.train.loop import train
-    from tunelab.train.metrics import read_metrics
+    from tunelab.runfiles import read_metrics
 
     out: dict[str, Any] = {}
     for name, strategy in STRATEGIES.items():
@@ -268,7 +268,7 @@ def check_eval_on_device(ctx: dict[str, Any]) -> dict[str, Any]:
 def check_fsdp2_one_process(ctx: dict[str, Any]) -> dict[str, Any]:
     import yaml
 
-    from tunelab.train.metrics import read_metrics
+    from tunelab.runfiles import read_metrics
 
     run = ctx["work"] / "run-fsdp2"
     tree = config_tree(ctx["model_dir"], ctx["data"], run, ctx["device"].type, STRATEGIES["full"], steps=ctx["steps"])

@@ -83,7 +83,7 @@ def peak_memory_bytes(device: str) -> int:
 def run_tunelab(args: argparse.Namespace, workload: list, model_dir: Path, work: Path, liger: bool = False) -> dict:
     from tunelab.config import validate_config
     from tunelab.train.loop import train
-    from tunelab.train.metrics import read_metrics
+    from tunelab.runfiles import read_metrics
 
     data = work / "workload.jsonl"
     data.write_text("".join(json.dumps({"prompt_ids": p, "completion_ids": c}) + "\n" for p, c in workload))

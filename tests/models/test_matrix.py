@@ -30,7 +30,7 @@ from tunelab.models.load import load_model, load_tokenizer
 from tunelab.strategies.export import load_final
 from tunelab.strategies.prepare import prepare_strategy
 from tunelab.train.loop import seed_everything, train
-from tunelab.train.metrics import read_metrics
+from tunelab.runfiles import read_metrics
 
 # meta-llama/Llama-2-13b-chat-hf, as mistral.rs's test of chat templates quotes it (see tests/data/test_chat_turns.py)
 LLAMA2 = ("{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = "

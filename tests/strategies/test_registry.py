@@ -21,7 +21,7 @@ from tunelab.strategies.model import count_parameters
 from tunelab.strategies.registry import STRATEGIES, parameter_counts, resolve
 from tunelab.strategies.prepare import prepare_strategy
 from tunelab.train import loop
-from tunelab.train.metrics import read_metrics
+from tunelab.runfiles import read_metrics
 
 
 def _strategy_section(name: str) -> dict:

@@ -15,7 +15,7 @@ from tunelab.strategies.model import count_parameters
 from tunelab.strategies.prepare import prepare_strategy
 from tunelab.strategies.export import export_run, load_final
 from tunelab.train import loop
-from tunelab.train.metrics import read_metrics
+from tunelab.runfiles import read_metrics
 
 TEMPLATE = {"prompt": "Story: {prompt}\nEnd:", "target": "{completion}"}
 # strategy config -> predicate on a parameter name of the TrainModel: True where it must change

@@ -28,7 +28,7 @@ from tunelab.config import load_config, validate_config
 from tunelab.errors import ConfigError, NonFiniteError
 from tunelab.train import loop
 from tunelab.train.checkpoint import remove_stale_temp
-from tunelab.train.metrics import read_metrics
+from tunelab.runfiles import read_rows
 from tunelab.train.runlock import LOCK_NAME, RunLock
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,7 +59,7 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def train_rows(run_dir: Path) -> list[dict]:
-    return [r for r in read_metrics(run_dir / "metrics.jsonl") if r["type"] == "train"]
+    return [r for r in read_rows(run_dir / "metrics.jsonl") if r["type"] == "train"]  # as written: NaN a string
 
 
 def error_paragraph(stderr: str) -> str:

@@ -17,7 +17,7 @@ from tests.conftest import VARIED_ROWS, config_tree, write_jsonl
 from tunelab.cli import main
 from tunelab.config import validate_config
 from tunelab.train.loop import train
-from tunelab.train.metrics import read_metrics
+from tunelab.runfiles import read_metrics, read_rows
 
 
 def _tree(tmp_path, stories260k, name, **train_section):
@@ -50,7 +50,7 @@ def test_tensorboard_holds_every_row_and_the_config(tmp_path, stories260k):
     assert any(t.startswith("config") for t in tensors)
     sample_tag = next(t for t in tensors if t.startswith("samples"))
     texts = {e.step: e.tensor_proto.string_val[0].decode() for e in acc.Tensors(sample_tag)}
-    first = read_metrics(tmp_path / "run" / "samples.jsonl")[0]
+    first = read_rows(tmp_path / "run" / "samples.jsonl")[0]
     assert sorted(texts) == [0, 2, 4] and first["reference"] in texts[0] and "| prediction |" in texts[0]
 
 
@@ -130,7 +130,7 @@ def test_wandb_mlflow_and_trackio_hold_every_row_the_config_and_the_samples(tmp_
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "run"
     rows = read_metrics(run_dir / "metrics.jsonl")
-    samples = read_metrics(run_dir / "samples.jsonl")
+    samples = read_rows(run_dir / "samples.jsonl")
     ids = json.loads((run_dir / "trackers.json").read_text())
     assert set(ids) == {"wandb", "mlflow", "trackio"}
 
@@ -222,7 +222,7 @@ def test_sample_predictions_during_training(tmp_path, stories260k, strategy):
     tree["strategy"] = {"name": strategy}
     cfg = validate_config(tree)
     train(cfg)
-    rows = read_metrics(tmp_path / "run" / "samples.jsonl")
+    rows = read_rows(tmp_path / "run" / "samples.jsonl")
     assert [(r["step"], r["index"]) for r in rows] == [(s, i) for s in (0, 2, 4) for i in range(3)]
     evals = VARIED_ROWS[:4]
     for r in rows:

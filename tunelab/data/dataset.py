@@ -21,10 +21,10 @@ import numpy as np
 
 from tunelab.config import DataConfig
 from tunelab.data import cache
-from tunelab.data.encode import IGNORE, EncodeStats, Encoded, encode_examples, encode_pretokenized
+from tunelab.data.encode import IGNORE, EncodeStats
 from tunelab.data.read import read_records
 from tunelab.data.records import Example, check_same_shapes, to_examples
-from tunelab.data.render import RenderSpec, render_example
+from tunelab.data.render import RenderSpec
 from tunelab.data.streaming import StreamingUnits
 from tunelab.data.table import (EncodedRows, EncodedTable, EncodeSpec, concatenate_encoded, encode_file,
                                  first_shape, kept_rows, open_encoded, rows_stats)
@@ -78,22 +78,6 @@ def split_eval(examples: list[Any], fraction: float, seed: int) -> tuple[list[An
     eval_idx = set(order[:n_eval])
     return ([e for i, e in enumerate(examples) if i not in eval_idx],
             [e for i, e in enumerate(examples) if i in eval_idx])
-
-
-@dataclass
-class EncodedExamples:
-    encoded: list[Encoded]
-    stats: EncodeStats
-
-
-def prepare_split(examples: list[Example], spec: RenderSpec, tokenizer: Any, cfg: DataConfig,
-                  pool: list[Example]) -> EncodedExamples:
-    """In-memory examples encoded as training encodes them."""
-    stats = EncodeStats()
-    if examples and examples[0].shape == "tokenized":
-        return EncodedExamples(encode_pretokenized(examples, cfg.max_length, cfg.truncation, stats), stats)
-    rendered = [render_example(ex, spec, tokenizer, pool) for ex in examples]
-    return EncodedExamples(encode_examples(rendered, tokenizer, cfg.max_length, cfg.truncation, stats), stats)
 
 
 @dataclass

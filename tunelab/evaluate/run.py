@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunelab.config import DataConfig, EvalConfig
+from tunelab.config import DataConfig, EvalConfig, Template
 from tunelab.data.dataset import load_examples, sample
 from tunelab.data.records import Example, check_same_shape
 from tunelab.data.render import RenderSpec, render_example
@@ -110,6 +110,34 @@ def load_eval_data(path: str, data_cfg: DataConfig, spec: RenderSpec, train_path
     pool = load_examples(train_path, data_cfg.sources()[0]) if train_path else []
     check_same_shape(pool, str(train_path), examples, path)
     return EvalData(examples, data_cfg, spec, pool, path)
+
+
+@dataclass(frozen=True)
+class PlainReading:
+    """How to read and render an eval file that no training config describes (`tunelab eval`'s flags)."""
+
+    format: str = "auto"
+    columns: dict[str, str] = field(default_factory=dict)  # canonical name -> the file's column
+    max_length: int = 1024
+    template: str | None = None  # a discrete prompt template; None: the records' own prompt
+    target_template: str = "{target}"
+    num_shots: int = 0
+    train_file: str | None = None  # where demonstrations and label options come from
+
+
+def load_eval_file(path: str, settings: EvalConfig, cfg: Any = None, plain: PlainReading = PlainReading()) -> EvalData:
+    """An eval file rendered as training rendered its data: as the training config `cfg` says (a run's own, or
+    `--config`'s), else as `plain` says. A seeded sample of settings.max_examples."""
+    from tunelab.data.render import spec_from_config
+
+    if cfg is not None:
+        data_cfg = cfg.data.model_copy(update={"max_examples": None})
+        return load_eval_data(path, data_cfg, spec_from_config(cfg), cfg.data.train_path, settings.max_examples,
+                              settings.seed)
+    data_cfg = DataConfig(train=path, format=plain.format, columns=plain.columns, max_length=plain.max_length)
+    template = Template(prompt=plain.template, target=plain.target_template) if plain.template else None
+    spec = RenderSpec(template=template, num_shots=plain.num_shots, seed=settings.seed)
+    return load_eval_data(path, data_cfg, spec, plain.train_file, settings.max_examples, settings.seed)
 
 
 def write_outputs(summary: dict[str, Any], rows: list[dict[str, Any]], output: str | None,

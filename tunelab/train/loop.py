@@ -28,6 +28,7 @@ from tunelab.errors import ConfigError, DiskFullError, NonFiniteError
 from tunelab.models.load import enable_activation_checkpointing, load_model, load_tokenizer, pad_token_id
 from tunelab.models.device import choose_device
 from tunelab.models.linear_cross_entropy import check_loss_kernel
+from tunelab.runfiles import RunFiles
 from tunelab.strategies.model import count_parameters
 from tunelab.strategies.registry import resolve
 from tunelab.strategies.prepare import prepare_strategy
@@ -92,7 +93,7 @@ def evaluate_only(cfg: Config, run_dir: Path, model: Any, params: Any, eval_set:
                   device: torch.device, autocast: Any, file_log: logging.Handler) -> TrainResult:
     """Tuning-free prompting: nothing trains; the run holds its parameter count and eval figures."""
     trackers = open_trackers(cfg.train.report_to, run_dir, cfg.model_dump(mode="json"), None)
-    metrics = MetricsWriter(run_dir / "metrics.jsonl", trackers=trackers)
+    metrics = MetricsWriter(RunFiles(run_dir).metrics, trackers=trackers)
     metrics.write({"type": "params", "step": 0, "trainable_params": 0, "total_params": params.total,
                    "trainable_share": 0.0})
     result = None
@@ -279,7 +280,7 @@ def run_recipe(cfg: Config, on_exit: contextlib.ExitStack) -> TrainResult:
     resume_step = start_step if checkpoints else None
     trackers = open_trackers(cfg.train.report_to, run_dir, cfg.model_dump(mode="json"), resume_step) \
         if info.is_main else []
-    metrics = MetricsWriter(run_dir / "metrics.jsonl", resume_step=resume_step, enabled=info.is_main,
+    metrics = MetricsWriter(RunFiles(run_dir).metrics, resume_step=resume_step, enabled=info.is_main,
                             trackers=trackers)
     if not checkpoints:
         metrics.write({"type": "params", "step": 0, "trainable_params": params.trainable,
@@ -300,7 +301,7 @@ def run_recipe(cfg: Config, on_exit: contextlib.ExitStack) -> TrainResult:
     eval_result = run_eval(0) if eval_set and cfg.train.eval_every and start_step == 0 else None
 
     sampled = sample_examples(eval_set, train_set, cfg.train.num_samples) if cfg.train.sample_every else []
-    samples = MetricsWriter(run_dir / "samples.jsonl", resume_step=resume_step, enabled=bool(sampled))
+    samples = MetricsWriter(RunFiles(run_dir).samples, resume_step=resume_step, enabled=bool(sampled))
 
     def run_samples(step: int) -> None:
         rows = sample_predictions(tm, sampled, tokenizer, pad_id, cfg.train.sample_tokens, step, device, stop_text)
