@@ -15,7 +15,7 @@ QA = [{"question": f"What colour is the {t}?", "answer": c} for t, c in
 # ChatML, as Qwen2.5's tokenizer_config.json writes it (without the tool-call branches)
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
           "'\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-TRAIN = {"max_steps": 12, "learning_rate": 3e-2}
+TRAIN = {"max_steps": 8, "learning_rate": 1e-2}
 
 
 def _train(root: Path, base: Path, name: str, rows: list[dict], **sections) -> Path:

@@ -1,8 +1,7 @@
 """The HTTP side of `tunelab serve` (FastAPI): OpenAI's /v1/models, /v1/chat/completions and /v1/completions, streamed
 as server-sent events or not; tunelab's /tunelab/render (the exact prompt a request makes); the chat page at /.
 
-Every refusal is an OpenAI error body; a request that fails never takes the server down. One log line per request:
-model, prompt and completion tokens, time to first token, tokens/s."""
+Every refusal is an OpenAI error body; a request that fails never takes the server down. The worker logs one line per request (batcher.log_request)."""
 
 from __future__ import annotations
 
@@ -53,13 +52,6 @@ def _job(batcher: Batcher, served: Served, body: ChatRequest | CompletionRequest
 def _usage(prompt: Prompt, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": len(prompt.ids), "completion_tokens": completion_tokens,
             "total_tokens": len(prompt.ids) + completion_tokens}
-
-
-def _log(job: Job, prompt: Prompt, completion_tokens: int, outcome: str) -> None:
-    elapsed = time.perf_counter() - job.created
-    ttft = f"{job.first_token_at - job.created:.3f}s" if job.first_token_at else "-"
-    log.info(f"serve: model={job.served.name} prompt_tokens={len(prompt.ids)} completion_tokens={completion_tokens} "
-             f"ttft={ttft} tokens/s={completion_tokens / elapsed if elapsed > 0 else 0:.1f} {outcome}")
 
 
 class _Shapes:
@@ -115,17 +107,15 @@ async def _stream(job: Job, prompt: Prompt, body: ChatRequest | CompletionReques
                 break
             else:
                 _, finish, completion_tokens = value
-                outcome = f"finish={finish}"
+                outcome = "done"
                 yield _sse(shapes.chunk(None, finish))
                 if body.include_usage:
                     yield _sse(shapes.usage_chunk(_usage(prompt, completion_tokens)))
-                _log(job, prompt, completion_tokens, outcome)
                 break
         yield _sse("[DONE]")
     finally:
-        if outcome == "disconnected":
+        if outcome == "disconnected":  # the worker ends the row and logs it
             job.cancelled.set()
-            _log(job, prompt, 0, outcome)
 
 
 async def _wait(job: Job, request: Request) -> tuple[str, Any]:
@@ -154,13 +144,10 @@ async def _complete(request: Request, body: ChatRequest | CompletionRequest) -> 
                                  headers={"Cache-Control": "no-cache"})
     kind, value = await _wait(job, request)
     if kind == "disconnected":
-        _log(job, prompt, 0, "disconnected")
-        return JSONResponse({}, status_code=499)
+        return JSONResponse({}, status_code=499)  # nobody reads it: nginx's code for a client that closed
     if kind == "error":
-        _log(job, prompt, 0, "error")
         raise ApiError(500, value, kind="server_error")
     result, finish, completion_tokens = value
-    _log(job, prompt, completion_tokens, f"finish={finish}")
     out = {**shapes.full(result.text, finish), "usage": _usage(prompt, completion_tokens)}
     if body.return_prompt:
         out["tunelab"] = {"prompt": prompt.text, "prompt_ids": prompt.ids}

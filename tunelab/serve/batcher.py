@@ -26,6 +26,16 @@ from tunelab.serve.rows import Row
 log = logging.getLogger("tunelab.serve")
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """How one request's generation ended (the batcher keeps the recent ones)."""
+    model: str
+    batch_size: int
+    completion_tokens: int
+    max_tokens: int
+    cancelled: bool
+
+
 class QueueFull(Exception):
     """The waiting line is full."""
 
@@ -55,12 +65,22 @@ class Job:
         return (self.served.name, self.temperature, self.top_p, id(self) if self.seed is not None else None)
 
     def send(self, event: tuple[str, Any]) -> None:
-        """Hand an event ('text', delta) / ('done', (Generation, finish_reason, completion tokens)) / ('error', message) to the
-        request."""
+        """Hand an event to the request: ('text', delta), ('done', (Generation, finish_reason, completion tokens))
+        or ('error', message)."""
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:  # the server's loop has closed
             pass
+
+
+def log_request(job: Job, completion_tokens: int, outcome: str) -> None:
+    """The request's one log line: model, prompt and completion tokens, time to first token, tokens/s (completion
+    tokens over the request's whole time, waiting included)."""
+    elapsed = time.perf_counter() - job.created
+    ttft = f"{job.first_token_at - job.created:.3f}s" if job.first_token_at else "-"
+    log.info(f"serve: model={job.served.name} prompt_tokens={len(job.prompt_ids)} "
+             f"completion_tokens={completion_tokens} ttft={ttft} "
+             f"tokens/s={completion_tokens / elapsed if elapsed > 0 else 0:.1f} {outcome}")
 
 
 class _Rows(StoppingCriteria):
@@ -94,7 +114,7 @@ class Batcher:
         self.waiting: deque[Job] = deque()
         self.ready = threading.Condition()
         self.closed = False
-        self.batches_run: list[int] = []  # the size of each batch run, newest last (tests read it)
+        self.outcomes: deque[Outcome] = deque(maxlen=1024)  # the recent requests' generations, newest last
         self.thread = threading.Thread(target=self._work, name="tunelab-serve-worker", daemon=True)
         self.thread.start()
 
@@ -115,6 +135,9 @@ class Batcher:
         with self.ready:
             while not self.closed:
                 live = [j for j in self.waiting if not j.cancelled.is_set()]  # a client gone before its turn
+                for job in self.waiting:
+                    if job.cancelled.is_set():
+                        log_request(job, 0, "disconnected before its turn")
                 self.waiting = deque(live)
                 if live:
                     kind = live[0].kind
@@ -131,12 +154,12 @@ class Batcher:
             except Exception as exc:  # a failed batch fails its requests, never the server
                 log.exception("generation failed")
                 for job in batch:
+                    log_request(job, 0, "error")
                     job.send(("error", f"generation failed: {type(exc).__name__}: {exc}"))
 
     @torch.no_grad()
     def _run(self, jobs: list[Job]) -> None:
         first = jobs[0]
-        self.batches_run.append(len(jobs))
         with self.pool.active(first.served) as em:
             dec = decoding(em, max(j.max_tokens for j in jobs), first.temperature > 0, first.temperature or 1.0,
                            first.top_p)
@@ -150,6 +173,11 @@ class Batcher:
                 result = row.result()
                 finish = row.finish_reason(result)
             rest = row.rest(result)
+            if not result.text.startswith(row.sent):  # Row holds back what may change: this would be a bug
+                log.warning(f"serve: the streamed text of a {job.served.name} answer is not a prefix of its final text")
             if rest:
                 job.send(("text", rest))
+            self.outcomes.append(Outcome(job.served.name, len(jobs), len(row.tokens), job.max_tokens,
+                                         job.cancelled.is_set()))
+            log_request(job, len(row.tokens), "disconnected" if job.cancelled.is_set() else f"finish={finish}")
             job.send(("done", (result, finish, len(row.tokens))))

@@ -6,10 +6,22 @@ and any tail that may still turn out to be the start of a stop text."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from tunelab.evaluate.generate import Decoding, Generation
+
+
+BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece's byte fallback: one UTF-8 byte per token
+
+
+@lru_cache(maxsize=16)
+def byte_token_ids(tokenizer: Any) -> frozenset[int]:
+    """The ids of byte-fallback tokens. A run of them decodes as one UTF-8 string, or as one U+FFFD per byte when the
+    run is not valid UTF-8 yet, so the text of a trailing run can still change with the next token."""
+    return frozenset(i for piece, i in tokenizer.get_vocab().items() if BYTE_PIECE.fullmatch(piece))
 
 
 @dataclass
@@ -38,12 +50,19 @@ class Row:
         if any(stop in text for stop in self.stop_texts):
             self.finished = True
             return ""
-        safe = text.rstrip("\ufffd")  # an incomplete multi-byte character decodes as U+FFFD until it completes
+        safe = self._settled_text().rstrip("\ufffd")  # an incomplete UTF-8 character decodes as U+FFFD until complete
         safe = safe[: len(safe) - self._held_back(safe)]
         if not safe.startswith(self.sent) or len(safe) <= len(self.sent):
             return ""
         delta, self.sent = safe[len(self.sent):], safe
         return delta
+
+    def _settled_text(self) -> str:
+        """The text of the tokens before a trailing run of byte tokens (whose text may still change)."""
+        byte_ids, end = byte_token_ids(self.tokenizer), len(self.tokens)
+        while end and self.tokens[end - 1] in byte_ids:
+            end -= 1
+        return self.tokenizer.decode(self.tokens[:end], skip_special_tokens=True)
 
     def _held_back(self, text: str) -> int:
         """Length of the longest tail of `text` that begins some stop text (it may complete on a later token)."""

@@ -8,8 +8,10 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import uvicorn
+from fastapi import FastAPI
 
 from tunelab.serve.app import create_app
 from tunelab.serve.pool import ModelPool
@@ -36,10 +38,16 @@ def serve_forever(pool: ModelPool, host: str = "127.0.0.1", port: int = 8000, ma
     uvicorn.Server(_config(pool, host, port, max_batch, max_waiting)).run()
 
 
+@dataclass
+class Running:
+    url: str  # http://host:port
+    app: FastAPI  # its state holds the pool and the batcher
+
+
 @contextmanager
 def running(pool: ModelPool, host: str = "127.0.0.1", port: int | None = None, max_batch: int = 32,
-            max_waiting: int = 64) -> Iterator[str]:
-    """A server on a thread for the block; yields its base URL (http://host:port)."""
+            max_waiting: int = 64) -> Iterator[Running]:
+    """A server on a thread for the block."""
     server = uvicorn.Server(_config(pool, host, port or free_port(host), max_batch, max_waiting))
     thread = threading.Thread(target=server.run, name="tunelab-serve-http", daemon=True)
     thread.start()
@@ -49,7 +57,7 @@ def running(pool: ModelPool, host: str = "127.0.0.1", port: int | None = None, m
             raise RuntimeError(f"the server did not start on {host}:{server.config.port}")
         time.sleep(0.02)
     try:
-        yield f"http://{host}:{server.config.port}"
+        yield Running(f"http://{host}:{server.config.port}", server.config.app)
     finally:
         server.should_exit = True
         thread.join(timeout=30)
