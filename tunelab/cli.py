@@ -213,6 +213,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tunelab.errors import ConfigError
+    from tunelab.serve.pool import load_pool
+    from tunelab.serve.server import serve_forever
+
+    adapters = [tuple(item.split("=", 1)) for item in args.adapter or []]
+    if any(len(a) != 2 or not a[0] or not a[1] for a in adapters):
+        raise ConfigError("--adapter takes NAME=RUN_DIR (e.g. --adapter support=runs/lora).")
+    pool = load_pool(args.model, adapters, args.name, args.device, args.precision)  # type: ignore[arg-type]
+    log.info(f"serving {', '.join(pool.names)} on http://{args.host}:{args.port} (chat page at /)")
+    serve_forever(pool, args.host, args.port, args.max_batch, args.max_waiting)
+    return 0
+
+
 def cmd_diff(args: argparse.Namespace) -> int:
     from tunelab.evaluate.diff import diff
     from tunelab.evaluate.loaders import load_for_eval
@@ -470,6 +484,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decoding_flags(p)
     _add_device_flags(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible API and chat page over a run or model and its adapters")
+    p.add_argument("model", help="a tunelab run directory or a model folder (the base the adapters share)")
+    p.add_argument("--adapter", action="append", help="NAME=RUN_DIR: a LoRA/DoRA/IA3 or soft-prompt run over the same "
+                   "base, served as model NAME (repeatable)")
+    p.add_argument("--name", help="the API name of MODEL (default: its folder name)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=32, help="requests generated together at most")
+    p.add_argument("--max-waiting", type=int, default=64, help="requests waiting at most (then 503, Retry-After)")
+    _add_device_flags(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("diff", help="the tuned model against its base: task gain, forgetting, drift")
     p.add_argument("base")
