@@ -15,9 +15,6 @@ import pytest
 from tests.serve.conftest import QA
 from tunelab.cli import main
 from tunelab.config import validate_config
-from tunelab.data.dataset import load_examples, prepare_split
-from tunelab.data.encode import IGNORE
-from tunelab.data.render import spec_from_config
 from tunelab.evaluate.generate import encode_prompts
 from tunelab.serve.pool import load_pool
 from tunelab.serve.server import running
@@ -78,12 +75,11 @@ def test_prompt_ids_are_tunelab_generates(client, pool, generated, model):
 
 
 def _training_prompt_ids(run_dir, record_index, tokenizer):
-    import yaml
+    """The prompt tokens of one record of a run's training data as training encoded it."""
+    from tests.evaluate.test_generate_cli import _training_prompt_ids as training_prompt_ids
+    from tunelab.runfiles import read_config_tree
 
-    cfg = validate_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    examples = load_examples(cfg.data.train_path, cfg.data)
-    enc = prepare_split(examples, spec_from_config(cfg), tokenizer, cfg.data, pool=examples).encoded[record_index]
-    return enc.input_ids[: next(i for i, t in enumerate(enc.labels) if t != IGNORE)]
+    return training_prompt_ids(validate_config(read_config_tree(run_dir)), record_index, tokenizer)
 
 
 def test_a_system_turn_renders_as_in_training(client, pool, serve_runs):

@@ -125,11 +125,11 @@ def load_for_eval(path: str, adapter: str | None = None, device: str | None = No
         for param in model.parameters():
             param.data = param.data.to(choice.autocast_dtype)
     model.base.config.use_cache = True
-    return EvalModel(model, tokenizer, name, run_config, _turn_end(p) if run_config else [], device, precision,
+    return EvalModel(model, tokenizer, name, run_config, trained_turn_end(p) if run_config else [], device, precision,
                      base_trained)
 
 
-def _turn_end(run_dir: Path) -> list[str]:
+def trained_turn_end(run_dir: Path) -> list[str]:
     """The end of turn the run trained (its metrics' data row), when it is not the EOS token."""
     data_row = run_metrics(run_dir).first("data")
     end = data_row.get("turn_end") if data_row else None

@@ -15,17 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from tunelab.config import ModelConfig, validate_config
 from tunelab.data.render import turn_end
 from tunelab.errors import ModelError
 from tunelab.evaluate.inputs import Inputs
-from tunelab.evaluate.loaders import PROMPT_SLOT_TYPES, EvalModel, _turn_end, load_for_eval
+from tunelab.evaluate.loaders import EvalModel, load_for_eval, trained_turn_end
 from tunelab.models.load import load_tokenizer, read_adapter_config
+from tunelab.runfiles import ADAPTER_CONFIG, FINAL_ADAPTER, RunFiles, is_run_dir, read_config_tree
 from tunelab.strategies.model import TrainModel
-
-SOFT_PROMPT_TYPES = (*PROMPT_SLOT_TYPES, "PREFIX_TUNING")
+from tunelab.strategies.registry import SOFT_PROMPT, addition_of_peft_type
 
 
 @dataclass
@@ -93,24 +92,24 @@ def _inputs(em: EvalModel) -> Inputs:
 
 def _weights_folder(path: Path) -> Path:
     """The folder of base weights under what `path` names: an adapter's base, a run's final/, or the folder."""
-    final = path / "final" if (path / "config.yaml").is_file() else path
-    if (final / "adapter_config.json").is_file():
+    final = RunFiles(path).final if is_run_dir(path) else path
+    if (final / ADAPTER_CONFIG).is_file():
         return Path(read_adapter_config(final)["base_model_name_or_path"]).resolve()
     if final.is_dir() and (final / "config.json").is_file():
         return final.resolve()
-    cfg = validate_config(yaml.safe_load((path / "config.yaml").read_text()), str(path / "config.yaml"))
+    cfg = validate_config(read_config_tree(path), f"{path}'s config")
     return Path(cfg.model.path).resolve()  # a prompting run: its model, untouched
 
 
 def _adapter_folder(name: str, run_dir: Path, base: Path) -> Path:
     """final/ of a run whose strategy saved a peft adapter over `base`, or a ModelError saying why not."""
-    final = run_dir / "final"
-    if not (run_dir / "config.yaml").is_file():
+    final = RunFiles(run_dir).final
+    if not is_run_dir(run_dir):
         raise ModelError(f"--adapter {name}={run_dir}: not a tunelab run directory (no config.yaml).")
-    if (final / "adapter").is_dir():
+    if (final / FINAL_ADAPTER).is_dir():
         raise ModelError(f"--adapter {name}={run_dir}: a prompt+LM run trained its base weights too, so it is not an "
                          "adapter over the served base: serve it on its own (tunelab serve RUN_DIR).")
-    if not (final / "adapter_config.json").is_file():
+    if not (final / ADAPTER_CONFIG).is_file():
         raise ModelError(f"--adapter {name}={run_dir}: its final/ holds no peft adapter (a full or freeze run is a "
                          "model of its own, or the run did not finish): serve it as MODEL instead.")
     adapter_base = Path(read_adapter_config(final)["base_model_name_or_path"]).resolve()
@@ -144,20 +143,19 @@ class _Loader:
         from peft import PeftModel
 
         final = _adapter_folder(name, run_dir, self.base_folder)
-        cfg = validate_config(yaml.safe_load((run_dir / "config.yaml").read_text()), str(run_dir / "config.yaml"))
+        cfg = validate_config(read_config_tree(run_dir), f"{run_dir}'s config")
         peft_type = str(read_adapter_config(final)["peft_type"])
         tokenizer = load_tokenizer(ModelConfig(path=str(final if (final / "tokenizer_config.json").is_file()
                                                         else self.base_folder)))
-        if peft_type in SOFT_PROMPT_TYPES:
+        if addition_of_peft_type(peft_type) is SOFT_PROMPT:
             peft = PeftModel.from_pretrained(self.base_lm, final, adapter_name=name)
             _to_host(peft.prompt_encoder, self.host)
-            model = TrainModel(peft, cfg.strategy.name, virtual_tokens=peft.peft_config[name].num_virtual_tokens
-                               if peft_type in PROMPT_SLOT_TYPES else 0, prefix=peft_type == "PREFIX_TUNING")
+            model = TrainModel(peft, cfg.strategy.name, *SOFT_PROMPT.slots(peft))
             lora_adapter = None
         else:
             self._load_lora(name, final, peft_type)
             model, lora_adapter = TrainModel(self.lora, cfg.strategy.name), name
-        em = EvalModel(model, tokenizer, f"{run_dir} ({cfg.strategy.name})", cfg, _turn_end(run_dir))
+        em = EvalModel(model, tokenizer, f"{run_dir} ({cfg.strategy.name})", cfg, trained_turn_end(run_dir))
         return Served(name, em, Inputs(cfg), lora_adapter, str(run_dir))
 
     def _load_lora(self, name: str, final: Path, peft_type: str) -> None:
