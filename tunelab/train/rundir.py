@@ -15,7 +15,8 @@ import yaml
 
 from tunelab.config import Config, dump_config
 from tunelab.errors import ConfigError
-from tunelab.train.checkpoint import remove_stale_temp
+from tunelab.atomic import remove_stale_temp
+from tunelab.train.checkpoint import remove_stale_checkpoint_temp
 from tunelab.train.runlock import LOCK_NAME, RunLock
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def open_run_dir(cfg: Config) -> tuple[Path, RunLock]:
                 elif path.name != LOCK_NAME:
                     path.unlink()
         remove_stale_temp(run)
-        remove_stale_temp(run / "checkpoints")
+        remove_stale_checkpoint_temp(run / "checkpoints")
         saved.write_text(dump_config(cfg))
     except BaseException:
         lock.release()
