@@ -60,6 +60,8 @@ def set_denormal_mode(cfg: TrainConfig, device: torch.device) -> None:
 
 @dataclass(frozen=True)
 class DeviceSetup:
+    """Where a session computes, and in what precision."""
+
     device: torch.device
     amp_dtype: torch.dtype | None  # the autocast dtype (bf16), or None: fp32 throughout
 
@@ -93,6 +95,8 @@ def check_before_writing(cfg: Config) -> DistInfo:
 
 @dataclass
 class TrainingData:
+    """The encoded train and eval splits of a run, with what batching and generation need to know of them."""
+
     train: Split
     eval: Split | None
     pad_id: int
@@ -167,7 +171,7 @@ def use_speed_options(model: TrainModel, cfg: TrainConfig, device: torch.device)
 class Session:
     """A training session, set up: what one optimizer step (`loop.take_step`) runs."""
 
-    cfg: TrainConfig
+    cfg: TrainConfig  # the config's train section
     info: DistInfo
     hw: DeviceSetup
     train_model: TrainModel  # the strategy's model (generation, saving)
