@@ -112,14 +112,14 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 def crash_after_saving(monkeypatch: Any, step: int) -> Any:
     """Make training raise RuntimeError("simulated crash") right after it saves the checkpoint of `step` (a run
     killed there); returns the function that puts the real saving back."""
-    from tunelab.train import loop
+    from tunelab.train import checkpointer
 
-    real_save = loop.save_checkpoint
+    real_save = checkpointer.save_checkpoint
 
     def save_then_crash(run_dir: Path, at: int, *args: Any, **kwargs: Any) -> Any:
         real_save(run_dir, at, *args, **kwargs)
         if at == step:
             raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
-    return lambda: monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    monkeypatch.setattr(checkpointer, "save_checkpoint", save_then_crash)
+    return lambda: monkeypatch.setattr(checkpointer, "save_checkpoint", real_save)

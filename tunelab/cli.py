@@ -92,7 +92,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from tunelab.config import TrainConfig
     from tunelab.demo import run_demo
-    from tunelab.train.loop import set_denormal_mode
+    from tunelab.train.session import set_denormal_mode
 
     # as compare does, before anything computes: the demo trains prompting runs in this process, and a flag set
     # then would reach only the calling thread, not the intra-op threads the base model's evaluation started
@@ -260,7 +260,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from tunelab.config import load_config
     from tunelab.report.run_report import compare_summary, report_run
     from tunelab.runfiles import compare_dir
-    from tunelab.train.loop import resolve_device, set_denormal_mode
+    from tunelab.train.session import resolve_device, set_denormal_mode
 
     cfg = load_config(args.config, args.overrides)
     # before the base model's evaluation runs anything: every intra-op thread copies the flag when it starts

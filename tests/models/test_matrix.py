@@ -29,7 +29,8 @@ from tunelab.cli import main
 from tunelab.models.load import load_model, load_tokenizer
 from tunelab.strategies.export import load_final
 from tunelab.strategies.prepare import prepare_strategy
-from tunelab.train.loop import seed_everything, train
+from tunelab.train.loop import train
+from tunelab.train.session import seed_everything
 from tunelab.runfiles import read_metrics
 
 # meta-llama/Llama-2-13b-chat-hf, as mistral.rs's test of chat templates quotes it (see tests/data/test_chat_turns.py)

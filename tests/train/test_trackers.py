@@ -76,7 +76,57 @@ def test_a_missing_tracker_library_is_a_clear_error(tmp_path, stories260k, capsy
     assert main(["train", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert f"pip install 'tunelab[{tracker}]'" in err and "Traceback" not in err
-    assert not (tmp_path / "run" / "final").exists()
+    assert not (tmp_path / "run").exists()  # refused before the run directory was made
+
+
+def _error_paragraph(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.startswith("tunelab: error")]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def test_an_mlflow_uri_of_the_retired_file_store_is_refused_before_anything_is_written(tmp_path, stories260k, capsys,
+                                                                                     monkeypatch):
+    """MLflow 3 refuses its file store (`file:./mlruns`, a plain path) unless MLFLOW_ALLOW_FILE_STORE opts back in:
+    the run stops with one paragraph and exit 2, before its output_dir exists."""
+    pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "file:./mlruns")
+    with pytest.raises(MlflowException):  # the reference: MLflow's own client refuses this store
+        MlflowClient(tracking_uri="file:./mlruns")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(_tree(tmp_path, stories260k, "run", report_to=["tensorboard", "mlflow"])))
+    assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    msg = _error_paragraph(err)
+    assert "Traceback" not in err
+    assert "MLFLOW_TRACKING_URI='file:./mlruns'" in msg and "sqlite:///" in msg and "train.report_to" in msg
+    assert not (tmp_path / "run").exists() and not (tmp_path / "mlruns").exists()
+
+
+def test_wandb_online_without_a_login_is_refused_before_anything_is_written(tmp_path, stories260k):
+    """WANDB_MODE=online with no API key anywhere (no WANDB_API_KEY, an empty home: no .netrc, no settings): one
+    paragraph and exit 2 before the output_dir exists, without a prompt and without the network (W&B's server is
+    an address where nothing listens: a request would fail with a connection error, not this message)."""
+    pytest.importorskip("wandb", reason="the wandb extra is not installed")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(_tree(tmp_path, stories260k, "run", report_to=["wandb"])))
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "NETRC"))}
+    env.update({"HOME": str(home), "WANDB_CONFIG_DIR": str(home / ".config" / "wandb"), "WANDB_MODE": "online",
+                "WANDB_BASE_URL": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run([sys.executable, "-m", "tunelab", "train", str(cfg)], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, stdin=subprocess.DEVNULL, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    msg = _error_paragraph(proc.stderr)
+    assert "Traceback" not in proc.stderr
+    assert "WANDB_MODE=online" in msg and "wandb login" in msg and "WANDB_MODE=offline" in msg
+    assert not (tmp_path / "run").exists() and not (tmp_path / "wandb").exists()
 
 
 def _wandb_records(run_dir: Path) -> list[dict]:

@@ -117,13 +117,11 @@ def _encoded(path: str, how: EncodeSpec, tokenizer: Any, pool: list[Example], po
     if entry is not None:
         log.info("%s: reusing its encoded rows in %s (cache hit)", path, entry)
     else:
-        tmp = cache.new_entry(cache_dir, key)
-        try:
-            shape = encode_file(path, how, tokenizer, pool, tmp, cfg.num_proc)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        entry = cache.publish(tmp, cache_dir, key, {"shape": shape, "file": str(Path(path).resolve()), "key": parts})
+        def write(folder: Path) -> dict[str, Any]:
+            shape = encode_file(path, how, tokenizer, pool, folder, cfg.num_proc)
+            return {"shape": shape, "file": str(Path(path).resolve()), "key": parts}
+
+        entry = cache.store(cache_dir, key, write)
         log.info("%s: encoded into %s (cached for the next run with the same encoding)", path, entry)
     return _Encoded(open_encoded(entry, path), cache.read_meta(entry)["shape"], path)
 

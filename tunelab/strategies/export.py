@@ -14,10 +14,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from tunelab.atomic import atomic_dir, remove_stale_temp
 from tunelab.errors import TunelabError
 from tunelab.strategies.model import TrainModel
 from tunelab.strategies.registry import loaded_addition, mergeable_peft_types
-from tunelab.train.checkpoint import atomic_dir, remove_stale_temp
 
 
 def _save_hf(model: Any, tokenizer: Any, out: Path) -> None:

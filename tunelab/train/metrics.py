@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tunelab.atomic import atomic_write_text
 from tunelab.runfiles import encode_number
 
 
@@ -35,9 +36,7 @@ class MetricsWriter:
         if resume_step is not None and self.path.is_file():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and (row := _parse(line)) is not None and row.get("step", 0) <= resume_step]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            tmp.replace(self.path)
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self._file = self.path.open("a")

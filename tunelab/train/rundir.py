@@ -15,8 +15,9 @@ import yaml
 
 from tunelab.config import Config, dump_config
 from tunelab.errors import ConfigError
+from tunelab.atomic import remove_stale_temp
 from tunelab.runfiles import CONFIG, RunFiles
-from tunelab.train.checkpoint import remove_stale_temp
+from tunelab.train.checkpoint import remove_stale_checkpoint_temp
 from tunelab.train.runlock import LOCK_NAME, RunLock
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def open_run_dir(cfg: Config) -> tuple[Path, RunLock]:
                 elif path.name != LOCK_NAME:
                     path.unlink()
         remove_stale_temp(run)
-        remove_stale_temp(RunFiles(run).checkpoints)
+        remove_stale_checkpoint_temp(RunFiles(run).checkpoints)
         saved.write_text(dump_config(cfg))
     except BaseException:
         lock.release()
