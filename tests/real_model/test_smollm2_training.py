@@ -217,6 +217,9 @@ def test_strategy(name, run_of, base_model, smollm2_tokenizer, data, tmp_path, c
     assert first["loss"] == pytest.approx(_step1_reference(name, cfg, base_model, tok, rows), rel=2e-5)
 
     final = load_final(Path(cfg.output_dir) / "final")  # plain transformers / peft
+    lm = final.get_base_model() if hasattr(final, "get_base_model") else final
+    ends = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
+    assert lm.generation_config.eos_token_id == ends, name  # a saved model keeps every end id of its base
     greedy = _plain_greedy(final, tok, data["fixed_eval_chat" if name == "fixed_prompt" else "eval_chat"])
     del final
     end = tok.convert_tokens_to_ids("<|im_end|>")
