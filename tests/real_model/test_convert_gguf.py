@@ -17,6 +17,7 @@ CHAT = [{"role": "user", "content": "What is the capital of France?"},
         {"role": "assistant", "content": "The capital of France is Paris."}]
 
 
+@pytest.mark.slow
 def test_the_folder_is_what_transformers_gguf_loader_builds(smollm2, smollm2_gguf, smollm2_tokenizer):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

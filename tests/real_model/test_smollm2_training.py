@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -37,6 +38,8 @@ from tunelab.strategies.export import load_final
 from tunelab.strategies.prepare import prepare_strategy
 from tunelab.train.loop import seed_everything, train
 from tunelab.train.metrics import read_metrics
+
+pytestmark = pytest.mark.slow  # a real 135M-parameter model (`make test-fast` leaves it out)
 
 INTENT_PROMPT = "Label this message: {text}"  # fixed_prompt's template (its user turn)
 WEIGHTS_LR, ADAPTER_LR, PROMPT_LR = 1e-5, 1e-4, 1e-3
@@ -66,7 +69,7 @@ MAX_NEW_TOKENS = 12
 
 def _banking77_rows() -> list[dict[str, str]]:
     with shared_file("banking77/train.csv").open(newline="") as fh:
-        return [row for _, row in zip(range(3), csv.DictReader(fh))]
+        return list(itertools.islice(csv.DictReader(fh), 3))
 
 
 def _conversations(rows: list[dict[str, str]]) -> list[list[dict[str, str]]]:
@@ -213,7 +216,8 @@ def test_strategy(name, run_of, base_model, smollm2_tokenizer, data, tmp_path, c
     cfg = run_of(name)
     rows = data["csv_rows" if name == "fixed_prompt" else "chat_rows"]
     first = next(r for r in read_metrics(Path(cfg.output_dir) / "metrics.jsonl") if r["type"] == "train")
-    assert first["step"] == 1 and first["num_label_tokens"] == int((reference_batch(tok, rows)["labels"] != IGNORE).sum())
+    assert first["step"] == 1
+    assert first["num_label_tokens"] == int((reference_batch(tok, rows)["labels"] != IGNORE).sum())
     assert first["loss"] == pytest.approx(_step1_reference(name, cfg, base_model, tok, rows), rel=2e-5)
 
     final = load_final(Path(cfg.output_dir) / "final")  # plain transformers / peft
@@ -226,8 +230,9 @@ def test_strategy(name, run_of, base_model, smollm2_tokenizer, data, tmp_path, c
     assert end in greedy, (name, tok.decode(greedy))  # the model answers and closes its turn
     answer = greedy[: greedy.index(end)]
     predictions = tmp_path / "predictions.jsonl"
-    assert main(["eval", cfg.output_dir, str(data["csv_eval" if name == "fixed_prompt" else "eval"]), "--mode", "generate", "--max-new-tokens",
-                 str(MAX_NEW_TOKENS), "--predictions", str(predictions)]) == 0, capsys.readouterr().err[-2000:]
+    eval_file = data["csv_eval" if name == "fixed_prompt" else "eval"]
+    assert main(["eval", cfg.output_dir, str(eval_file), "--mode", "generate", "--max-new-tokens", str(MAX_NEW_TOKENS),
+                 "--predictions", str(predictions)]) == 0, capsys.readouterr().err[-2000:]
     (row,) = [json.loads(line) for line in predictions.read_text().splitlines()]
     assert row["ended_with_eos"] and row["num_tokens"] == len(answer), (name, row)
     assert row["prediction"] == tok.decode(answer, skip_special_tokens=True).strip(), name
