@@ -107,3 +107,17 @@ def test_a_failed_write_leaves_no_folder(tmp_path, stories260k, monkeypatch, cap
     with pytest.raises(OSError):
         converter.convert_gguf(_tiny_gguf(tmp_path / "tiny.gguf", "llama"), tmp_path / "out" / "model")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_gguf_file_as_the_model_path_says_to_convert_it(tmp_path, smollm2_gguf, capsys):
+    import yaml
+
+    from tests.conftest import config_tree, write_jsonl
+
+    tree = config_tree(smollm2_gguf, write_jsonl(tmp_path / "t.jsonl", [{"prompt": "a", "completion": " b"}]),
+                       tmp_path / "run")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tree))
+    assert main(["train", str(tmp_path / "config.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert f"tunelab convert gguf {smollm2_gguf} OUT_DIR" in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
