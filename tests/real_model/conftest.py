@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -42,7 +43,7 @@ def cache_key(gguf_file: Path) -> str:
 
 def converted_gguf(gguf_file: Path) -> Path:
     """The folder `tunelab convert gguf` makes of `gguf_file`, converted at most once per cache key (under a
-    file lock); the folders of older keys of the same file are removed."""
+    file lock); the folders of older keys of the same file are removed (no other folder of the cache)."""
     from filelock import FileLock
 
     from tunelab.cli import main
@@ -52,8 +53,10 @@ def converted_gguf(gguf_file: Path) -> Path:
     folder = root / f"{gguf_file.stem}-{cache_key(gguf_file)}"
     with FileLock(str(root / f"{gguf_file.stem}.lock")):
         if not folder.is_dir():
-            for stale in root.glob(f"{gguf_file.stem}-*"):
-                shutil.rmtree(stale, ignore_errors=True)
+            stale_name = re.compile(re.escape(gguf_file.stem) + r"-[0-9a-f]{16}")  # this cache's folders only
+            for stale in root.iterdir():
+                if stale.is_dir() and stale_name.fullmatch(stale.name):
+                    shutil.rmtree(stale, ignore_errors=True)
             assert main(["convert", "gguf", str(gguf_file), str(folder)]) == 0
     return folder
 
