@@ -86,9 +86,12 @@ VARIED_ROWS = [
 
 # The files that take longest under `make test` (its --durations list), longest first: a scheduling hint only
 # (a stale list costs wall time, never a result).
-LONGEST_FIRST = ["test_demo_task_intent.py", "test_demo_task_summary.py", "test_demo_task_small_data.py",
-                 "evaluate/test_banking77_acceptance.py", "train/test_distributed.py", "plan/test_validation.py",
-                 "test_bench_smoke.py", "train/test_recipe.py", "test_demo.py"]
+# The real-model tier's two files are far apart: the first to start converts SmolLM2's GGUF (on a cold cache)
+# while the other worker runs other files, instead of waiting on the conversion's lock.
+LONGEST_FIRST = ["test_demo_task_intent.py", "real_model/test_smollm2_training.py", "test_demo_task_summary.py",
+                 "test_demo_task_small_data.py", "evaluate/test_banking77_acceptance.py", "train/test_distributed.py",
+                 "plan/test_validation.py", "test_bench_smoke.py", "train/test_recipe.py", "test_demo.py",
+                 "real_model/test_convert_gguf.py"]
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -87,6 +87,14 @@ def cmd_convert_llama2c(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_gguf(args: argparse.Namespace) -> int:
+    from tunelab.models.gguf import convert_gguf
+
+    out = convert_gguf(Path(args.file), Path(args.out_dir), args.dtype)
+    print(f"wrote a Hugging Face folder to {out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
@@ -582,6 +590,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("tokenizer")
     c.add_argument("out_dir")
     c.set_defaults(func=cmd_convert_llama2c)
+    c = conv.add_parser("gguf", help="a GGUF file (llama.cpp, Ollama), weights dequantized by transformers' loader")
+    c.add_argument("file")
+    c.add_argument("out_dir", help="a new folder (an existing one is refused)")
+    c.add_argument("--dtype", choices=["float32", "bf16"], default="float32",
+                   help="float32 keeps the dequantized weights exactly; bf16 halves the folder (default float32)")
+    c.set_defaults(func=cmd_convert_gguf)
     return parser
 
 

@@ -167,7 +167,7 @@ def test_step_one_loss_equals_transformers_on_the_derived_mask(family, thinking,
     from tunelab.data.encode import Encoded
     from tunelab.train.loop import train
     from tunelab.train.session import seed_everything
-    from tunelab.train.metrics import read_metrics
+    from tunelab.runfiles import read_metrics
 
     tok = _tokenizer(family)
     cls = T.Qwen3ForCausalLM if family == "qwen3" else T.Qwen2ForCausalLM
