@@ -36,7 +36,8 @@ from tunelab.data.encode import IGNORE
 from tunelab.data.render import spec_from_config
 from tunelab.strategies.export import load_final
 from tunelab.strategies.prepare import prepare_strategy
-from tunelab.train.loop import seed_everything, train
+from tunelab.train.loop import train
+from tunelab.train.session import seed_everything
 from tunelab.runfiles import read_metrics
 
 pytestmark = pytest.mark.slow  # a real 135M-parameter model (`make test-fast` leaves it out)
