@@ -20,6 +20,7 @@ from tunelab.evaluate.loaders import EvalModel
 from tunelab.evaluate.metrics import compute, normalize
 from tunelab.evaluate.score import rank_options
 
+THINK_END = "</think>"  # closes the reasoning of Qwen3's and the DeepSeek-R1 distills' templates
 log = logging.getLogger(__name__)
 
 
@@ -67,13 +68,22 @@ def predict(em: EvalModel, data: EvalData, settings: EvalConfig) -> tuple[str, l
         for row, ex, (best, _) in zip(rows, data.examples, ranked):
             row.update(reference=ex.target, prediction=best)
         return mode, rows
-    eos = em.tokenizer.eos_token
+    ends = [em.tokenizer.eos_token, *em.stop_texts]
     gens = generate(em, [r.prompt for r in rendered], settings.max_new_tokens, settings.do_sample,
                     settings.temperature, settings.top_p, settings.stop_strings, settings.batch_size, settings.seed)
     for row, r, g in zip(rows, rendered, gens):
-        row.update(reference=r.target.removesuffix(eos).strip(), prediction=g.text.strip(),
+        row.update(reference=answer_text(r.target, ends), prediction=answer_text(g.text, ends),
                    ended_with_eos=g.ended_with_eos, num_tokens=g.num_tokens)
     return mode, rows
+
+
+def answer_text(text: str, ends: list[str]) -> str:
+    """What metrics compare of a target or a generation: without the end of turn the run trained (the tokenizer's
+    EOS, or a chat template's own end such as <|im_end|>) and, after a reasoning template's think block, the reply
+    alone (the text after '</think>'), so that a reasoning run is scored on its answers."""
+    for end in ends:
+        text = text.strip().removesuffix(end) if end else text
+    return text.rsplit(THINK_END, 1)[-1].strip()
 
 
 def evaluate(em: EvalModel, data: EvalData, settings: EvalConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
