@@ -448,11 +448,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tunelab.runfiles import DIFF
-
     parser = argparse.ArgumentParser(prog="tunelab", description="Fine-tune a causal LM on labeled examples.")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    for add_commands in (_training_commands, _model_commands, _tool_commands):
+        add_commands(sub)
+    return parser
+
+
+def _training_commands(sub: Any) -> None:
+    """train, compare and plan: the commands that read a training config."""
     p = sub.add_parser("train", help="fine-tune a model as a YAML config says")
     p.add_argument("config", help="the YAML config file")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.max_steps=50")
@@ -461,6 +466,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, help="data-parallel processes (runs torchrun --nproc_per_node N)")
     _add_cache_flag(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("compare", help="train, evaluate and diff several strategies on the same budget")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    _add_cache_flag(p)
+    p.add_argument("--strategies", help=f"comma-separated, LABEL=STRATEGY for a labelled variant (default: "
+                   f"{DEFAULT_COMPARE}, or the preset's)")
+    p.add_argument("--preset", choices=["small-data"], help="small-data: 64 examples, every strategy (zero- and "
+                   "few-shot prompting, soft prompt, LoRA, IA3, freeze, full, prompt+LM)")
+    p.add_argument("--set", action="append", help="STRATEGY:dotted.key=value for one strategy (repeatable)")
+    p.add_argument("--out", help="where the comparison goes (default: OUTPUT_DIR-compare)")
+    _add_eval_flags(p, data_positional=False)
+    p.add_argument("--reference-text")
+    p.add_argument("--probes")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("plan", help="estimate cost and memory per strategy, and recommend one")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    _add_cache_flag(p)
+    p.add_argument("--gpu", action="append", help="h100, a100, l4 or cpu (repeatable; default: this CPU)")
+    p.add_argument("--pretraining-tokens", type=float, help="tokens the base model was pre-trained on")
+    p.add_argument("--output", help="write the figures here (plan.json; with several --gpu, plan-GPU.json beside it)")
+    p.add_argument("--measure", action="store_true",
+                   help="on the CPU, time real optimizer steps of cut copies of the model (seconds per strategy) "
+                        "instead of estimating from FLOPs at the measured matmul rate")
+    p.set_defaults(func=cmd_plan)
+
+
+def _model_commands(sub: Any) -> None:
+    """eval, chat, generate, serve, diff and report: the commands that use a tuned model or a run."""
+    from tunelab.runfiles import DIFF
 
     p = sub.add_parser("eval", help="evaluate a model (HF folder, adapter folder or run directory) on labeled data")
     p.add_argument("model")
@@ -515,37 +552,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help=f"where {DIFF} goes (default: TUNED/{DIFF})")
     p.set_defaults(func=cmd_diff)
 
-    p = sub.add_parser("compare", help="train, evaluate and diff several strategies on the same budget")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*")
-    _add_cache_flag(p)
-    p.add_argument("--strategies", help=f"comma-separated, LABEL=STRATEGY for a labelled variant (default: "
-                   f"{DEFAULT_COMPARE}, or the preset's)")
-    p.add_argument("--preset", choices=["small-data"], help="small-data: 64 examples, every strategy (zero- and "
-                   "few-shot prompting, soft prompt, LoRA, IA3, freeze, full, prompt+LM)")
-    p.add_argument("--set", action="append", help="STRATEGY:dotted.key=value for one strategy (repeatable)")
-    p.add_argument("--out", help="where the comparison goes (default: OUTPUT_DIR-compare)")
-    _add_eval_flags(p, data_positional=False)
-    p.add_argument("--reference-text")
-    p.add_argument("--probes")
-    p.set_defaults(func=cmd_compare)
-
     p = sub.add_parser("report", help="write report.html and report.md for a run directory")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("plan", help="estimate cost and memory per strategy, and recommend one")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*")
-    _add_cache_flag(p)
-    p.add_argument("--gpu", action="append", help="h100, a100, l4 or cpu (repeatable; default: this CPU)")
-    p.add_argument("--pretraining-tokens", type=float, help="tokens the base model was pre-trained on")
-    p.add_argument("--output", help="write the figures here (plan.json; with several --gpu, plan-GPU.json beside it)")
-    p.add_argument("--measure", action="store_true",
-                   help="on the CPU, time real optimizer steps of cut copies of the model (seconds per strategy) "
-                        "instead of estimating from FLOPs at the measured matmul rate")
-    p.set_defaults(func=cmd_plan)
 
+def _tool_commands(sub: Any) -> None:
+    """data check, doctor, export, demo and convert."""
     p = sub.add_parser("data", help="dataset tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     c = data_sub.add_parser("check", help="audit a dataset as training will read it")
@@ -596,7 +609,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", choices=["float32", "bf16"], default="float32",
                    help="float32 keeps the dequantized weights exactly; bf16 halves the folder (default float32)")
     c.set_defaults(func=cmd_convert_gguf)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

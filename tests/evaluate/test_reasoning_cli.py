@@ -21,7 +21,7 @@ import transformers as T
 
 from tests import tokenizer_layouts as layouts
 from tests.conftest import config_tree, write_jsonl
-from tests.data.test_reasoning_templates import QWEN3, R1, _tokenizer
+from tests.data.test_reasoning_templates import QWEN3, _tokenizer
 from tunelab.cli import main
 from tunelab.config import validate_config
 from tunelab.evaluate.generate import encode_prompts
