@@ -31,13 +31,10 @@ def prompts(n: int) -> list[str]:
 
 
 def gguf_folder(gguf: Path, out: Path) -> Path:
-    """The GGUF checkpoint as a Hugging Face folder (transformers dequantizes it to float32)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The GGUF checkpoint as a Hugging Face folder, as `tunelab convert gguf` writes it (float32), once."""
+    from tunelab.models.gguf import convert_gguf
 
-    if not (out / "config.json").is_file():
-        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
-        AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
-    return out
+    return out if (out / "config.json").is_file() else convert_gguf(gguf, out)
 
 
 def sequential_baseline(pool, texts: list[str], max_tokens: int) -> dict:
