@@ -9,11 +9,10 @@ appears in one rename: an export that fails half-way (a full disk) leaves no fil
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tunelab.errors import TunelabError
 from tunelab.export import llamacpp
@@ -97,8 +96,10 @@ def check_carried(gguf: Path, carried: dict[str, Any]) -> None:
         raise RuntimeError(f"{gguf}: EOS id {eos} is not among the trained end-of-turn ids {carried['end_ids']}")
 
 
-def export_gguf(run_dir: Path, out_dir: Path, quant: str = "f16", overwrite: bool = False) -> GgufExport:
-    """Write OUT/model-QUANT.gguf (and export.json) for a finished run."""
+def export_gguf(run_dir: Path, out_dir: Path, quant: str = "f16", overwrite: bool = False,
+                also: Callable[[Path, dict[str, Any]], None] | None = None) -> GgufExport:
+    """Write OUT/model-QUANT.gguf (and export.json) for a finished run; `also(tmp, carried)` writes more files
+    into the folder before it takes OUT's name (the Ollama Modelfile)."""
     from tunelab.train.checkpoint import atomic_dir
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -111,15 +112,10 @@ def export_gguf(run_dir: Path, out_dir: Path, quant: str = "f16", overwrite: boo
         summary = {"run_dir": str(run_dir.resolve()), "format": "gguf", "quant": quant, "family": family.name,
                    "llama_cpp_python": llamacpp.runtime_version(), **carried}
         (tmp / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+        if also is not None:
+            also(tmp, carried)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     atomic_dir(out_dir, write)
     return GgufExport(out_dir, out_dir / gguf_name(quant), quant, family, carried)
 
-
-def read_summary(out_dir: Path) -> dict[str, Any]:
-    return json.loads((Path(out_dir) / SUMMARY).read_text())
-
-
-def remove_export(out_dir: Path) -> None:
-    shutil.rmtree(out_dir, ignore_errors=True)

@@ -61,9 +61,21 @@ def candidate_pieces(render: Any) -> list[TurnPieces]:
     not say where one message's closing text ends and the next one's opening text begins)."""
     s, u, a = (_MARK[r] for r in ROLES)
     msg = lambda role: {"role": role, "content": _MARK[role]}  # noqa: E731
-    turns = render([msg("user"), msg("assistant"), {"role": "user", "content": u + "2"}], False)
-    generation = render([msg("user")], True)[len(render([msg("user")], False)):]
-    user_after = turns[turns.rindex(u + "2") + len(u) + 1:]
+    conversation = [msg("user"), msg("assistant"), {"role": "user", "content": u + "2"}]
+    turns, prompted = render(conversation, False), render(conversation, True)
+    # what follows the last user message: its closing text, then the generation prompt (or, in some templates
+    # such as Phi-3's, an EOS where there is no generation prompt)
+    tail, prompted_tail = turns[turns.rindex(u + "2") + len(u) + 1:], prompted[prompted.rindex(u + "2") + len(u) + 1:]
+    closing = os.path.commonprefix([tail, prompted_tail])
+    return [pieces for cut in range(len(closing), -1, -1)
+            for pieces in _cuts(render, turns, closing[:cut], prompted_tail[cut:])]
+
+
+def _cuts(render: Any, turns: str, user_after: str, generation: str) -> list[TurnPieces]:
+    s, u, a = (_MARK[r] for r in ROLES)
+    msg = lambda role: {"role": role, "content": _MARK[role]}  # noqa: E731
+    if not _between(turns, u, a).startswith(user_after):
+        return []
     assistant_before = _between(turns, u, a)[len(user_after):]
     x, y = _between(turns, a, u + "2"), turns[: turns.index(u)]
     with_system = _renders(render, [msg("system"), msg("user")], False)
@@ -115,9 +127,27 @@ def check_template(go: str, render: Any) -> None:
                                "is complete and carries the chat template for llama.cpp and LM Studio.")
 
 
-def derive_go_template(render: Any) -> str:
-    """The Ollama template of a chat template (`render(messages, generation_prompt) -> str`), checked."""
-    candidates = [go_template(p) for p in candidate_pieces(render)]
+def _splits(pieces: TurnPieces, special: list[str]) -> int:
+    """How many pieces begin or end inside a special token (a cut through '<|user|>' is not where a turn ends)."""
+    texts = [t for pair in pieces.wrappers.values() for t in pair] + [pieces.header, pieces.default_system,
+                                                                      pieces.generation]
+    return sum(any(t.startswith(tok[i:]) or t.endswith(tok[:i]) for tok in special for i in range(1, len(tok)))
+               for t in texts if t)
+
+
+def _unnatural(pieces: TurnPieces, special: list[str]) -> tuple[int, bool, bool]:
+    """Sort key, natural cuts first: none through a special token; an assistant message closes as a user message
+    does (ChatML's <|im_end|>\n after each), or at least ends the same way; then the order found."""
+    user_after, assistant_after = pieces.wrappers["user"][1], pieces.wrappers["assistant"][1]
+    return (_splits(pieces, special), assistant_after != user_after,
+            not (assistant_after and assistant_after.endswith(user_after)))
+
+
+def derive_go_template(render: Any, special: list[str] = ()) -> str:
+    """The Ollama template of a chat template (`render(messages, generation_prompt) -> str`; `special`: the
+    tokenizer's special tokens, where no cut should fall), checked."""
+    pieces = sorted(candidate_pieces(render), key=lambda p: _unnatural(p, list(special)))
+    candidates = list(dict.fromkeys(go_template(p) for p in pieces))
     if not candidates:
         raise TunelabError("the run's chat template writes a system message's closing text differently from a user "
                            "message's, so it cannot be cut into the per-role pieces an Ollama template is made of. No "
@@ -169,3 +199,52 @@ def sampling_defaults(config: Any) -> dict[str, Any]:
     sampled = {"temperature": settings.temperature, "top_p": settings.top_p} if settings.do_sample else \
         {"temperature": 0, "top_k": 1}
     return {**sampled, "num_predict": settings.max_new_tokens}
+
+
+def discrete_go_template(template: Any) -> str:
+    """A discrete template (strategy.template) as an Ollama template over `.Prompt`: its instruction and prompt
+    with the one record field it names replaced by the user's text."""
+    import string
+
+    fields = [name for _, name, _, _ in string.Formatter().parse(template.prompt) if name is not None]
+    if len(fields) != 1:
+        raise TunelabError(f"the run's template prompt {template.prompt!r} names {len(fields)} record fields "
+                           f"({fields}); an Ollama template has one input (the user's text), so no Modelfile was "
+                           "written. The GGUF is complete; pass prompts rendered with the run's template to it.")
+    instruction = f"{template.instruction}{template.demo_separator}" if template.instruction else ""
+    prompt = template.prompt.replace("{" + fields[0] + "}", "\x00").replace("{{", "{").replace("}}", "}")
+    return _go_text(instruction + prompt).replace("\x00", "{{ .Prompt }}")
+
+
+def chat_renderer(tokenizer: Any, template: str) -> Any:
+    def render(messages: list[dict[str, str]], generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+    return render
+
+
+def ollama_template(source: Any) -> str:
+    """The Modelfile TEMPLATE for a run: derived from (and checked against) the chat template it trained with, or
+    made from its discrete template; a TunelabError where neither can be written faithfully."""
+    from transformers import AutoTokenizer
+
+    from tunelab.data.render import DEFAULT_TEMPLATES
+    from tunelab.export.source import trained_chat_template
+
+    tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_dir)
+    template = trained_chat_template(source, tokenizer)
+    if template is not None:
+        return derive_go_template(chat_renderer(tokenizer, template),
+                                  [t for t in tokenizer.get_added_vocab() if len(t) > 1])
+    from tunelab.data.table import first_shape
+
+    data = source.config.data.sources()[0]
+    return discrete_go_template(source.config.strategy.template or DEFAULT_TEMPLATES[first_shape(data.path, data)])
+
+
+def write_modelfile(out: Path, gguf_name: str, go: str, source: Any, carried: dict[str, Any]) -> Path:
+    stops = [carried["turn_end"]] if carried.get("turn_end") else []
+    path = out / "Modelfile"
+    path.write_text(modelfile(gguf_name, go, stops, fixed_system_prompt(source.config),
+                              sampling_defaults(source.config)))
+    return path
