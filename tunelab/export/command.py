@@ -44,9 +44,10 @@ def _export_gguf_or_ollama(run_dir: Path, out_dir: Path, fmt: str, quant: str, o
     from tunelab.export.ollama import ollama_template, write_modelfile
 
     source, _ = prepare(run_dir, out_dir, quant, overwrite)
-    go = ollama_template(source)  # refuses before anything is written
+    go, caveat = ollama_template(source)  # refuses before anything is written
     done = export_gguf(run_dir, out_dir, quant, overwrite,
                        also=lambda tmp, carried: write_modelfile(tmp, gguf_name(quant), go, source, carried))
     name = Path(run_dir).resolve().name
-    return f"wrote {done.gguf} and its Modelfile (template checked against the chat template); load it with:\n" \
+    return f"wrote {done.gguf} and its Modelfile (template checked against the chat template" \
+           f"{'; ' + caveat if caveat else ''}); load it with:\n" \
            f"  ollama create {name} -f {(out_dir / 'Modelfile').resolve()}"

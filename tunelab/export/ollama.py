@@ -216,6 +216,12 @@ def discrete_go_template(template: Any) -> str:
     return _go_text(instruction + prompt).replace("\x00", "{{ .Prompt }}")
 
 
+def strips_content(render: Any) -> bool:
+    """Whether the chat template trims the white space around a message's content (Llama 3's `| trim`, Llama 2's
+    `.strip()`): a Go template cannot, so such a Modelfile matches for content without edge white space only."""
+    return "\u2002x\u2002" not in render([{"role": "user", "content": "\u2002x\u2002"}], True)
+
+
 def chat_renderer(tokenizer: Any, template: str) -> Any:
     def render(messages: list[dict[str, str]], generation_prompt: bool) -> str:
         return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
@@ -223,9 +229,10 @@ def chat_renderer(tokenizer: Any, template: str) -> Any:
     return render
 
 
-def ollama_template(source: Any) -> str:
+def ollama_template(source: Any) -> tuple[str, str | None]:
     """The Modelfile TEMPLATE for a run: derived from (and checked against) the chat template it trained with, or
-    made from its discrete template; a TunelabError where neither can be written faithfully."""
+    made from its discrete template; a TunelabError where neither can be written faithfully. Second: a caveat
+    to print, or None."""
     from transformers import AutoTokenizer
 
     from tunelab.data.render import DEFAULT_TEMPLATES
@@ -234,12 +241,18 @@ def ollama_template(source: Any) -> str:
     tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_dir)
     template = trained_chat_template(source, tokenizer)
     if template is not None:
-        return derive_go_template(chat_renderer(tokenizer, template),
-                                  [t for t in tokenizer.get_added_vocab() if len(t) > 1])
+        render = chat_renderer(tokenizer, template)
+        go = derive_go_template(render, [t for t in tokenizer.get_added_vocab() if len(t) > 1])
+        return go, ("the chat template trims white space around each message, which an Ollama template cannot: "
+                    "the two render alike for messages without leading or trailing white space"
+                    if strips_content(render) else None)
     from tunelab.data.table import first_shape
 
     data = source.config.data.sources()[0]
-    return discrete_go_template(source.config.strategy.template or DEFAULT_TEMPLATES[first_shape(data.path, data)])
+    discrete = source.config.strategy.template or DEFAULT_TEMPLATES[first_shape(data.path, data)]
+    return discrete_go_template(discrete), ("the run used a discrete template, not a chat template: the GGUF carries "
+                                            "no chat template, and the Modelfile's TEMPLATE wraps Ollama's prompt in "
+                                            "the run's template")
 
 
 def write_modelfile(out: Path, gguf_name: str, go: str, source: Any, carried: dict[str, Any]) -> Path:
