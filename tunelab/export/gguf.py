@@ -119,3 +119,8 @@ def export_gguf(run_dir: Path, out_dir: Path, quant: str = "f16", overwrite: boo
     atomic_dir(out_dir, write)
     return GgufExport(out_dir, out_dir / gguf_name(quant), quant, family, carried)
 
+
+
+def read_summary(out_dir: Path) -> dict[str, Any]:
+    """An export's export.json: what it carried into the file."""
+    return json.loads((Path(out_dir) / SUMMARY).read_text())

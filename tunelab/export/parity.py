@@ -10,6 +10,8 @@ a near tie (a rounding of 16-bit weights can flip a tie, and nothing else).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,10 +144,33 @@ def llama_chat_prompt(llm: Any, messages: list[dict[str, str]]) -> list[int]:
     return llm.tokenize(result.prompt.encode(), add_bos=not result.added_special, special=True)
 
 
+@contextmanager
+def _without_weight_repacking() -> Iterator[None]:
+    """llama.cpp's `--no-repack` (model parameter use_extra_bufts off), which llama-cpp-python's Llama does not take
+    as an argument: its CPU kernels on the file's own layout. The repacked AMX q8_0 kernels of llama.cpp at
+    llama-cpp-python 0.3.36 crash (SIGSEGV in decode) on a CPU with AMX, as this project's machine has."""
+    import llama_cpp.llama_cpp as lib
+
+    default = lib.llama_model_default_params
+
+    def params() -> Any:
+        values = default()
+        values.use_extra_bufts = False
+        return values
+
+    lib.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = default
+
+
 def open_gguf(gguf: Path, n_ctx: int = 1024) -> Any:
+    """The file in llama.cpp's runtime, on the CPU, without weight repacking."""
     from llama_cpp import Llama
 
-    return Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=max(1, torch.get_num_threads()), verbose=False)
+    with _without_weight_repacking():
+        return Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=max(1, torch.get_num_threads()), verbose=False)
 
 
 def check_parity(em: Any, gguf: Path, conversations: list[list[dict[str, str]]] | None, prompts: list[str],
@@ -153,10 +178,17 @@ def check_parity(em: Any, gguf: Path, conversations: list[list[dict[str, str]]] 
     """Compare the GGUF in llama.cpp with the tuned model `em` (tunelab.evaluate.loaders.EvalModel) on held-out
     inputs: `prompts` are tunelab's renderings; `conversations` the same inputs as messages (a chat-template run),
     or None where the run used a discrete template (llama.cpp is then given the rendered text)."""
+    llm = open_gguf(Path(gguf))
+    try:
+        return _compare(em, llm, ParityReport(Path(gguf)), conversations, prompts, max_new_tokens)
+    finally:
+        llm.close()
+
+
+def _compare(em: Any, llm: Any, report: ParityReport, conversations: list[list[dict[str, str]]] | None,
+             prompts: list[str], max_new_tokens: int) -> ParityReport:
     from tunelab.evaluate.generate import encode_prompts
 
-    llm = open_gguf(Path(gguf))
-    report = ParityReport(Path(gguf))
     for i, prompt in enumerate(prompts):
         ours = encode_prompts(em.tokenizer, [prompt])[0]
         if conversations is not None:
