@@ -28,12 +28,9 @@ NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 CONFIGS = {
     "LlamaForCausalLM": (T.LlamaForCausalLM, dict(SMALL, tie_word_embeddings=False)),
     "MistralForCausalLM": (T.MistralForCausalLM, dict(SMALL, sliding_window=None)),
-    "Qwen2ForCausalLM": (T.Qwen2ForCausalLM, dict(SMALL, tie_word_embeddings=True)),
     "Qwen3ForCausalLM": (T.Qwen3ForCausalLM, dict(SMALL, head_dim=8)),
     "Gemma3ForCausalLM": (T.Gemma3ForCausalLM, dict(SMALL, head_dim=8, query_pre_attn_scalar=8, sliding_window=64)),
-    "Phi3ForCausalLM": (T.Phi3ForCausalLM, dict(SMALL, resid_pdrop=0.0, embd_pdrop=0.0)),
     "GPT2LMHeadModel": (T.GPT2LMHeadModel, dict(n_embd=32, n_layer=2, n_head=4, n_positions=256, **NO_DROPOUT)),
-    "GPTNeoXForCausalLM": (T.GPTNeoXForCausalLM, dict(SMALL, hidden_dropout=0.0)),
     "Olmo2ForCausalLM": (T.Olmo2ForCausalLM, dict(SMALL)),
 }
 

@@ -22,13 +22,9 @@ class Family:
 FAMILIES = {
     "LlamaForCausalLM": Family("llama", "llama", _LLAMA_LIKE),
     "MistralForCausalLM": Family("mistral", "llama", _LLAMA_LIKE),
-    "Qwen2ForCausalLM": Family("qwen2", "qwen2", _LLAMA_LIKE),
     "Qwen3ForCausalLM": Family("qwen3", "qwen3", _LLAMA_LIKE),
     "Gemma3ForCausalLM": Family("gemma3", "gemma3", _LLAMA_LIKE),
-    "Phi3ForCausalLM": Family("phi3", "phi3", ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
     "GPT2LMHeadModel": Family("gpt2", "gpt2", ("c_attn", "c_proj", "c_fc")),
-    "GPTNeoXForCausalLM": Family("gpt_neox", "gptneox", ("query_key_value", "dense", "dense_h_to_4h",
-                                                         "dense_4h_to_h")),
     "Olmo2ForCausalLM": Family("olmo2", "olmo2", _LLAMA_LIKE),
 }
 

@@ -37,6 +37,17 @@ def _end_ids(tokenizer: Any, turn_end: str) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
+def _add_legacy_config_keys(path: Path) -> None:
+    """The config key llama.cpp's converter reads that transformers 5 no longer writes (GPT-2's n_ctx, which is
+    n_positions), added beside the new one with the same value."""
+    import json
+
+    config = json.loads(path.read_text())
+    if config.get("model_type") == "gpt2":
+        config.setdefault("n_ctx", config["n_positions"])
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
 def merged_model(source: RunSource) -> Any:
     """The tuned model in float32 with any adapter folded into its weights."""
     from tunelab.strategies.export import load_final
@@ -61,4 +72,5 @@ def write_merged(source: RunSource, out: Path) -> dict[str, Any]:
     model.generation_config.eos_token_id = end_ids if len(end_ids) > 1 else end_ids[0]
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    _add_legacy_config_keys(out / "config.json")
     return {"chat_template": template, "turn_end": turn_end, "end_ids": end_ids}
