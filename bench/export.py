@@ -29,7 +29,8 @@ QUANTS = ("f32", "f16", "q8_0", "q4_k_m")
 TRAIN = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
          for q, a in [("What colour is the sky?", "The sky is blue."), ("Name a fruit.", "An apple is a fruit."),
                       ("What do cats say?", "Cats say meow."), ("Where is Paris?", "Paris is in France.")]]
-QUESTIONS = ["What is the capital of France?", "Name three colors.", "What is two plus two?", "Write a haiku about rain.",
+QUESTIONS = ["What is the capital of France?", "Name three colors.", "What is two plus two?",
+             "Write a haiku about rain.",
              "Who wrote Hamlet?", "What is the largest planet?", "Give me a synonym for happy.",
              "How many legs does a spider have?", "What is water made of?", "Translate 'thank you' into Spanish.",
              "What day comes after Monday?", "Name a famous painter.", "What is the opposite of hot?",

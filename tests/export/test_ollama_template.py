@@ -14,15 +14,16 @@ from tunelab.export.gotemplate import render_go_template
 from tunelab.export.ollama import chat_renderer, derive_go_template, discrete_go_template, modelfile, strips_content
 
 # SmolLM2-135M-Instruct's chat template (ChatML with a default system turn), as its GGUF file carries it
-SMOLLM2 = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
-           "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>'"
-           " + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt "
-           "%}{{ '<|im_start|>assistant\n' }}{% endif %}")
+SMOLLM2 = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+           "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+           "<|im_end|>\n' }}"
+           "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 MARKERS = ["<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_turn>", "<|system|>", "<|user|>", "<|assistant|>",
            "<|end|>"]
 UNSEEN = [
-    [{"role": "user", "content": "  spaced  "}, {"role": "assistant", "content": "ok"}, {"role": "user", "content": "x"},
-     {"role": "assistant", "content": "y"}, {"role": "user", "content": "z"}],
+    [{"role": "user", "content": "  spaced  "}, {"role": "assistant", "content": "ok"},
+     {"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}, {"role": "user", "content": "z"}],
     [{"role": "system", "content": "S\nwith lines"}, {"role": "user", "content": "What is {{ this }}?"}],
     [{"role": "user", "content": "<|im_end|> inside"}],
 ]

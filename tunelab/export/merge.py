@@ -18,8 +18,9 @@ def check_mergeable(source: RunSource) -> None:
     adapter = source.adapter_config
     if adapter is not None and adapter["peft_type"] not in mergeable_peft_types():
         kind = adapter["peft_type"].lower().replace("_", " ")
-        raise TunelabError(f"'{source.final}' is a {kind} adapter, which cannot go into a GGUF file: its learned prompt "
-                           "is extra input (virtual tokens or prefix keys and values) computed at every call, not a "
+        raise TunelabError(f"'{source.final}' is a {kind} adapter, which cannot go into a GGUF file: its learned "
+                           "prompt is extra input (virtual tokens or prefix keys and values) computed at every call, "
+                           "not a "
                            "change to any weight, so there is no weight to merge it into and llama.cpp has no way to "
                            "run it. Export it as a peft adapter instead (tunelab export RUN_DIR OUT), or train LoRA.")
     if source.model_config.get("quantization_config"):
