@@ -441,9 +441,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from tunelab.strategies.export import export_run
+    from tunelab.export.command import export_command
 
-    print(f"{export_run(Path(args.run_dir), Path(args.out_dir), args.merge)}: {args.out_dir}")
+    print(export_command(Path(args.run_dir), Path(args.out_dir), args.format, args.quant, args.overwrite, args.merge,
+                         args.parity, args.parity_tokens))
     return 0
 
 
@@ -588,6 +589,13 @@ def _tool_commands(sub: Any) -> None:
     p.add_argument("run_dir")
     p.add_argument("out_dir")
     p.add_argument("--merge", action="store_true", help="merge LoRA/DoRA adapters into a standalone checkpoint")
+    p.add_argument("--format", default="hf", help="hf (default), gguf (llama.cpp, LM Studio), ollama (GGUF and a "
+                   "Modelfile) or vllm (an adapter checked for vLLM's LoRA)")
+    p.add_argument("--quant", default="f16", help="GGUF type: f32, f16 (default), bf16, q8_0 or q4_k_m")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (gguf, ollama, vllm)")
+    p.add_argument("--parity", metavar="FILE", help="held-out records: compare the GGUF in llama.cpp with the tuned "
+                   "model on them (prompt ids, greedy tokens)")
+    p.add_argument("--parity-tokens", type=int, default=32, help="new tokens per parity prompt (default 32)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="the built-in demo: adapt a small model to support tickets, offline")
