@@ -1,20 +1,15 @@
-"""Fixtures of the export tests: SmolLM2-135M-Instruct as a Hugging Face folder (converted once per machine into a
-cache keyed by the GGUF file and the loader's versions, as tests/real_model/conftest.py of the `gguf` branch does),
-and finished tunelab runs on it (a LoRA run and a full run, trained a few steps once per session)."""
+"""Fixtures of the export tests: SmolLM2-135M-Instruct as the real-model tier converts it (tests/real_model/conftest.py:
+once per machine, cached by the GGUF file's hash), and finished tunelab runs on it (a LoRA run and a full run,
+trained a few steps once per session)."""
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import config_tree, shared_file, write_jsonl
-
-SMOLLM2_GGUF = "smollm2_135m_instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
+from tests.conftest import config_tree, write_jsonl
+from tests.real_model.conftest import smollm2, smollm2_gguf  # noqa: F401  (the shared conversion)
 
 # the training rows: short chats, a fixed system prompt in some (what the runs learn is beside the point: the
 # exported file must answer as the tuned model does, whatever it learned)
@@ -35,49 +30,6 @@ HELD_OUT = [{"messages": ([{"role": "system", "content": "You are a concise assi
     {"role": "user", "content": q}]} for i, q in enumerate(QUESTIONS)] + [{"messages": [
         {"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello! How can I help?"},
         {"role": "user", "content": "What is the capital of Italy?"}]}]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _convert(gguf_file: Path, out: Path) -> None:
-    """transformers' GGUF loader, the weights dequantized to float32, saved without the quantization config."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer, model.is_quantized = None, False
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-
-
-@pytest.fixture(scope="session")
-def smollm2() -> Path:
-    """SmolLM2-135M-Instruct as a Hugging Face folder, converted at most once per cache key (under a file lock)."""
-    from importlib.metadata import version
-
-    from filelock import FileLock
-
-    gguf_file = shared_file(SMOLLM2_GGUF)
-    key = hashlib.sha256("\n".join([_sha256(gguf_file), version("transformers"), version("gguf")]).encode())
-    root = Path(os.environ.get("TUNELAB_TEST_MODEL_CACHE") or Path(tempfile.gettempdir()) / "tunelab-test-models")
-    root.mkdir(parents=True, exist_ok=True)
-    folder = root / f"{gguf_file.stem}-export-{key.hexdigest()[:16]}"
-    with FileLock(str(root / f"{gguf_file.stem}-export.lock")):
-        if not folder.is_dir():
-            tmp = root / f".tmp-{folder.name}-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            _convert(gguf_file, tmp)
-            tmp.rename(folder)
-    return folder
 
 
 def train_run(model: Path, out: Path, strategy: dict, rows: list[dict] = TRAIN_CHATS, **train: object) -> Path:

@@ -7,7 +7,6 @@ import errno
 import json
 from pathlib import Path
 
-import pytest
 
 from tunelab.cli import main
 

@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
+from tunelab.runfiles import ADAPTER_CONFIG, CONFIG, FINAL, FINAL_ADAPTER, FINAL_BASE, read_config_tree
 
-# the run directory's layout (the run-files module's FINAL, FINAL_ADAPTER, CONFIG, ADAPTER_CONFIG)
-FINAL, FINAL_ADAPTER, CONFIG, ADAPTER_CONFIG = "final", "adapter", "config.yaml", "adapter_config.json"
 
 
 @dataclass(frozen=True)
@@ -34,8 +33,8 @@ class RunSource:
 
 
 def _model_config_of(final: Path, adapter: dict[str, Any] | None) -> dict[str, Any]:
-    folder = final / "base" if (final / "base").is_dir() else final
-    if adapter is not None and not (final / "base").is_dir():
+    folder = final / FINAL_BASE if (final / FINAL_BASE).is_dir() else final
+    if adapter is not None and not (final / FINAL_BASE).is_dir():
         folder = Path(adapter["base_model_name_or_path"])
     path = folder / "config.json"
     if not path.is_file():
@@ -60,9 +59,7 @@ def read_run(run_dir: Path) -> RunSource:
     adapter = read_adapter_config(adapter_dir) if (adapter_dir / ADAPTER_CONFIG).is_file() else None
     config = None
     if (run_dir / CONFIG).is_file():
-        import yaml
-
-        config = validate_config(yaml.safe_load((run_dir / CONFIG).read_text()), str(run_dir / CONFIG))
+        config = validate_config(read_config_tree(run_dir), str(run_dir / CONFIG))
     return RunSource(run_dir, config, _model_config_of(final, adapter), adapter, adapter_dir)
 
 

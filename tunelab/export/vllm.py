@@ -15,6 +15,7 @@ from pathlib import Path
 from tunelab.errors import TunelabError
 from tunelab.export.families import family_of
 from tunelab.export.source import RunSource, read_run
+from tunelab.runfiles import FINAL_BASE
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 DEFAULT_MAX_LORA_RANK = 16
@@ -68,7 +69,7 @@ def export_vllm(run_dir: Path, out_dir: Path, overwrite: bool = False) -> str:
     from tunelab.train.checkpoint import atomic_dir
 
     source = read_run(run_dir)
-    if (source.final / "base").is_dir():
+    if (source.final / FINAL_BASE).is_dir():
         raise _refuse(source, "it is a soft prompt over a tuned base (prompt+LM tuning), and vLLM serves no soft "
                               "prompts")
     if source.adapter_config is not None:
