@@ -1,7 +1,7 @@
 """`tunelab serve` throughput: aggregate tokens/s and time to first token at 1, 8 and 32 concurrent streamed clients,
 against the same requests answered one after another by a plain `model.generate` loop on the same model.
 
-Greedy, a fixed max_tokens, prompts of varied length (each a user turn of the model's chat template). The model is
+The server runs as `tunelab serve` does, in its own process. Greedy, a fixed max_tokens, prompts of varied length (each a user turn of the model's chat template). The model is
 SmolLM2-135M-Instruct from ../shared/data, converted from its GGUF file with transformers' GGUF loader into a
 Hugging Face folder once.
 
@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,6 +92,33 @@ def served_run(url: str, model: str, texts: list[str], max_tokens: int) -> dict:
             "ttft_median_s": statistics.median(t for t, _ in results), "ttft_max_s": max(t for t, _ in results)}
 
 
+@contextlib.contextmanager
+def server_process(model: str) -> Iterator[str]:
+    """`tunelab serve MODEL --name model` on a free loopback port, in a child process; its URL once it answers."""
+    import urllib.request
+
+    from tunelab.serve.server import free_port
+
+    port = free_port("127.0.0.1")
+    proc = subprocess.Popen([sys.executable, "-m", "tunelab", "serve", model, "--name", "model", "--port", str(port),
+                             "--max-batch", "32", "--max-waiting", "256"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(f"{url}/v1/models", timeout=1)
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError("tunelab serve exited before it answered") from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a model folder (default: SmolLM2-135M-Instruct converted from its GGUF)")
@@ -99,21 +129,20 @@ def main() -> None:
     args = parser.parse_args()
 
     from tunelab.serve.pool import load_pool
-    from tunelab.serve.server import running
 
     model = args.model or str(gguf_folder(GGUF, Path(tempfile.gettempdir()) / "tunelab-bench-smollm2-135m"))
-    pool = load_pool(model, [], name="model")
+    pool = load_pool(model, [], name="model")  # here: the prompts as the server renders them, and the baseline
     rows = []
-    with running(pool, max_batch=32, max_waiting=256) as srv:
-        served_run(srv.url, "model", prompts(1), 2)  # warm-up
+    with server_process(model) as url:  # the server in its own process, as `tunelab serve` runs
+        served_run(url, "model", prompts(1), 2)  # warm-up
         for n in [int(c) for c in args.clients.split(",")]:
             texts = prompts(n)
             # the server answers max_tokens unless the model ends first: the baseline generates as many tokens
-            server = served_run(srv.url, "model", texts, args.max_tokens)
+            server = served_run(url, "model", texts, args.max_tokens)
             base = sequential_baseline(pool, texts, args.max_tokens)
             rows.append({"clients": n, "max_tokens": args.max_tokens, "server": server, "sequential_generate": base,
                          "speedup": server["tokens_per_s"] / base["tokens_per_s"]})
-            print(json.dumps(rows[-1]))
+            print(json.dumps(rows[-1]), flush=True)
     if args.output:
         Path(args.output).write_text(json.dumps({"smoke": args.smoke, "model": model, "rows": rows}, indent=2))
 

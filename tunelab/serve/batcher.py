@@ -36,6 +36,9 @@ class Outcome:
     cancelled: bool
 
 
+GATHER_S = 0.03  # how long the oldest waiting request waits for others to join its batch
+
+
 class QueueFull(Exception):
     """The waiting line is full."""
 
@@ -109,8 +112,8 @@ class _Rows(StoppingCriteria):
 class Batcher:
     """The waiting line and the worker thread that empties it, batch by batch."""
 
-    def __init__(self, pool: ModelPool, max_batch: int = 32, max_waiting: int = 64) -> None:
-        self.pool, self.max_batch, self.max_waiting = pool, max_batch, max_waiting
+    def __init__(self, pool: ModelPool, max_batch: int = 32, max_waiting: int = 64, gather_s: float = GATHER_S) -> None:
+        self.pool, self.max_batch, self.max_waiting, self.gather_s = pool, max_batch, max_waiting, gather_s
         self.waiting: deque[Job] = deque()
         self.ready = threading.Condition()
         self.closed = False
@@ -139,6 +142,11 @@ class Batcher:
                     if job.cancelled.is_set():
                         log_request(job, 0, "disconnected before its turn")
                 self.waiting = deque(live)
+                if live and len(live) < self.max_batch and time.perf_counter() - live[0].created < self.gather_s:
+                    # requests sent together arrive a few milliseconds apart: wait that long for the rest, so that
+                    # the first does not start a batch of one while the others queue behind it
+                    self.ready.wait(self.gather_s - (time.perf_counter() - live[0].created))
+                    continue
                 if live:
                     kind = live[0].kind
                     batch = [j for j in live if j.kind == kind][: self.max_batch]
