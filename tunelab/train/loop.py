@@ -41,7 +41,7 @@ from tunelab.train.loss import causal_lm_loss
 from tunelab.train.metrics import MetricsWriter, peak_rss_bytes
 from tunelab.train.samples import sample_examples, sample_predictions
 from tunelab.train.trackers import open_trackers
-from tunelab.train.optim import build_optimizer, build_scheduler
+from tunelab.train.optim import build_optimizer, build_scheduler, check_optimizer
 from tunelab.train.progress import Progress
 from tunelab.train.rundir import RunLogHandler, check_run_dir, open_run_dir
 from tunelab.train.runlock import check_unlocked
@@ -205,6 +205,7 @@ def run_recipe(cfg: Config, on_exit: contextlib.ExitStack) -> TrainResult:
     seed_everything(cfg.train.seed)
     device, amp_dtype = resolve_device(cfg.train, info)
     check_loss_kernel(cfg.train.loss_kernel, device)
+    check_optimizer(cfg.train, device)
     set_denormal_mode(cfg.train, device)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     tokenizer = load_tokenizer(cfg.model)
@@ -217,7 +218,7 @@ def run_recipe(cfg: Config, on_exit: contextlib.ExitStack) -> TrainResult:
     stop_text = turn_end(spec_from_config(cfg), tokenizer, train_split.shape == "chat")  # what ends an answer
     train_set, eval_set = train_split.encoded, eval_split.encoded if eval_split else None
     pad_id = pad_token_id(tokenizer)
-    model = load_model(cfg.model, device_type=device.type)
+    model = load_model(cfg.model, device_type=device.type, quantize=cfg.strategy.lora)
 
     # 2. the run directory (rank 0 writes; the others follow)
     if info.is_main:
@@ -399,7 +400,8 @@ def run_recipe(cfg: Config, on_exit: contextlib.ExitStack) -> TrainResult:
         full = full_state_dict(model)
         final_dir = None
         if info.is_main:
-            single = prepare_strategy(load_model(cfg.model), cfg.strategy, tokenizer, cfg.train.seed)
+            single = prepare_strategy(load_model(cfg.model, quantize=cfg.strategy.lora), cfg.strategy, tokenizer,
+                                      cfg.train.seed)
             single.load_state_dict(full)
             final_dir = save_final(run_dir, single, tokenizer, cfg.model.path, resolve(cfg.strategy).saves)
         barrier()

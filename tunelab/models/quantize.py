@@ -1,0 +1,134 @@
+"""A quantized base model through bitsandbytes: its `BitsAndBytesConfig`, a quiet import, what it needs, and the
+dequantized weights a quantized layer computes with.
+
+`strategy.lora.quantize` loads the frozen base in 4-bit (nf4 or fp4 codes, a float scale per 64-weight block, with
+double quantization the scales themselves 8-bit) or 8-bit (LLM.int8) through transformers' own path
+(`from_pretrained(quantization_config=...)`); the adapter on top trains in `compute_dtype`. bitsandbytes 0.50 runs
+all three on the CPU with its own kernels; at import it would look for a faster CPU kernel on the Hugging Face Hub
+(kernels-community/quantization-bitsandbytes), which tunelab never fetches: `import_bitsandbytes` keeps that
+lookup from starting and says so once in the debug log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from tunelab.errors import ConfigError
+
+log = logging.getLogger(__name__)
+BITSANDBYTES_NEEDED = ("bitsandbytes is not installed (pip install 'bitsandbytes>=0.50'); it is what loads a "
+                       "quantized base and runs 8-bit optimizers, on the CPU too")
+_HUB_KERNEL_WARNING = "Failed to load CPU gemm_4bit_forward from kernels-community"
+_INT8_CAST_WARNING = "MatMul8bitLt: inputs will be cast from"
+
+
+def bitsandbytes_installed() -> bool:
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+class _DropMessages(logging.Filter):
+    """Drops log records that start with one of `prefixes` (bitsandbytes' notices that tunelab handles itself)."""
+
+    def __init__(self, *prefixes: str) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+@contextlib.contextmanager
+def _no_hub_kernels() -> Iterator[None]:
+    """While bitsandbytes imports, `from kernels import get_kernel` fails (as it does where `kernels` is not
+    installed), so bitsandbytes takes its own CPU kernel at once instead of asking the Hub for one."""
+    kernels = sys.modules.get("kernels", ...)
+    if kernels is not ... and kernels is not None:
+        from unittest import mock
+
+        def refuse(*args: Any, **kwargs: Any) -> Any:
+            raise ImportError("tunelab does not fetch hub kernels for bitsandbytes")
+
+        with mock.patch.object(kernels, "get_kernel", refuse):
+            yield
+        return
+    sys.modules["kernels"] = None  # type: ignore[assignment]  # import kernels -> ImportError
+    try:
+        yield
+    finally:
+        if kernels is ...:
+            sys.modules.pop("kernels", None)
+        else:
+            sys.modules["kernels"] = kernels
+
+
+def import_bitsandbytes() -> Any:
+    """bitsandbytes, imported without any Hub lookup and with its notices that do not concern a user silenced: the
+    hub-kernel one (its own CPU kernel serves instead) and LLM.int8's per-call note that float32 inputs are cast to
+    float16 (that cast is what int8 matmul is)."""
+    if "bitsandbytes" in sys.modules:
+        return sys.modules["bitsandbytes"]
+    if not bitsandbytes_installed():
+        raise ConfigError(BITSANDBYTES_NEEDED + ".")
+    ops_log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    quiet = _DropMessages(_HUB_KERNEL_WARNING)
+    ops_log.addFilter(quiet)
+    try:
+        with _no_hub_kernels():
+            import bitsandbytes
+    finally:
+        ops_log.removeFilter(quiet)
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(_DropMessages(_INT8_CAST_WARNING))
+    log.debug("bitsandbytes %s imported with its own CPU kernels (no hub kernel fetched)", bitsandbytes.__version__)
+    return bitsandbytes
+
+
+def compute_dtype(requested: str, device_type: str) -> Any:
+    """The dtype a quantized layer dequantizes to and multiplies in: auto is bfloat16 on a GPU (what bf16 training
+    computes in), float32 on the CPU (where tunelab trains in float32)."""
+    import torch
+
+    if requested == "auto":
+        return torch.bfloat16 if device_type == "cuda" else torch.float32
+    return getattr(torch, requested)
+
+
+def bitsandbytes_config(quantize: str, double_quant: bool, dtype: str, device_type: str,
+                        storage_dtype: Any = None) -> Any:
+    """transformers' `BitsAndBytesConfig` for `strategy.lora.quantize` (nf4, fp4 or int8). `storage_dtype` packs
+    4-bit codes into a float dtype's storage (bnb_4bit_quant_storage), which FSDP needs to shard them."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    import_bitsandbytes()
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_use_double_quant=double_quant,
+                              bnb_4bit_compute_dtype=compute_dtype(dtype, device_type),
+                              bnb_4bit_quant_storage=storage_dtype or torch.uint8)
+
+
+def is_quantized(model: Any) -> bool:
+    """The model was loaded with bitsandbytes quantization (4-bit or 8-bit)."""
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+def quantized_layers(model: Any) -> dict[str, Any]:
+    """The model's bitsandbytes linear layers (Linear4bit, Linear8bitLt) by module name."""
+    if not is_quantized(model):
+        return {}
+    bnb = import_bitsandbytes()
+    return {n: m for n, m in model.named_modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}
+
+
+def dequantized_weight(layer: Any) -> Any:
+    """The float weight (out, in) a quantized linear layer computes with: its codes times its block scales."""
+    bnb = import_bitsandbytes()
+    w = layer.weight
+    if isinstance(layer, bnb.nn.Linear4bit):
+        return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
+    return (w.data.float() * w.SCB.float()[:, None] / 127.0)  # LLM.int8: row-wise absmax scales
