@@ -194,6 +194,10 @@ def load_model(cfg: ModelConfig, dtype: Any = None, device_type: str = "cpu", qu
     except (OSError, ValueError, ImportError) as exc:
         raise ModelError(f"cannot load a causal LM from '{cfg.path}': {exc}") from None
     model.config.use_cache = False
+    if quantize is not None and quantize.quantize is not None:
+        from tunelab.models.quantize import compute_as_in_training
+
+        compute_as_in_training(model)
     return model
 
 

@@ -125,6 +125,18 @@ def quantized_layers(model: Any) -> dict[str, Any]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}
 
 
+def compute_as_in_training(model: Any) -> Any:
+    """Make every 4-bit layer compute in evaluation as it does in training: dequantize, then multiply in its compute
+    dtype. On a CPU with AVX512-BF16, bitsandbytes' Linear4bit otherwise repacks its codes in place at the first
+    forward without gradients and multiplies in bfloat16 there, which fails outright for a layer whose output width
+    is not a multiple of 32 (stories260K's MLP is 172 wide) and gives eval losses at another precision than the
+    training losses they are compared with."""
+    for layer in quantized_layers(model).values():
+        if hasattr(layer, "support_avx512bf16_for_cpu"):
+            layer.support_avx512bf16_for_cpu = False
+    return model
+
+
 def dequantized_weight(layer: Any) -> Any:
     """The float weight (out, in) a quantized linear layer computes with: its codes times its block scales."""
     bnb = import_bitsandbytes()
