@@ -6,12 +6,13 @@ double quantization the scales themselves 8-bit) or 8-bit (LLM.int8) through tra
 (`from_pretrained(quantization_config=...)`); the adapter on top trains in `compute_dtype`. bitsandbytes 0.50 runs
 all three on the CPU with its own kernels; at import it would look for a faster CPU kernel on the Hugging Face Hub
 (kernels-community/quantization-bitsandbytes), which tunelab never fetches: `import_bitsandbytes` keeps that
-lookup from starting and says so once in the debug log.
+lookup from starting (whoever imports bitsandbytes first: peft does, on its own import) and says so in the debug log.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.abc
 import importlib.util
 import logging
 import sys
@@ -66,24 +67,56 @@ def _no_hub_kernels() -> Iterator[None]:
             sys.modules["kernels"] = kernels
 
 
+def _quietly(exec_module: Any) -> Any:
+    """A loader's exec_module for bitsandbytes that runs without a hub lookup and without the notices that do not
+    concern a user: the hub-kernel one (its own CPU kernel serves instead) and LLM.int8's per-call note that
+    float32 inputs are cast to float16 (that cast is what int8 matmul is)."""
+
+    def run(module: Any) -> None:
+        ops_log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+        quiet = _DropMessages(_HUB_KERNEL_WARNING)
+        ops_log.addFilter(quiet)
+        try:
+            with _no_hub_kernels():
+                exec_module(module)
+        finally:
+            ops_log.removeFilter(quiet)
+        logging.getLogger("bitsandbytes.autograd._functions").addFilter(_DropMessages(_INT8_CAST_WARNING))
+        log.debug("bitsandbytes imported with its own CPU kernels (no hub kernel fetched)")
+
+    return run
+
+
+class QuietBitsandbytesFinder(importlib.abc.MetaPathFinder):
+    """Finds bitsandbytes as the other finders do, and has it import `_quietly`: whoever imports it first (peft
+    does, on its own import), it never asks the Hub for a kernel. Installed by `tunelab/__init__.py`."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != "bitsandbytes":
+            return None
+        others = [f for f in sys.meta_path if not isinstance(f, QuietBitsandbytesFinder)]
+        for finder in others:
+            spec = finder.find_spec(name, path, target) if hasattr(finder, "find_spec") else None
+            if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                spec.loader.exec_module = _quietly(spec.loader.exec_module)  # this spec's loader only
+                return spec
+        return None
+
+
+def install_quiet_import() -> None:
+    """Make every later import of bitsandbytes in this process quiet and hub-free (idempotent)."""
+    if not any(isinstance(f, QuietBitsandbytesFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, QuietBitsandbytesFinder())
+
+
 def import_bitsandbytes() -> Any:
-    """bitsandbytes, imported without any Hub lookup and with its notices that do not concern a user silenced: the
-    hub-kernel one (its own CPU kernel serves instead) and LLM.int8's per-call note that float32 inputs are cast to
-    float16 (that cast is what int8 matmul is)."""
-    if "bitsandbytes" in sys.modules:
-        return sys.modules["bitsandbytes"]
+    """bitsandbytes, imported quietly and without a hub lookup (`QuietBitsandbytesFinder`); a ConfigError naming
+    what to install where it is missing."""
     if not bitsandbytes_installed():
         raise ConfigError(BITSANDBYTES_NEEDED + ".")
-    ops_log = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    quiet = _DropMessages(_HUB_KERNEL_WARNING)
-    ops_log.addFilter(quiet)
-    try:
-        with _no_hub_kernels():
-            import bitsandbytes
-    finally:
-        ops_log.removeFilter(quiet)
-    logging.getLogger("bitsandbytes.autograd._functions").addFilter(_DropMessages(_INT8_CAST_WARNING))
-    log.debug("bitsandbytes %s imported with its own CPU kernels (no hub kernel fetched)", bitsandbytes.__version__)
+    install_quiet_import()
+    import bitsandbytes
+
     return bitsandbytes
 
 

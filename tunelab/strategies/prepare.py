@@ -15,13 +15,9 @@ def prepare_quantized_base(model: Any) -> Any:
     16 bits (norms, embeddings, the output head) upcast to float32 so that they compute at full precision.
     Activation checkpointing stays train.activation_checkpointing's decision (non-reentrant, it needs no input
     gradients)."""
-    import warnings
-
     from peft import prepare_model_for_kbit_training
 
-    with warnings.catch_warnings():  # peft 0.21 asks transformers 5 by the older name; nothing a user can change
-        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
-        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
 def prepare_strategy(model: Any, cfg: Any, tokenizer: Any, seed: int = 0) -> TrainModel:
