@@ -516,9 +516,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from tunelab.evaluate.inputs import quantized_run_settings
     from tunelab.strategies.export import export_run
 
-    print(f"{export_run(Path(args.run_dir), Path(args.out_dir), args.merge)}: {args.out_dir}")
+    quantized, prompts = quantized_run_settings(Path(args.run_dir)) if args.merge else (None, [])
+    print(f"{export_run(Path(args.run_dir), Path(args.out_dir), args.merge, quantized, prompts)}: {args.out_dir}")
     return 0
 
 

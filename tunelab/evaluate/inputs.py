@@ -8,6 +8,7 @@ prompt ids equal those the model was trained after."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 from tunelab.config import Config
@@ -91,3 +92,23 @@ class Inputs:
     def prompts(self, examples: list[Example], tokenizer: Any) -> list[str]:
         """Each example rendered as training renders it, up to where its target would start."""
         return [self.render(ex, tokenizer).prompt for ex in examples]
+
+
+def quantized_run_settings(run_dir: Path, num_prompts: int = 4) -> tuple[Any, list[str]]:
+    """For a run directory that trained over a quantized base (strategy.lora.quantize): its strategy.lora settings
+    and its first `num_prompts` training prompts, rendered as training rendered them (what an export's parity check
+    decodes from); (None, []) for any other folder."""
+    import yaml
+
+    from tunelab.config import validate_config
+    from tunelab.models.load import load_tokenizer
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return None, []
+    cfg = validate_config(yaml.safe_load(path.read_text()), str(path))
+    if cfg.strategy.lora.quantize is None:
+        return None, []
+    inputs = Inputs(cfg)
+    examples = inputs.from_file(cfg.data.train_path)[:num_prompts]
+    return cfg.strategy.lora, inputs.prompts(examples, load_tokenizer(cfg.model))

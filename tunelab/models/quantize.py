@@ -170,6 +170,21 @@ def compute_as_in_training(model: Any) -> Any:
     return model
 
 
+def loaded_bytes(model: Any) -> int:
+    """The memory of a loaded model: transformers' get_memory_footprint (parameters and buffers) plus what it does
+    not see of a 4-bit layer, the quantization state kept beside the packed codes (block scales, their own scales
+    with double quantization, the code table)."""
+    import torch
+
+    extra = 0
+    for layer in quantized_layers(model).values():
+        state = getattr(layer.weight, "quant_state", None)
+        if state is not None:
+            extra += sum(t.numel() * t.element_size() for t in state.as_dict(packed=True).values()
+                         if isinstance(t, torch.Tensor))
+    return int(model.get_memory_footprint()) + extra
+
+
 def dequantized_weight(layer: Any) -> Any:
     """The float weight (out, in) a quantized linear layer computes with: its codes times its block scales."""
     bnb = import_bitsandbytes()
