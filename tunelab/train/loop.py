@@ -34,8 +34,9 @@ from tunelab.strategies.prepare import prepare_strategy
 from tunelab.strategies.export import save_final
 from tunelab.train.batches import make_batch_plan, total_steps
 from tunelab.train.checkpoint import disk_full_message, is_disk_full, list_checkpoints, load_checkpoint, save_checkpoint
-from tunelab.train.distributed import (DistInfo, all_reduce_sum, barrier, full_state_dict, gradient_sync,
-                                       init_distributed, load_sharded, save_sharded, wrap)
+from tunelab.train.distributed import (DistInfo, all_reduce_sum, barrier, check_sharding, full_state_dict,
+                                       gradient_sync, init_distributed, load_consolidated, load_sharded, save_sharded,
+                                       wrap)
 from tunelab.train.eval_loss import evaluate_loss
 from tunelab.train.loss import causal_lm_loss
 from tunelab.train.metrics import MetricsWriter, peak_rss_bytes
@@ -199,6 +200,7 @@ def run_recipe(cfg: Config, on_exit: contextlib.ExitStack) -> TrainResult:
     if cfg.train.sample_every and info.world > 1:
         raise ConfigError("train.sample_every generates on one process, and this run has "
                           f"{info.world}: remove it, or sample with `tunelab generate` after the run.")
+    check_sharding(cfg.distributed.strategy, cfg.strategy.lora.quantize, info)
     if info.is_main:  # rank 0 takes the lock (step 2); a second writer is refused here, naming the holder
         check_unlocked(Path(cfg.output_dir))
     check_run_dir(cfg)
@@ -402,7 +404,7 @@ def run_recipe(cfg: Config, on_exit: contextlib.ExitStack) -> TrainResult:
         if info.is_main:
             single = prepare_strategy(load_model(cfg.model, quantize=cfg.strategy.lora), cfg.strategy, tokenizer,
                                       cfg.train.seed)
-            single.load_state_dict(full)
+            load_consolidated(single, full)
             final_dir = save_final(run_dir, single, tokenizer, cfg.model.path, resolve(cfg.strategy).saves)
         barrier()
         final_dir = run_dir / "final"
