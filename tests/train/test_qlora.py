@@ -198,3 +198,65 @@ def _cli(tmp_path, capsys, tree, *overrides):
     cfg.write_text(yaml.safe_dump(tree))
     code, err, _ = run_cli(capsys, cfg, *overrides)
     return code, err
+
+
+def test_a_qlora_run_evaluates_over_its_4bit_base(tmp_path, stories260k):
+    """`tunelab eval` / `diff` / `compare` load a run's adapter over the base it trained on: the 4-bit one."""
+    from tunelab.evaluate.loaders import load_for_eval
+
+    result = run(tmp_path, stories260k, "qlora", {"name": "lora", "lora": {"quantize": "nf4"}},
+                 train={"max_steps": 3, "learning_rate": 3e-3})
+    loaded = load_for_eval(str(result.run_dir), device="cpu", precision="fp32")
+    assert len(quantized_layers(loaded.model.base)) == 5 * 7
+    ids = torch.tensor([[1, 57, 300, 42, 9, 120, 77]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model.lm(input_ids=ids).logits, result.model.lm.eval()(input_ids=ids).logits)
+
+
+def test_importing_peft_asks_no_hub_for_a_bitsandbytes_kernel():
+    """peft imports bitsandbytes, which on a CPU with AVX512-BF16 asks `kernels` for a Hub kernel at import:
+    after `import tunelab` it gets none, and prints nothing (its own CPU kernel serves)."""
+    import subprocess
+    import sys
+
+    code = ("import tunelab, kernels\n"
+            "calls = []\n"
+            "kernels.get_kernel = lambda *a, **k: calls.append(a)\n"
+            "import peft, sys\n"
+            "assert 'bitsandbytes' in sys.modules\n"
+            "print(len(calls))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["0"]
+    assert "kernels-community" not in proc.stderr and "trust" not in proc.stderr
+
+
+def test_compare_runs_qlora_as_a_labelled_variant_of_lora(tmp_path, stories260k, capsys):
+    """`tunelab compare --strategies lora,qlora=lora --set qlora:strategy.lora.quantize=nf4`: the QLoRA row is
+    evaluated over its 4-bit base, and with the adaptation off it is that base, not the 16-bit one (its forgetting
+    figure then shows what quantizing alone cost); LoRA's row with the adaptation off is exactly the base."""
+    import json
+
+    import yaml
+
+    from tunelab.cli import main
+
+    rows = [{"text": f"Tom saw a {c} {a} number {i}.", "label": c} for i in range(10) for c in ("red", "blue")
+            for a in ("ball", "car")]
+    tree = config_tree(stories260k, write_jsonl(tmp_path / "train.jsonl", rows), tmp_path / "run",
+                       data={"eval_fraction": 0.1}, strategy={"template": {"prompt": "{text}\nColour:",
+                                                                           "target": " {label}"}},
+                       train={"max_steps": 3, "learning_rate": 1e-2}, eval={"max_examples": 4},
+                       diff={"num_samples": 2, "sample_tokens": 16, "max_new_tokens": 4})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(tree))
+    code = main(["compare", str(tmp_path / "c.yaml"), "--strategies", "lora,qlora=lora",
+                 "--set", "qlora:strategy.lora.quantize=nf4", "--out", str(tmp_path / "cmp")])
+    assert code == 0, capsys.readouterr()
+    run = yaml.safe_load((tmp_path / "cmp" / "qlora" / "config.yaml").read_text())
+    assert run["strategy"]["name"] == "lora" and run["strategy"]["lora"]["quantize"] == "nf4"
+    table = {r["strategy"]: r for r in json.loads((tmp_path / "cmp" / "compare.json").read_text())["table"]}
+    assert table["lora"]["perplexity_ratio_off"] == 1.0
+    assert table["qlora"]["perplexity_ratio_off"] != 1.0
+    assert table["qlora"]["peak_memory_mib"] > 0 and table["qlora"]["trainable_params"] == \
+        table["lora"]["trainable_params"]

@@ -51,10 +51,11 @@ def save_final(run_dir: Path, model: TrainModel, tokenizer: Any, base_path: str,
     return atomic_dir(final, write)
 
 
-def load_final(final: Path) -> Any:
+def load_final(final: Path, quantized: Any = None) -> Any:
     """Load final/ (any strategy) with plain transformers and peft, as a user would, in float32: the precision
     training keeps its weights in (transformers' default, the config's dtype, would load a bf16-saved base in bf16
-    under an adapter trained over float32)."""
+    under an adapter trained over float32). `quantized`: the run's strategy.lora settings when it trained over a
+    quantized base, which the adapter is then loaded over, as it trained."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -70,18 +71,21 @@ def load_final(final: Path) -> Any:
         return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(final / "base", dtype=torch.float32),
                                          final / "adapter")
     if (final / "adapter_config.json").is_file():
-        return PeftModel.from_pretrained(_load_base_of(final), final)
+        return PeftModel.from_pretrained(_load_base_of(final, quantized), final)
     return AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
 
 
-def _load_base_of(adapter_dir: Path) -> Any:
+def _load_base_of(adapter_dir: Path, quantized: Any = None) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tunelab.models.load import check_weights, read_adapter_config
+    from tunelab.config import ModelConfig
+    from tunelab.models.load import check_weights, load_model, read_adapter_config
 
     base = read_adapter_config(adapter_dir)["base_model_name_or_path"]
     check_weights(base)
+    if quantized is not None and quantized.quantize is not None:
+        return load_model(ModelConfig(path=base), quantize=quantized)
     return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
 
 
