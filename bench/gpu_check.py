@@ -378,13 +378,13 @@ def check_qlora_equals_lora(ctx: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"precision": precision}
     for name, base in bases.items():
         lora = {"quantize": "nf4"} if name == "qlora" else {}
-        tree = config_tree(base, ctx["data"], ctx["work"] / f"run-{name}", dev.type,
+        tree = config_tree(base, ctx["data"], ctx["work"] / f"qlora-check-{name}", dev.type,
                            {"name": "lora", "lora": {**lora, "dropout": 0.0}}, steps=ctx["steps"])
         tree["train"].update(learning_rate=5e-3, precision=precision)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         train(validate_config(tree))
-        rows = read_metrics(ctx["work"] / f"run-{name}" / "metrics.jsonl")
+        rows = read_metrics(ctx["work"] / f"qlora-check-{name}" / "metrics.jsonl")
         steps = [r for r in rows if r["type"] == "train"]
         out[name] = {"losses": [r["loss"] for r in steps],
                      "peak_memory_bytes": next(r for r in rows if r["type"] == "summary")["peak_memory_bytes"],
