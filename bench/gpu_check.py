@@ -20,7 +20,8 @@ the same code paths on the CPU in seconds (`--device cpu --smoke`, in CI) so tha
      dequantized weights (within the precision's tolerance), and its loss, peak memory and tokens/s against LoRA
      over the unquantized base (bf16 autocast).
 2. Throughput: bench/sft_throughput.py (qwen2.5-0.5b shape on CUDA) for tunelab, tunelab with the liger
-   loss kernel, HF Trainer, TRL, TRL packing, TRL packing + Liger, with MFU and peak memory.
+   loss kernel, HF Trainer, TRL, TRL packing, TRL packing + Liger, and QLoRA (nf4 base, LoRA rank 16) by tunelab
+   and by TRL + peft, with MFU and peak memory.
 3. One JSON and one markdown table in --out.
 
     python bench/gpu_check.py --device cuda --wheels .whl --out $OUT      # on the GPU machine
@@ -476,11 +477,11 @@ def markdown(report: dict[str, Any]) -> str:
     if t.get("results"):
         lines += ["", f"Throughput ({t['args'].get('shape')}, {t['args'].get('device')}):", "",
                   "| system | tokens/s | peak MiB | MFU | tunelab x |", "| --- | --- | --- | --- | --- |"]
-        base = t["results"].get("tunelab", {})
         for name, r in t["results"].items():
             if "error" in r:
                 lines.append(f"| {name} | failed: {r['error'][:80]} | | | |")
                 continue
+            base = t["results"].get("tunelab_qlora" if "qlora" in name else "tunelab", {})  # like against like
             ratio = base.get("tokens_per_s", 0) / r["tokens_per_s"] if r.get("tokens_per_s") else float("nan")
             mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
             lines.append(f"| {name} | {r['tokens_per_s']:,.0f} | {r['peak_memory_bytes'] / 2**20:,.0f} | {mfu} | "
