@@ -260,3 +260,13 @@ def test_compare_runs_qlora_as_a_labelled_variant_of_lora(tmp_path, stories260k,
     assert table["qlora"]["perplexity_ratio_off"] != 1.0
     assert table["qlora"]["peak_memory_mib"] > 0 and table["qlora"]["trainable_params"] == \
         table["lora"]["trainable_params"]
+
+
+def test_qlora_under_activation_checkpointing_takes_the_same_steps(tmp_path, stories260k):
+    """peft's k-bit preparation leaves checkpointing to train.activation_checkpointing (non-reentrant: the frozen
+    4-bit base needs no input gradients for it)."""
+    strategy = {"name": "lora", "lora": {"quantize": "nf4"}}
+    plain = run(tmp_path, stories260k, "plain", strategy, train={"max_steps": 2, "batch_size": 6})
+    ckpt = run(tmp_path, stories260k, "ckpt", strategy,
+               train={"max_steps": 2, "batch_size": 6, "activation_checkpointing": True})
+    assert losses(ckpt) == losses(plain)

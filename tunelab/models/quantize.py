@@ -172,8 +172,8 @@ def compute_as_in_training(model: Any) -> Any:
 
 def loaded_bytes(model: Any) -> int:
     """The memory of a loaded model: transformers' get_memory_footprint (parameters and buffers) plus what it does
-    not see of a 4-bit layer, the quantization state kept beside the packed codes (block scales, their own scales
-    with double quantization, the code table)."""
+    not see of a quantized layer, the state kept beside its codes (a 4-bit layer's block scales, their own scales
+    with double quantization and the code tables; an 8-bit layer's row scales)."""
     import torch
 
     extra = 0
@@ -182,6 +182,9 @@ def loaded_bytes(model: Any) -> int:
         if state is not None:
             extra += sum(t.numel() * t.element_size() for t in state.as_dict(packed=True).values()
                          if isinstance(t, torch.Tensor))
+        row_scales = getattr(layer.weight, "SCB", None)  # LLM.int8's per-row scales
+        if isinstance(row_scales, torch.Tensor):
+            extra += row_scales.numel() * row_scales.element_size()
     return int(model.get_memory_footprint()) + extra
 
 
