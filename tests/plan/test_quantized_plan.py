@@ -71,3 +71,25 @@ def test_plan_of_a_quantized_config_plans_every_strategy(tmp_path, stories260k):
     assert "dequantization" in estimates["lora"].memory_bytes
     for name, e in estimates.items():
         assert ("dequantization" in e.memory_bytes) == STRATEGIES[name].quantizable_base, name
+
+
+def test_measured_steps_of_a_quantized_config_run_on_quantized_copies(tmp_path, stories260k, monkeypatch):
+    """`tunelab plan --measure` times cut copies of the model quantized as the config asks."""
+    import tunelab.models.load as load
+    from tunelab.data.dataset import load_datasets
+    from tunelab.data.render import spec_from_config
+    from tunelab.models.load import load_tokenizer
+    from tunelab.train.timing import time_cut_model
+
+    tree = config_tree(stories260k, write_jsonl(tmp_path / "d.jsonl", VARIED_ROWS), tmp_path / "run",
+                       strategy={"name": "lora", "lora": {"quantize": "nf4"}})
+    cfg = validate_config(tree)
+    tokenizer = load_tokenizer(cfg.model)
+    encoded = load_datasets(cfg.data, spec_from_config(cfg), tokenizer, 0)[0].encoded
+    asked = []
+    real = load.quantized_loading
+    monkeypatch.setattr(load, "quantized_loading", lambda *a, **k: asked.append(a[0].quantize) or real(*a, **k))
+    from transformers import AutoConfig
+
+    seconds = time_cut_model(cfg, AutoConfig.from_pretrained(stories260k), 1, encoded, tokenizer)
+    assert seconds > 0 and asked == ["nf4"]

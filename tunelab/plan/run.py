@@ -207,7 +207,7 @@ def plan(cfg: Config, device_name: str = "cpu", pretraining_tokens: float | None
         sec, source = 0.0, "nothing trains"
         dequantizing = dequantization_seconds(shape, w, scfg, device.memory_bandwidth, on_cpu)
         if run_flops and on_cpu and step_timer and mem["total"] <= device.memory_bytes:
-            sec, source = step_timer(scfg, shape.layers, examples, tokenizer) + dequantizing, MEASURED
+            sec, source = step_timer(scfg, shape.layers, examples, tokenizer), MEASURED  # its copies quantized
         elif run_flops:
             sec = run_flops / w.steps / (device.peak_flops * device.mfu) + dequantizing
             source = f"FLOPs at {device.mfu:.0%} of {device.peak_flops / 1e12:.3g} TFLOP/s"

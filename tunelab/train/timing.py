@@ -61,6 +61,27 @@ def _median_step_seconds(step: Callable[[], None]) -> float:
     return statistics.median(times)
 
 
+def _quantized_as_configured(model: Any, cfg: Config) -> Any:
+    """The cut copy quantized as strategy.lora.quantize asks (through a temporary folder: transformers quantizes as
+    it loads), so that its steps dequantize as training's do; the copy itself without it."""
+    if cfg.strategy.lora.quantize is None:
+        return model
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.models.load import quantized_loading
+    from tunelab.models.quantize import compute_as_in_training
+
+    with tempfile.TemporaryDirectory(prefix="tunelab-timing-") as tmp:
+        model.save_pretrained(tmp)
+        quantized = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32,
+                                                         attn_implementation=model.config._attn_implementation,
+                                                         **quantized_loading(cfg.strategy.lora, "cpu"))
+    quantized.config.use_cache = False
+    return compute_as_in_training(quantized)
+
+
 def time_cut_model(cfg: Config, model_config: Any, layers: int, examples: list[Encoded], tokenizer: Any) -> float:
     """Median seconds of one optimizer step of `cfg`'s strategy and batches with a `layers`-layer copy of the model."""
     from transformers import AutoModelForCausalLM
@@ -80,7 +101,7 @@ def time_cut_model(cfg: Config, model_config: Any, layers: int, examples: list[E
                                             trust_remote_code=cfg.model.trust_remote_code,
                                             attn_implementation=attention_implementation(cfg.model.attn_implementation, "cpu",
                                                                                          model_config))
-    model = prepare_strategy(base, cfg.strategy, tokenizer, cfg.train.seed)
+    model = prepare_strategy(_quantized_as_configured(base, cfg), cfg.strategy, tokenizer, cfg.train.seed)
     model.train()
     if cfg.train.activation_checkpointing:
         enable_activation_checkpointing(model.base)
