@@ -206,8 +206,8 @@ def qlora_model_and_peft_config(args, model_dir: Path) -> tuple:
     cuda = args.device == "cuda"
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                       bnb_4bit_compute_dtype=torch.bfloat16 if cuda else torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization, attn_implementation="sdpa",
-                                                 device_map={"": 0} if cuda else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization,
+                                                 attn_implementation="sdpa", device_map={"": 0} if cuda else "cpu")
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model, LoraConfig(r=QLORA_LORA["rank"], lora_alpha=QLORA_LORA["alpha"], lora_dropout=0.0,
                              target_modules="all-linear", task_type="CAUSAL_LM")

@@ -24,8 +24,9 @@ def small_model(tmp_path_factory, stories260k):
 
     path = tmp_path_factory.mktemp("small")
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-                                 num_key_value_heads=4, vocab_size=4096, tie_word_embeddings=True)).save_pretrained(path)
+    config = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+                         num_key_value_heads=4, vocab_size=4096, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(path)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(stories260k / name, path / name)
     return path

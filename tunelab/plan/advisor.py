@@ -125,8 +125,8 @@ def _by_rules(s: Situation) -> Advice:
         if q is not None and q.fits:
             return Advice("lora", {"rank": 16, "alpha": 32, "quantize": "nf4", "double_quant": True,
                                    "learning_rate": _lr("lora"), "epochs": _epochs(n)},
-                          f"{mem}; LoRA over the unquantized base needs {s.memory_gib.get('lora', 0):.1f} GiB, but over a "
-                          f"4-bit NF4 base (QLoRA, double quantization) {q.memory_gib:.1f} GiB, at about "
+                          f"{mem}; LoRA over the unquantized base needs {s.memory_gib.get('lora', 0):.1f} GiB, but "
+                          f"over a 4-bit NF4 base (QLoRA, double quantization) {q.memory_gib:.1f} GiB, at about "
                           f"{q.slowdown:.2f}x LoRA's step time (every 4-bit weight is dequantized in each forward and "
                           f"backward). {figures}.", "2")
         if not s.fits.get("soft_prompt", True):

@@ -23,10 +23,11 @@ class Device:
 DEVICES: dict[str, Device] = {
     "h100": Device("NVIDIA H100 SXM 80GB", 80e9, 989e12, 0.35,
                    "NVIDIA H100 Tensor Core GPU datasheet: 989 TFLOPS dense BF16 (SXM5); MFU 35% is typical of "
-                   "well-tuned small-model SFT (the reference 787 TFLOP/s matmul is 80% of peak); 3.35 TB/s HBM3", 3.35e12),
+                   "well-tuned small-model SFT (the reference 787 TFLOP/s matmul is 80% of peak); 3.35 TB/s HBM3",
+                   3.35e12),
     "a100": Device("NVIDIA A100 SXM 80GB", 80e9, 312e12, 0.40,
-                   "NVIDIA A100 datasheet: 312 TFLOPS dense BF16; MFU 40% (Megatron-LM reports 40-50% at scale); 2,039 GB/s "
-                   "HBM2e", 2.039e12),
+                   "NVIDIA A100 datasheet: 312 TFLOPS dense BF16; MFU 40% (Megatron-LM reports 40-50% at scale); "
+                   "2,039 GB/s HBM2e", 2.039e12),
     "l4": Device("NVIDIA L4 24GB", 24e9, 121e12, 0.35,
                  "NVIDIA L4 datasheet: 121 TFLOPS dense BF16 (242 with sparsity); MFU 35%; 300 GB/s GDDR6", 300e9),
 }

@@ -445,8 +445,9 @@ class TuningStrategy:
         s = self.refine(cfg) if self.refine else self
         if q is None or s.quantizable_base:
             return None
-        return (f"strategy.lora.quantize is {q}, but strategy.name {self.name} trains the base model's own weights, and a "
-                f"{'4' if q != 'int8' else '8'}-bit base is frozen integer codes with no gradient and no optimizer "
+        bits = "8" if q == "int8" else "4"
+        return (f"strategy.lora.quantize is {q}, but strategy.name {self.name} trains the base model's own weights, "
+                f"and a {bits}-bit base is frozen integer codes with no gradient and no optimizer "
                 "update (bitsandbytes' quantized layers cannot learn). Remove strategy.lora.quantize to train in 16/32 "
                 "bits, or use a strategy that keeps the base frozen: lora (its dora and rslora variants), ia3 or "
                 "soft_prompt" + (" (or strategy.fixed_prompt.tune: lora)" if self.refine else ""))

@@ -34,10 +34,10 @@ def _bitsandbytes_adamw(groups: list[dict], cfg: TrainConfig) -> torch.optim.Opt
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     """`train.optimizer` over the trainable parameters; biases and norm weights (1-d) get no weight decay.
 
-    AdamW by default; adamw_8bit and paged_adamw_8bit are bitsandbytes' (the same update, its moments stored as
-    8-bit codes with a scale per block of 256). SGD is plain gradient descent (no momentum; its weight decay, added to the gradient, is
-    AdamW's decoupled decay for plain SGD): its update is proportional to the gradient, so it shows a wrong
-    gradient scale that Adam's per-parameter normalisation hides."""
+    AdamW by default; adamw_8bit and paged_adamw_8bit are bitsandbytes' (the same update, its moments stored
+    as 8-bit codes with a scale per block of 256). SGD is plain gradient descent (no momentum; its weight
+    decay, added to the gradient, is AdamW's decoupled decay for plain SGD): its update is proportional to the
+    gradient, so it shows a wrong gradient scale that Adam's per-parameter normalisation hides."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
