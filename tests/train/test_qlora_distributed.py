@@ -39,3 +39,21 @@ def test_qlora_under_fsdp2_is_refused_before_anything_is_written(tmp_path, stori
     assert "distributed.strategy is fsdp2" in proc.stderr and "distributed.strategy: ddp" in proc.stderr
     assert "Traceback" not in proc.stderr.split("tunelab: error")[-1]
     assert not (tmp_path / "sharded").exists()
+
+
+def test_qlora_with_8bit_adamw_resumes_exactly_on_two_ddp_processes(tmp_path, stories260k):
+    """Sharded checkpoints (torch.distributed.checkpoint) hold the trained parameters and bitsandbytes' 8-bit
+    moments (rank 64 on q and o: 4096-value matrices, 8-bit states); the frozen 4-bit base comes from its files."""
+    sections = {"strategy": {"name": "lora", "lora": {"quantize": "nf4", "dropout": 0.0, "rank": 64,
+                                                       "target_modules": ["q_proj", "o_proj"]}},
+                "distributed": {"strategy": "ddp"}}
+    train = {"optimizer": "adamw_8bit", "save_every": 2}
+    _run(_config(tmp_path, stories260k, "whole", 2, train=train, **sections), 2)
+    cfg = _config(tmp_path, stories260k, "resumed", 2, train={**train, "stop_after": 2}, **sections)
+    _run(cfg, 2)
+    assert not (tmp_path / "resumed" / "final").exists()
+    _run(cfg, 2, "--resume", "train.stop_after=null")
+    assert _losses(tmp_path / "resumed") == _losses(tmp_path / "whole")
+    a = _final(tmp_path / "whole", "adapter_model.safetensors")
+    b = _final(tmp_path / "resumed", "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -116,9 +116,11 @@ def gradient_sync(model: Any, sync: bool) -> Iterator[None]:
 
 
 def _options(full: bool = False) -> Any:
+    """Checkpoints hold the trained parameters only (the frozen ones are the base model's, loaded from its files),
+    so loading one into the model leaves its frozen parameters as they are (strict only for the full state)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(ignore_frozen_params=not full, full_state_dict=full, cpu_offload=full)
+    return StateDictOptions(ignore_frozen_params=not full, full_state_dict=full, cpu_offload=full, strict=full)
 
 
 def save_sharded(path: Path, model: Any, optimizer: Any, scheduler: Any, state: dict[str, Any], info: DistInfo,
