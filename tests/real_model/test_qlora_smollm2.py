@@ -102,7 +102,8 @@ def test_qlora_trains_matches_lora_over_the_dequantized_weights_and_exports(tmp_
     assert difference < 1e-4 * scale, message
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert not quantized_layers(merged) and merged.dtype == torch.float32
-    print(message)
+    with capsys.disabled():
+        print(message, "\nQLoRA losses on SmolLM2:", [round(x, 3) for x in curve])
 
 
 def test_planner_estimate_of_a_4bit_base_within_15_percent(tmp_path, smollm2):
