@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	else \
 		echo "no CUDA GPU: installing torch's CPU build ($(TORCH_CPU))"; $(PY) -m pip install -q $(TORCH_CPU); \
 	fi
-	$(PY) -m pip install -q -e ".[test,bench,trackers]"
+	$(PY) -m pip install -q -e ".[test,bench,trackers,export]"
 	touch $@
 
 venv: $(VENV)/.installed

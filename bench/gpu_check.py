@@ -219,7 +219,7 @@ def check_strategies_train(ctx: dict[str, Any]) -> dict[str, Any]:
 
     from tunelab.config import validate_config
     from tunelab.train.loop import train
-    from tunelab.train.metrics import read_metrics
+    from tunelab.runfiles import read_metrics
 
     out: dict[str, Any] = {}
     for name, strategy in STRATEGIES.items():
@@ -272,7 +272,7 @@ def check_eval_on_device(ctx: dict[str, Any]) -> dict[str, Any]:
 def check_fsdp2_one_process(ctx: dict[str, Any]) -> dict[str, Any]:
     import yaml
 
-    from tunelab.train.metrics import read_metrics
+    from tunelab.runfiles import read_metrics
 
     run = ctx["work"] / "run-fsdp2"
     tree = config_tree(ctx["model_dir"], ctx["data"], run, ctx["device"].type, STRATEGIES["full"], steps=ctx["steps"])
@@ -368,7 +368,7 @@ def check_qlora_equals_lora(ctx: dict[str, Any]) -> dict[str, Any]:
     from sft_throughput import build_model_dir
     from tunelab.config import LoraSettings, validate_config
     from tunelab.train.loop import train
-    from tunelab.train.metrics import read_metrics
+    from tunelab.runfiles import read_metrics
 
     dev = ctx["device"]
     model_dir = ctx["model_dir"] if dev.type == "cpu" else build_model_dir("qwen2.5-0.5b", ctx["work"] / "qwen0.5b")

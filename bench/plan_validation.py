@@ -71,7 +71,7 @@ def write_gsm8k_rows(path: Path, n: int = 1500) -> Path:
 
 def measure_run(cfg_path: Path) -> tuple[float, float]:
     """Train in a fresh process; returns its peak resident memory (bytes) and median step time (steps 3+)."""
-    from tunelab.train.metrics import read_metrics
+    from tunelab.runfiles import read_metrics
 
     proc = subprocess.run([sys.executable, "-m", "tunelab", "train", str(cfg_path)], capture_output=True, text=True,
                           env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}, timeout=900)

@@ -89,7 +89,7 @@ def run_tunelab(args: argparse.Namespace, workload: list, model_dir: Path, work:
                 qlora: bool = False) -> dict:
     from tunelab.config import validate_config
     from tunelab.train.loop import train
-    from tunelab.train.metrics import read_metrics
+    from tunelab.runfiles import read_metrics
 
     data = work / "workload.jsonl"
     data.write_text("".join(json.dumps({"prompt_ids": p, "completion_ids": c}) + "\n" for p, c in workload))

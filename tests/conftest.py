@@ -86,9 +86,12 @@ VARIED_ROWS = [
 
 # The files that take longest under `make test` (its --durations list), longest first: a scheduling hint only
 # (a stale list costs wall time, never a result).
-LONGEST_FIRST = ["test_demo_task_intent.py", "test_demo_task_summary.py", "test_demo_task_small_data.py",
-                 "evaluate/test_banking77_acceptance.py", "train/test_distributed.py", "plan/test_validation.py",
-                 "test_bench_smoke.py", "train/test_recipe.py", "test_demo.py"]
+# The real-model tier's two files are far apart: the first to start converts SmolLM2's GGUF (on a cold cache)
+# while the other worker runs other files, instead of waiting on the conversion's lock.
+LONGEST_FIRST = ["test_demo_task_intent.py", "real_model/test_smollm2_training.py", "test_demo_task_summary.py",
+                 "test_demo_task_small_data.py", "evaluate/test_banking77_acceptance.py", "train/test_distributed.py",
+                 "plan/test_validation.py", "test_bench_smoke.py", "train/test_recipe.py", "test_demo.py",
+                 "real_model/test_convert_gguf.py"]
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -112,14 +115,14 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 def crash_after_saving(monkeypatch: Any, step: int) -> Any:
     """Make training raise RuntimeError("simulated crash") right after it saves the checkpoint of `step` (a run
     killed there); returns the function that puts the real saving back."""
-    from tunelab.train import loop
+    from tunelab.train import checkpointer
 
-    real_save = loop.save_checkpoint
+    real_save = checkpointer.save_checkpoint
 
     def save_then_crash(run_dir: Path, at: int, *args: Any, **kwargs: Any) -> Any:
         real_save(run_dir, at, *args, **kwargs)
         if at == step:
             raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
-    return lambda: monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    monkeypatch.setattr(checkpointer, "save_checkpoint", save_then_crash)
+    return lambda: monkeypatch.setattr(checkpointer, "save_checkpoint", real_save)

@@ -1,8 +1,6 @@
-"""The built-in demo: its generated data, `tunelab demo --quick` (CI) and the full demo (slow)."""
+"""The built-in demo: its generated data and `tunelab demo --quick` (the full demo's tasks: tests/test_demo_task_*.py)."""
 
 import json
-
-import pytest
 
 from tunelab.cli import main
 from tunelab.demo_world.build import MODEL_DIR

@@ -84,3 +84,35 @@ def test_the_graph_sees_imports_inside_functions():
 def test_tunelab_has_no_import_cycle():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+# DESIGN.md's stages, low to high: a module may import its own stage and the ones below it, never one above.
+# The floor holds what every stage may use (errors, the run-file layout, atomic writes, the config tree).
+STAGES = [
+    {"errors", "percentile", "processes", "outputs", "runfiles", "atomic", "config"},
+    {"data"}, {"models"}, {"strategies"}, {"train"}, {"evaluate"}, {"plan"}, {"export"}, {"serve"}, {"report"},
+    {"compare", "doctor", "demo_world"}, {"demo"}, {"cli", "__main__"},
+]
+# the one arrow DESIGN.md allows upward: the config tree validates strategy names against the registry (a leaf)
+ALLOWED_UPWARD = {("tunelab.config", "tunelab.strategies.registry")}
+
+
+def stage_of(module: str) -> int:
+    part = module.split(".")[1] if module.count(".") else module
+    found = [i for i, names in enumerate(STAGES) if part in names]
+    assert found, f"{module}: no stage in tests/test_imports.py's STAGES (add its part of the package to one)"
+    return found[0]
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    return sorted((a, b) for a, targets in graph.items() for b in targets
+                  if a != "tunelab" and b != "tunelab" and stage_of(b) > stage_of(a) and (a, b) not in ALLOWED_UPWARD)
+
+
+def test_the_layer_finder_names_an_upward_import():
+    graph = {"tunelab.data.read": {"tunelab.train.loop"}, "tunelab.train.loop": {"tunelab.data.read"}}
+    assert upward_imports(graph) == [("tunelab.data.read", "tunelab.train.loop")]
+
+
+def test_no_stage_imports_a_higher_one():
+    assert upward_imports(import_graph()) == []

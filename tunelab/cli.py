@@ -42,34 +42,6 @@ def _setup_logging() -> None:
     hf_logging.set_verbosity_error()
 
 
-def launch_torchrun(args: argparse.Namespace) -> int:
-    """`tunelab train --nproc N`: run the same command under torchrun, one process per device."""
-    import re
-    import subprocess
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-           "-m", "tunelab", "train", args.config, *args.overrides]
-    cmd += ["--resume"] if args.resume else []
-    cmd += ["--overwrite"] if args.overwrite else []
-    proc = subprocess.Popen(cmd, stdout=None, stderr=subprocess.PIPE, text=True)
-    tail: list[str] = []
-    for line in proc.stderr:  # pass everything through, keep the end for the failure report
-        sys.stderr.write(line)
-        tail = (tail + [line])[-200:]
-    code = proc.wait()
-    if code != 0:
-        text = "".join(tail)
-        root = text.split("Root Cause", 1)[-1]  # torchrun's report of the first failure
-        rank = re.search(r"rank: (\d+)", root) or re.search(r"error \(rank (\d+)\)", text)
-        signal = re.search(r"Signal \d+ \((\w+)\)", root)
-        why = f" ({signal.group(1)})" if signal else ""
-        who = f"rank {rank.group(1)}" if rank else "a training process"
-        print(f"tunelab: error: {who} failed{why}, so torchrun stopped the whole job (exit code {code}); "
-              "the messages above say why. Continue from the last checkpoint with --resume.", file=sys.stderr)
-        return 2
-    return 0
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     import os
 
@@ -77,8 +49,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tunelab.train.loop import train
 
     if args.nproc and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        from tunelab.train.distributed import launch_torchrun
+
         load_config(args.config, args.overrides)  # refuse a bad config before starting any process
-        return launch_torchrun(args)
+        flags = (["--resume"] if args.resume else []) + (["--overwrite"] if args.overwrite else [])
+        launch_torchrun(["train", args.config, *args.overrides, *flags], args.nproc)
+        return 0
     extra = {}
     if args.resume:
         extra["resume"] = True
@@ -96,8 +72,9 @@ def cmd_train(args: argparse.Namespace) -> int:
               if result.eval else "tuning-free prompting: nothing was trained and there is no eval data")
         return 0
     from tunelab.report.run_report import report_run
+    from tunelab.runfiles import RunFiles
 
-    print(f"{summary}\nmodel: {result.final_dir}\nmetrics: {result.run_dir / 'metrics.jsonl'}\n"
+    print(f"{summary}\nmodel: {result.final_dir}\nmetrics: {RunFiles(result.run_dir).metrics}\n"
           f"report: {report_run(result.run_dir)}")
     return 0
 
@@ -110,12 +87,20 @@ def cmd_convert_llama2c(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_gguf(args: argparse.Namespace) -> int:
+    from tunelab.models.gguf import convert_gguf
+
+    out = convert_gguf(Path(args.file), Path(args.out_dir), args.dtype)
+    print(f"wrote a Hugging Face folder to {out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
     from tunelab.config import TrainConfig
     from tunelab.demo import run_demo
-    from tunelab.train.loop import set_denormal_mode
+    from tunelab.train.session import set_denormal_mode
 
     # as compare does, before anything computes: the demo trains prompting runs in this process, and a flag set
     # then would reach only the calling thread, not the intra-op threads the base model's evaluation started
@@ -156,29 +141,24 @@ def _device_flags(args: argparse.Namespace, path: str) -> dict[str, str | None]:
     --precision, else a run directory's own eval: section (None: the loader reads it), else --config's."""
     from tunelab.config import load_config
 
+    from tunelab.runfiles import is_run_dir
+
     flags = {key: getattr(args, key, None) for key in ("device", "precision")}
-    if (Path(path) / "config.yaml").is_file() or not (getattr(args, "config", None) or "").endswith((".yaml", ".yml")):
+    if is_run_dir(path) or not (getattr(args, "config", None) or "").endswith((".yaml", ".yml")):
         return flags
     cfg = load_config(args.config)
     return {key: value or getattr(cfg.eval, key) for key, value in flags.items()}
 
 
 def _eval_data(args: argparse.Namespace, em: Any, settings: Any) -> Any:
-    """Render the data as the run did (a run directory), as a config says (--config), or from the flags."""
-    from tunelab.config import DataConfig, Template, load_config
-    from tunelab.data.render import RenderSpec, spec_from_config
-    from tunelab.evaluate.run import load_eval_data
+    """The eval data as the run rendered its own (a run directory), as --config says, or as the flags say."""
+    from tunelab.config import load_config
+    from tunelab.evaluate.run import PlainReading, load_eval_file
 
     cfg = em.run_config or (load_config(args.config) if args.config else None)
-    if cfg is not None:
-        data_cfg = cfg.data.model_copy(update={"max_examples": None})
-        return load_eval_data(args.data, data_cfg, spec_from_config(cfg), cfg.data.train_path, settings.max_examples,
-                              settings.seed)
-    columns = dict(c.split("=", 1) for c in args.column or [])
-    data_cfg = DataConfig(train=args.data, format=args.format, columns=columns, max_length=args.max_length)
-    template = Template(prompt=args.template, target=args.target_template) if args.template else None
-    spec = RenderSpec(template=template, num_shots=args.num_shots, seed=settings.seed)
-    return load_eval_data(args.data, data_cfg, spec, args.train_file, settings.max_examples, settings.seed)
+    plain = PlainReading(args.format, dict(c.split("=", 1) for c in args.column or []), args.max_length, args.template,
+                         args.target_template, args.num_shots, args.train_file)
+    return load_eval_file(args.data, settings, cfg, plain)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -241,12 +221,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_diff(args: argparse.Namespace) -> int:
-    import json
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tunelab.errors import ConfigError
+    from tunelab.serve.pool import load_pool
+    from tunelab.serve.server import serve_forever
 
+    adapters = [tuple(item.split("=", 1)) for item in args.adapter or []]
+    if any(len(a) != 2 or not a[0] or not a[1] for a in adapters):
+        raise ConfigError("--adapter takes NAME=RUN_DIR (e.g. --adapter support=runs/lora).")
+    pool = load_pool(args.model, adapters, args.name, args.device, args.precision)  # type: ignore[arg-type]
+    log.info(f"serving {', '.join(pool.names)} on http://{args.host}:{args.port} (chat page at /)")
+    serve_forever(pool, args.host, args.port, args.max_batch, args.max_waiting)
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
     from tunelab.evaluate.diff import diff
     from tunelab.evaluate.loaders import load_for_eval
     from tunelab.report.run_report import report_run
+    from tunelab.runfiles import RunFiles, write_json
 
     tuned = load_for_eval(args.tuned, **_device_flags(args, args.tuned))
     # the base where the tuned model runs, in its precision: the same arithmetic on both sides of every figure
@@ -254,8 +247,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     eval_settings, diff_settings = _settings(args, tuned.run_config)
     data = _eval_data(args, tuned, eval_settings) if args.data else None
     result = diff(base, tuned, data, diff_settings, eval_settings)
-    out = Path(args.output) if args.output else Path(args.tuned) / "diff.json"
-    out.write_text(json.dumps(result, indent=2))
+    out = write_json(Path(args.output) if args.output else RunFiles(args.tuned).diff, result)
     for section in ("task", "forgetting", "probes", "drift"):
         for key, value in result.get(section, {}).items():
             if key.endswith("verdict"):
@@ -274,15 +266,14 @@ DEFAULT_COMPARE = "prompting,soft_prompt,lora,full"
 def cmd_compare(args: argparse.Namespace) -> int:
     from tunelab.compare import compare
     from tunelab.config import load_config
-    from tunelab.evaluate.baselines import describe
-    from tunelab.report.page import fmt
-    from tunelab.report.run_report import COMPARE_LABELS, report_run
-    from tunelab.train.loop import resolve_device, set_denormal_mode
+    from tunelab.report.run_report import compare_summary, report_run
+    from tunelab.runfiles import compare_dir
+    from tunelab.train.session import resolve_device, set_denormal_mode
 
     cfg = load_config(args.config, args.overrides)
     # before the base model's evaluation runs anything: every intra-op thread copies the flag when it starts
     set_denormal_mode(cfg.train, resolve_device(cfg.train)[0])
-    out = Path(args.out or Path(cfg.output_dir).with_name(Path(cfg.output_dir).name + "-compare"))
+    out = Path(args.out) if args.out else compare_dir(cfg.output_dir)
     per_strategy: dict[str, list[str]] = {}
     for item in args.set or []:
         name, sep, override = item.partition(":")
@@ -301,14 +292,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         strategies = strategies if args.strategies else preset_strategies
         print(f"preset {args.preset}: {PRESETS[args.preset].about}")
     result = compare(cfg, strategies, out, per_strategy)
-    cols = ["strategy", "trainable_params", "wall_time_s", "train_flops", "peak_memory_mib", "tokens_per_s",
-            "eval_loss", result["metric"], "perplexity_ratio", "perplexity_ratio_off", "kl_base_to_tuned"]
-    print("  ".join(f"{COMPARE_LABELS.get(c, c):>14}" for c in cols))
-    for row in result["table"]:
-        print("  ".join(f"{fmt(row.get(c)):>14}" for c in cols))
-    print(describe(result["baselines"]))
-    print(result["recommendation"])
-    print(result["forgetting_ranked_by"])
+    print(compare_summary(result))
     print(f"report: {report_run(out, 'tunelab compare')}")
     return 0
 
@@ -370,7 +354,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     import json
 
     from tunelab.config import DataConfig, ModelConfig, load_config
-    from tunelab.data.audit import audit
+    from tunelab.data.audit import audit, check_fix_target, source_configs, terminal_summary, write_fixed_copy
     from tunelab.data.render import RenderSpec, spec_from_config
     from tunelab.errors import ConfigError
     from tunelab.models.load import load_tokenizer
@@ -380,8 +364,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     if args.target.endswith((".yaml", ".yml")):
         cfg = load_config(args.target, args.overrides)
         spec, model_cfg, eval_path = spec_from_config(cfg), cfg.model, args.eval or cfg.data.eval
-        files = [(s.path, cfg.data.model_copy(update={"train": s.path, "format": s.format, "columns": s.columns,
-                                                       "column_names": s.column_names})) for s in cfg.data.sources()]
+        files = source_configs(cfg.data)
         report_dir = Path(cfg.output_dir)
     else:
         if not args.model:
@@ -391,17 +374,14 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         files = [(args.target, DataConfig(train=args.target, format=args.format, columns=columns,
                                           max_length=args.max_length))]
         spec, model_cfg, eval_path, report_dir = RenderSpec(), ModelConfig(path=args.model), args.eval, Path(".")
-    if args.fix and len(files) > 1:
-        raise ConfigError("--fix writes a cleaned copy of one data file, and data.train is a mixture: check each file "
-                          "on its own (tunelab data check FILE --model M --fix NEW_FILE).")
-    if args.fix and Path(args.fix).resolve() == Path(files[0][0]).resolve():
-        raise ConfigError("--fix must name a new file: tunelab never rewrites the original data.")
+    if args.fix:
+        check_fix_target(args.fix, [path for path, _ in files])
     tokenizer = load_tokenizer(model_cfg)
     results = [audit(path, data_cfg, spec, tokenizer, eval_path, args.threshold, args.preview)
                for path, data_cfg in files]
     report_root = Path(args.output).parent if args.output else report_dir
     for i, ((path, _), result) in enumerate(zip(files, results)):
-        _print_audit(result, path)
+        print(terminal_summary(result, path))
         report = write_data_report(result, report_root, stem=f"data-check-{i + 1}" if len(files) > 1 else "data-check")
         print(f"report: {report}")
     shares: dict[str, int] = {}
@@ -417,33 +397,15 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         out = results[0] if len(results) == 1 else {"sources": results, "shares": shares}
         Path(args.output).write_text(json.dumps(out, indent=2))
     if args.fix:
-        from tunelab.data.audit import rows_to_drop
-        from tunelab.data.read import read_records
-
-        out_file, (path, data_cfg) = Path(args.fix), files[0]
-        drop = rows_to_drop(results[0])
-        kept = [r.fields for r in read_records(path, data_cfg.column_names) if r.row not in drop]
-        out_file.write_text("".join(json.dumps(f, ensure_ascii=False) + "\n" for f in kept))
-        print(f"--fix: wrote {len(kept)} records to {out_file} ({len(drop)} dropped)")
+        (path, data_cfg), out_file = files[0], Path(args.fix)
+        kept, dropped = write_fixed_copy(results[0], path, data_cfg.column_names, out_file)
+        print(f"--fix: wrote {kept} records to {out_file} ({dropped} dropped)")
     blocking = sorted({k for r in results for k in r["blocking"]})
     if blocking:
         print(f"blocking: {', '.join(blocking)}")
         return 1
     return 0
 
-
-def _print_audit(result: dict[str, Any], path: str) -> None:
-    from tunelab.data.audit import terminal_preview
-
-    order = {"blocking": 0, "warning": 1, "info": 2}
-    keys = [k for k, v in result.items() if isinstance(v, dict) and "severity" in v]
-    print(f"{result['num_examples']} examples of {result['num_records']} records in {path}")
-    for key in sorted(keys, key=lambda k: order[result[k]["severity"]]):
-        f = result[key]
-        if f["count"] or key == "label_balance":
-            print(f"[{f['severity']}] {key}: {f['count']} rows. {f['message']}")
-    for item in result["preview"]:
-        print(f"--- row {item['row']} (trained tokens in green)\n{terminal_preview(item)}")
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     import json
@@ -459,56 +421,19 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 1 if any(f["severity"] == "error" for f in result["findings"]) else 0
 
 
-def _duration(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.2g}s" if seconds < 10 else f"{seconds:.0f}s"
-    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
-
-
 def cmd_plan(args: argparse.Namespace) -> int:
     from tunelab.config import load_config
     from tunelab.plan.run import plan, write_plan
+    from tunelab.plan.table import plan_text
+    from tunelab.runfiles import compare_of
 
     cfg = load_config(args.config, args.overrides)
-    compare_json = Path(cfg.output_dir).with_name(Path(cfg.output_dir).name + "-compare") / "compare.json"
     timer = None
     if args.measure:  # plan/ runs no model itself: the training side's step timer is handed to it
         from tunelab.train.timing import measured_step_seconds as timer
     for gpu in args.gpu or ["cpu"]:
-        result = plan(cfg, gpu, args.pretraining_tokens, compare_json=compare_json, step_timer=timer)
-        print(f"device: {result.device.name}, {result.device.memory_bytes / 2**30:.0f} GiB, "
-              f"{result.device.peak_flops / 1e12:.3g} TFLOP/s peak, MFU {result.device.mfu:.0%} ({result.device.source})")
-        d = result.data
-        print(f"data: {d.num_examples:,} examples, {d.num_tokens:,} tokens, {d.num_label_tokens:,} target tokens "
-              f"(mean length {d.mean_length:.0f})")
-        head = f"{'strategy':<12}{'trainable':>14}{'share':>9}{'adapter MiB':>12}{'memory GiB':>11}{'fits':>6}" \
-               f"{'TFLOP':>10}{'time':>10}{'of pre-training':>17}"
-        print(head + "\n" + "-" * len(head))
-        for name, e in result.estimates.items():
-            mem = e.memory_bytes["total"] / 2**30
-            pre = f"{100 * e.flops / (6 * e.total_params * result.pretraining[0]):.2g}%" if result.pretraining else "-"
-            mark = "*" if name == result.config_strategy else " "
-            print(f"{mark}{name:<11}{e.trainable_params:>14,}{100 * e.trainable_params / e.total_params:>8.3g}%"
-                  f"{e.adapter_bytes / 2**20:>12.2f}{mem:>11.3f}{'yes' if e.memory_bytes['total'] <= result.device.memory_bytes else 'NO':>6}"
-                  f"{e.flops / 1e12:>10.3g}{_duration(e.seconds):>10}{pre:>17}")
-        chosen = result.estimates[result.config_strategy]
-        print("memory of " + result.config_strategy + ": " +
-              ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in chosen.memory_bytes.items()))
-        print(f"time of {result.config_strategy}: {chosen.step_seconds:.3g} s per step ({chosen.time_source})")
-        if chosen.fit_changes:
-            print(f"{result.config_strategy} does not fit {result.device.name} "
-                  f"({chosen.memory_bytes['total'] / 2**30:.1f} of {result.device.memory_bytes / 2**30:.0f} GiB); "
-                  "to fit, change one of:\n" + "\n".join(f"  - {c}" for c in chosen.fit_changes))
-        if result.pretraining:
-            e = result.estimates[result.config_strategy]
-            share = e.flops / (6 * e.total_params * result.pretraining[0])
-            print(f"this fine-tune ({result.config_strategy}) costs {100 * share:.2g}% of pre-training "
-                  f"({result.pretraining[0]:.3g} tokens: {result.pretraining[1]})")
-        from tunelab.plan.run import VALIDATED_ERROR
-
-        print(f"estimate error: {VALIDATED_ERROR}")
-        a = result.advice
-        print(f"recommendation: {a.strategy} {a.settings}\n  {a.reasons}")
+        result = plan(cfg, gpu, args.pretraining_tokens, compare_json=compare_of(cfg.output_dir), step_timer=timer)
+        print(plan_text(result))
         if args.output:
             out = Path(args.output)
             write_plan(result, str(out if len(args.gpu or []) < 2 else out.with_name(f"{out.stem}-{gpu}{out.suffix}")))
@@ -516,11 +441,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from tunelab.evaluate.inputs import quantized_run_settings
-    from tunelab.strategies.export import export_run
+    from tunelab.export.command import export_command
 
-    quantized, prompts = quantized_run_settings(Path(args.run_dir)) if args.merge else (None, [])
-    print(f"{export_run(Path(args.run_dir), Path(args.out_dir), args.merge, quantized, prompts)}: {args.out_dir}")
+    print(export_command(Path(args.run_dir), Path(args.out_dir), args.format, args.quant, args.overwrite, args.merge,
+                         args.parity, args.parity_tokens))
     return 0
 
 
@@ -528,6 +452,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunelab", description="Fine-tune a causal LM on labeled examples.")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    for add_commands in (_training_commands, _model_commands, _tool_commands):
+        add_commands(sub)
+    return parser
+
+
+def _training_commands(sub: Any) -> None:
+    """train, compare and plan: the commands that read a training config."""
     p = sub.add_parser("train", help="fine-tune a model as a YAML config says")
     p.add_argument("config", help="the YAML config file")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.max_steps=50")
@@ -536,6 +467,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, help="data-parallel processes (runs torchrun --nproc_per_node N)")
     _add_cache_flag(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("compare", help="train, evaluate and diff several strategies on the same budget")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    _add_cache_flag(p)
+    p.add_argument("--strategies", help=f"comma-separated, LABEL=STRATEGY for a labelled variant (default: "
+                   f"{DEFAULT_COMPARE}, or the preset's)")
+    p.add_argument("--preset", choices=["small-data"], help="small-data: 64 examples, every strategy (zero- and "
+                   "few-shot prompting, soft prompt, LoRA, IA3, freeze, full, prompt+LM)")
+    p.add_argument("--set", action="append", help="STRATEGY:dotted.key=value for one strategy (repeatable)")
+    p.add_argument("--out", help="where the comparison goes (default: OUTPUT_DIR-compare)")
+    _add_eval_flags(p, data_positional=False)
+    p.add_argument("--reference-text")
+    p.add_argument("--probes")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("plan", help="estimate cost and memory per strategy, and recommend one")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    _add_cache_flag(p)
+    p.add_argument("--gpu", action="append", help="h100, a100, l4 or cpu (repeatable; default: this CPU)")
+    p.add_argument("--pretraining-tokens", type=float, help="tokens the base model was pre-trained on")
+    p.add_argument("--output", help="write the figures here (plan.json; with several --gpu, plan-GPU.json beside it)")
+    p.add_argument("--measure", action="store_true",
+                   help="on the CPU, time real optimizer steps of cut copies of the model (seconds per strategy) "
+                        "instead of estimating from FLOPs at the measured matmul rate")
+    p.set_defaults(func=cmd_plan)
+
+
+def _model_commands(sub: Any) -> None:
+    """eval, chat, generate, serve, diff and report: the commands that use a tuned model or a run."""
+    from tunelab.runfiles import DIFF
 
     p = sub.add_parser("eval", help="evaluate a model (HF folder, adapter folder or run directory) on labeled data")
     p.add_argument("model")
@@ -568,6 +531,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_flags(p)
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("serve", help="an OpenAI-compatible API and chat page over a run or model and its adapters")
+    p.add_argument("model", help="a tunelab run directory or a model folder (the base the adapters share)")
+    p.add_argument("--adapter", action="append", help="NAME=RUN_DIR: a LoRA/DoRA/IA3 or soft-prompt run over the same "
+                   "base, served as model NAME (repeatable)")
+    p.add_argument("--name", help="the API name of MODEL (default: its folder name)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=32, help="requests generated together at most")
+    p.add_argument("--max-waiting", type=int, default=64, help="requests waiting at most (then 503, Retry-After)")
+    _add_device_flags(p)
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("diff", help="the tuned model against its base: task gain, forgetting, drift")
     p.add_argument("base")
     p.add_argument("tuned")
@@ -575,40 +550,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_flags(p, data_positional=False)
     p.add_argument("--reference-text", help="general text for perplexity and KL (default: samples of the base)")
     p.add_argument("--probes", help="JSONL of {prompt, answer} general-knowledge probes")
-    p.add_argument("--output", help="where diff.json goes (default: TUNED/diff.json)")
+    p.add_argument("--output", help=f"where {DIFF} goes (default: TUNED/{DIFF})")
     p.set_defaults(func=cmd_diff)
-
-    p = sub.add_parser("compare", help="train, evaluate and diff several strategies on the same budget")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*")
-    _add_cache_flag(p)
-    p.add_argument("--strategies", help=f"comma-separated, LABEL=STRATEGY for a labelled variant (default: "
-                   f"{DEFAULT_COMPARE}, or the preset's)")
-    p.add_argument("--preset", choices=["small-data"], help="small-data: 64 examples, every strategy (zero- and "
-                   "few-shot prompting, soft prompt, LoRA, IA3, freeze, full, prompt+LM)")
-    p.add_argument("--set", action="append", help="STRATEGY:dotted.key=value for one strategy (repeatable)")
-    p.add_argument("--out", help="where the comparison goes (default: OUTPUT_DIR-compare)")
-    _add_eval_flags(p, data_positional=False)
-    p.add_argument("--reference-text")
-    p.add_argument("--probes")
-    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("report", help="write report.html and report.md for a run directory")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("plan", help="estimate cost and memory per strategy, and recommend one")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*")
-    _add_cache_flag(p)
-    p.add_argument("--gpu", action="append", help="h100, a100, l4 or cpu (repeatable; default: this CPU)")
-    p.add_argument("--pretraining-tokens", type=float, help="tokens the base model was pre-trained on")
-    p.add_argument("--output", help="write the figures here (plan.json; with several --gpu, plan-GPU.json beside it)")
-    p.add_argument("--measure", action="store_true",
-                   help="on the CPU, time real optimizer steps of cut copies of the model (seconds per strategy) "
-                        "instead of estimating from FLOPs at the measured matmul rate")
-    p.set_defaults(func=cmd_plan)
 
+def _tool_commands(sub: Any) -> None:
+    """data check, doctor, export, demo and convert."""
     p = sub.add_parser("data", help="dataset tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     c = data_sub.add_parser("check", help="audit a dataset as training will read it")
@@ -638,6 +589,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("out_dir")
     p.add_argument("--merge", action="store_true", help="merge LoRA/DoRA adapters into a standalone checkpoint")
+    p.add_argument("--format", default="hf", help="hf (default), gguf (llama.cpp, LM Studio), ollama (GGUF and a "
+                   "Modelfile) or vllm (an adapter checked for vLLM's LoRA)")
+    p.add_argument("--quant", default="f16", help="GGUF type: f32, f16 (default), bf16, q8_0 or q4_k_m")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (gguf, ollama, vllm)")
+    p.add_argument("--parity", metavar="FILE", help="held-out records: compare the GGUF in llama.cpp with the tuned "
+                   "model on them (prompt ids, greedy tokens)")
+    p.add_argument("--parity-tokens", type=int, default=32, help="new tokens per parity prompt (default 32)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="the built-in demo: adapt a small model to support tickets, offline")
@@ -653,7 +611,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("tokenizer")
     c.add_argument("out_dir")
     c.set_defaults(func=cmd_convert_llama2c)
-    return parser
+    c = conv.add_parser("gguf", help="a GGUF file (llama.cpp, Ollama), weights dequantized by transformers' loader")
+    c.add_argument("file")
+    c.add_argument("out_dir", help="a new folder (an existing one is refused)")
+    c.add_argument("--dtype", choices=["float32", "bf16"], default="float32",
+                   help="float32 keeps the dequantized weights exactly; bf16 halves the folder (default float32)")
+    c.set_defaults(func=cmd_convert_gguf)
 
 
 def main(argv: list[str] | None = None) -> int:

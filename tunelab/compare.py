@@ -3,7 +3,6 @@ evaluated and diffed against the base model, in one table."""
 
 from __future__ import annotations
 
-import json
 import logging
 import subprocess
 import sys
@@ -22,8 +21,8 @@ from tunelab.evaluate.loaders import load_for_eval
 from tunelab.evaluate.run import eval_data_from_config, evaluate
 from tunelab.evaluate.verdicts import retained_perplexity_ratio
 from tunelab.plan.advisor import LEARNED_SOFT_PROMPT
+from tunelab.runfiles import RunFiles, run_metrics, write_compare, write_json
 from tunelab.strategies.registry import resolve
-from tunelab.train.metrics import read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -150,11 +149,9 @@ def _flops_per_config(cfg: Config, configs: dict[str, Config]) -> dict[str, floa
 
 
 def run_row(name: str, cfg: Config, seconds: float) -> CompareRow:
-    rows = read_metrics(Path(cfg.output_dir) / "metrics.jsonl")
-    params = rows[0]
-    train = [r for r in rows if r["type"] == "train"]
-    evals = [r for r in rows if r["type"] == "eval"]
-    summary = next((r for r in rows if r["type"] == "summary"), {})
+    rows = run_metrics(cfg.output_dir)
+    params = rows.first("params")
+    train, evals, summary = rows.of("train"), rows.of("eval"), rows.first("summary") or {}
     return CompareRow(name, params["trainable_params"], params["trainable_share"], seconds,
                       summary.get("peak_memory_bytes", 0) / 2**20,
                       (sum(r["num_tokens"] for r in train) / sum(r["seconds"] for r in train)) if train else None,
@@ -210,7 +207,7 @@ def compare(cfg: Config, strategies: list[str], out_dir: Path,
             continue
         d = diff(base, tuned, data, diff_settings, eval_settings, reference=reference, base_eval=base_eval,
                  base_cache=base_cache)
-        (Path(scfg.output_dir) / "diff.json").write_text(json.dumps(d, indent=2))
+        write_json(RunFiles(scfg.output_dir).diff, d)
         table.append(_with_diff(row, d))
     base_probes = next((r.probes_right_base for r in table if r.probes_right_base is not None), None)
     for row in table:
@@ -226,8 +223,7 @@ def compare(cfg: Config, strategies: list[str], out_dir: Path,
                       f"held-out examples of {data.path}; forgetting on {reference[1]}",
               "recommended": recommended, "recommendation": recommendation, "forgetting_ranked_by": RANKED_BY,
               "settings": {"eval": eval_settings.model_dump(mode="json"), "diff": diff_settings.model_dump(mode="json")}}
-    (out_dir / "compare.json").write_text(json.dumps(result, indent=2))
-    (out_dir / "config.yaml").write_text(yaml.safe_dump({"compare": strategies, **cfg.model_dump(mode="json")}))
+    write_compare(out_dir, result, yaml.safe_dump({"compare": strategies, **cfg.model_dump(mode="json")}))
     return result
 
 

@@ -15,7 +15,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunelab.errors import ConfigError
-from tunelab.models.quantize import BITSANDBYTES_NEEDED, bitsandbytes_installed
 from tunelab.strategies.registry import SOFT_PROMPT_METHODS, STRATEGIES, resolve
 
 
@@ -154,6 +153,15 @@ class StrategyConfig(_Section):
 
 
 BITSANDBYTES_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit")  # train.optimizer choices that bitsandbytes provides
+BITSANDBYTES_NEEDED = ("bitsandbytes is not installed (pip install 'bitsandbytes>=0.50'); it is what loads a "
+                       "quantized base and runs 8-bit optimizers, on the CPU too")
+
+
+def bitsandbytes_installed() -> bool:
+    """Whether bitsandbytes can be imported (strategy.lora.quantize and the 8-bit optimizers need it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
 
 
 class TrainConfig(_Section):

@@ -22,8 +22,9 @@ from tunelab.compare import PRESETS, SOFT_PROMPT_SETTINGS, apply_preset, compare
 from tunelab.config import validate_config
 from tunelab.demo_world.build import MODEL_DIR
 from tunelab.demo_world.data import write_demo_data
-from tunelab.report.page import Section, fmt, write_report
-from tunelab.report.run_report import COMPARE_LABELS, compare_sections
+from tunelab.report.page import Section, write_report
+from tunelab.report.run_report import compare_sections, compare_table
+from tunelab.runfiles import RunFiles
 
 SUMMARY_TEMPLATE = {"prompt": "Ticket: {prompt}\nSummary:", "target": " {completion}"}
 INTENT_TEMPLATE = {"prompt": "Ticket: {prompt}\nThe customer wants:", "target": " {completion}"}
@@ -60,11 +61,7 @@ def _config(data: dict[str, Path], task: str, out: Path, steps: int, max_eval: i
 def _print_table(title: str, result: dict[str, Any], metric_names: list[str], compute: bool = False) -> None:
     cols = ["strategy", "trainable_params", "wall_time_s", *(["train_flops"] if compute else []), *metric_names,
             "perplexity_ratio", "perplexity_ratio_off", "probes_right"]
-    print(f"\n{title}")
-    print("  ".join(f"{COMPARE_LABELS.get(c, c):>16}" for c in cols))
-    for row in result["table"]:
-        print("  ".join(f"{fmt(row.get(c)):>16}" for c in cols))
-    print(result["forgetting_ranked_by"])
+    print(f"\n{title}\n{compare_table(result['table'], cols, width=16)}\n{result['forgetting_ranked_by']}")
 
 
 DEFAULT_STEPS = 100
@@ -108,7 +105,7 @@ def recommend(data: dict[str, Path], out: Path, steps: int, max_eval: int) -> An
     from tunelab.plan.run import plan
 
     return plan(_config(data, "summary", out, steps, max_eval), "cpu",
-                compare_json=out / "summary-compare" / "compare.json").advice
+                compare_json=RunFiles(out / "summary-compare").compare).advice
 
 
 def demo_budget(quick: bool, steps: int | None) -> tuple[int, int]:

@@ -1,12 +1,11 @@
 """`tunelab doctor RUN_DIR`: name what went wrong in a run, with the evidence and the correction.
 
-Reads metrics.jsonl, config.yaml and, where present, eval.json and diff.json. Each finding says
+Reads the run's metrics and, where present, its eval and diff results (tunelab.runfiles). Each finding says
 what happened, the evidence (steps, numbers), why it matters, and what to change (config keys).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from dataclasses import asdict, dataclass
@@ -15,6 +14,7 @@ from typing import Any
 
 from tunelab.errors import TunelabError
 from tunelab.evaluate.verdicts import retained_perplexity_ratio, verdict_level, verdict_text
+from tunelab.runfiles import METRICS, RunFiles, read_compare, read_diff, read_eval, run_metrics
 
 
 @dataclass
@@ -26,13 +26,9 @@ class Diagnosis:
     severity: str = "warning"  # "error" when the run's result cannot be used
 
 
-def _num(value: Any) -> float:
-    return float(value) if not isinstance(value, str) else float(value.replace("Infinity", "inf"))
-
-
 def _nan(rows: list[dict[str, Any]]) -> list[Diagnosis]:
     for r in rows:
-        if not math.isfinite(_num(r["loss"])) or not math.isfinite(_num(r["grad_norm"])):
+        if not math.isfinite(float(r["loss"])) or not math.isfinite(float(r["grad_norm"])):
             return [Diagnosis("training diverged: the loss or gradient became NaN/infinite",
                               f"step {r['step']}: loss {r['loss']}, grad norm {r['grad_norm']}",
                               "every update after this step is garbage; the final model is unusable",
@@ -50,8 +46,8 @@ def _flat(train: list[dict[str, Any]], evals: list[dict[str, Any]]) -> list[Diag
         first, last, where, limit = evals[0]["eval_loss"], evals[-1]["eval_loss"], "eval loss", 0.01
     else:
         fifth = max(2, len(train) // 5)
-        first = statistics.fmean(_num(r["loss"]) for r in train[:fifth])
-        last = statistics.fmean(_num(r["loss"]) for r in train[-fifth:])
+        first = statistics.fmean(float(r["loss"]) for r in train[:fifth])
+        last = statistics.fmean(float(r["loss"]) for r in train[-fifth:])
         where, limit = "mean train loss of the first and last fifths", 0.02
     change = abs(last - first) / max(abs(first), 1e-9)
     if change >= limit:
@@ -64,7 +60,7 @@ def _flat(train: list[dict[str, Any]], evals: list[dict[str, Any]]) -> list[Diag
 
 
 def _divergence_and_lr(rows: list[dict[str, Any]]) -> list[Diagnosis]:
-    losses = [_num(r["loss"]) for r in rows]
+    losses = [float(r["loss"]) for r in rows]
     if len(losses) < 5 or not all(map(math.isfinite, losses)):
         return []
     first, n = losses[0], len(losses)
@@ -93,8 +89,8 @@ def _divergence_and_lr(rows: list[dict[str, Any]]) -> list[Diagnosis]:
 
 
 def _spikes_and_gradients(rows: list[dict[str, Any]]) -> list[Diagnosis]:
-    losses = [_num(r["loss"]) for r in rows]
-    norms = [_num(r["grad_norm"]) for r in rows]
+    losses = [float(r["loss"]) for r in rows]
+    norms = [float(r["grad_norm"]) for r in rows]
     out = []
     if not all(map(math.isfinite, losses + norms)):
         return out
@@ -128,12 +124,12 @@ def _overfitting(train: list[dict[str, Any]], evals: list[dict[str, Any]], run_d
     if best == len(losses) - 1 or losses[-1] < 1.05 * losses[best]:
         return []
     best_step = evals[best]["step"]
-    train_at = [_num(r["loss"]) for r in train if r["step"] <= best_step] or [_num(train[0]["loss"])]
-    train_end = statistics.fmean(_num(r["loss"]) for r in train[-max(1, len(train) // 10):])
+    train_at = [float(r["loss"]) for r in train if r["step"] <= best_step] or [float(train[0]["loss"])]
+    train_end = statistics.fmean(float(r["loss"]) for r in train[-max(1, len(train) // 10):])
     if train_end >= statistics.fmean(train_at[-max(1, len(train_at) // 10):]):
         return []
-    saved = sorted(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*")) if \
-        (run_dir / "checkpoints").is_dir() else []
+    checkpoints = RunFiles(run_dir).checkpoints
+    saved = sorted(int(p.name.split("-")[1]) for p in checkpoints.glob("step-*")) if checkpoints.is_dir() else []
     nearest = min(saved, key=lambda s: abs(s - best_step)) if saved else None
     return [Diagnosis("overfitting: the eval loss rose while the train loss kept falling",
                       f"eval loss {losses[best]:.4f} at step {best_step} (the best), {losses[-1]:.4f} at step "
@@ -146,7 +142,7 @@ def _overfitting(train: list[dict[str, Any]], evals: list[dict[str, Any]], run_d
 
 
 def _underfitting(train: list[dict[str, Any]]) -> list[Diagnosis]:
-    losses = [_num(r["loss"]) for r in train]
+    losses = [float(r["loss"]) for r in train]
     if len(losses) < 20:
         return []
     fifth = max(2, len(losses) // 5)
@@ -175,9 +171,7 @@ def _label_mask(train: list[dict[str, Any]], data_row: dict[str, Any] | None) ->
 
 def _from_results(run_dir: Path) -> list[Diagnosis]:
     out = []
-    diff_path, eval_path = run_dir / "diff.json", run_dir / "eval.json"
-    d = json.loads(diff_path.read_text()) if diff_path.is_file() else None
-    e = json.loads(eval_path.read_text()) if eval_path.is_file() else None
+    d, e = read_diff(run_dir), read_eval(run_dir)
     eos = d["drift"]["eos_share_tuned"] if d else e.get("eos_rate") if e else None
     if eos is not None and eos == 0:
         out.append(Diagnosis("the tuned model never emits EOS", "0% of its generations ended with EOS",
@@ -206,9 +200,9 @@ def _forgetting_finding(f: dict[str, Any], run_dir: Path) -> Diagnosis:
                          "serve general requests with the adaptation off (peft's disable_adapter, or the base model "
                          "alone) and task requests with it on")
     measured = ""
-    compare = run_dir.parent / "compare.json"
-    if compare.is_file():
-        rows = json.loads(compare.read_text())["table"]
+    compare = read_compare(run_dir.parent)  # a run of a comparison sits in the comparison's folder
+    if compare is not None:
+        rows = compare["table"]
         kept = {r["strategy"]: retained_perplexity_ratio(r) for r in rows if r["strategy"] != run_dir.name}
         less = sorted((name for name, ratio in kept.items() if ratio < f["perplexity_ratio"]), key=kept.get)
         detached = {r["strategy"] for r in rows if r.get("perplexity_ratio_off") is not None}
@@ -223,15 +217,11 @@ def _forgetting_finding(f: dict[str, Any], run_dir: Path) -> Diagnosis:
 
 
 def diagnose(run_dir: Path) -> dict[str, Any]:
-    from tunelab.train.metrics import read_metrics
-
     run_dir = Path(run_dir)
-    if not (run_dir / "metrics.jsonl").is_file():
-        raise TunelabError(f"'{run_dir}' has no metrics.jsonl: it is not a tunelab run directory.")
-    rows = read_metrics(run_dir / "metrics.jsonl")
-    train = [r for r in rows if r["type"] == "train"]
-    evals = [r for r in rows if r["type"] == "eval"]
-    data_row = next((r for r in rows if r["type"] == "data"), None)
+    if not RunFiles(run_dir).metrics.is_file():
+        raise TunelabError(f"'{run_dir}' has no {METRICS}: it is not a tunelab run directory.")
+    rows = run_metrics(run_dir)
+    train, evals, data_row = rows.of("train"), rows.of("eval"), rows.first("data")
     found = _nan(train)
     if not found:  # after a NaN nothing else is meaningful
         found += _divergence_and_lr(train) + _flat(train, evals) + _spikes_and_gradients(train)

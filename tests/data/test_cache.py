@@ -18,16 +18,27 @@ from tests.conftest import config_tree, write_jsonl
 from tunelab.cli import main
 from tunelab.config import validate_config
 from tunelab.data import cache
-from tunelab.data.dataset import load_datasets, load_examples, prepare_split, sample, split_eval
-from tunelab.data.render import spec_from_config
+from tunelab.data.dataset import load_datasets, load_examples, sample, split_eval
+from tunelab.data.encode import EncodeStats, encode_examples, encode_pretokenized
+from tunelab.data.render import render_example, spec_from_config
 from tunelab.errors import ConfigError, DataError
 from tunelab.models.load import load_tokenizer
 from tunelab.train.batches import make_batch_plan
 from tunelab.train.loop import train
-from tunelab.train.metrics import read_metrics
+from tunelab.runfiles import read_metrics
 
 QA = [{"prompt": f"Question {i}: what is {i} plus {i}?\nAnswer:", "completion": f" {2 * i}"} for i in range(40)]
 
+
+
+def encode_in_memory(examples, cfg, tokenizer, pool):
+    """The reference: examples held in memory, rendered and encoded one by one with the encoder's own functions
+    (no table, no cache); (encoded examples, their statistics)."""
+    stats = EncodeStats()
+    if examples and examples[0].shape == "tokenized":
+        return encode_pretokenized(examples, cfg.data.max_length, cfg.data.truncation, stats), stats
+    rendered = [render_example(ex, spec_from_config(cfg), tokenizer, pool) for ex in examples]
+    return encode_examples(rendered, tokenizer, cfg.data.max_length, cfg.data.truncation, stats), stats
 
 def _cfg(tmp_path, model, data=None, strategy=None, **data_settings):
     path = data or write_jsonl(tmp_path / "qa.jsonl", QA)
@@ -118,15 +129,15 @@ def test_cached_and_uncached_give_the_in_memory_encoding_and_the_same_batches(tm
     # the reference: the records in memory, sampled and split as before, encoded with the in-memory encoder
     examples = sample(load_examples(cfg.data.train_path, cfg.data), 30, cfg.train.seed)
     train_ex, eval_ex = split_eval(examples, 0.25, cfg.train.seed)
-    reference = prepare_split(train_ex, spec_from_config(cfg), tokenizer, cfg.data, pool=train_ex)
-    reference_eval = prepare_split(eval_ex, spec_from_config(cfg), tokenizer, cfg.data, pool=train_ex)
+    reference, reference_stats = encode_in_memory(train_ex, cfg, tokenizer, pool=train_ex)
+    reference_eval, reference_eval_stats = encode_in_memory(eval_ex, cfg, tokenizer, pool=train_ex)
     for split, evals in ((cached, cached_eval), (hit, hit_eval), (uncached, uncached_eval)):
-        assert list(split.encoded) == reference.encoded and list(evals.encoded) == reference_eval.encoded
-        assert split.stats == reference.stats and evals.stats == reference_eval.stats
+        assert list(split.encoded) == reference and list(evals.encoded) == reference_eval
+        assert split.stats == reference_stats and evals.stats == reference_eval_stats
     packed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"tokens_per_step": 256})})
     for config in (cfg, packed):
         plans = [make_batch_plan(config, split.encoded, 0) for split in (cached, uncached)]
-        plans.append(make_batch_plan(config, reference.encoded, 0))
+        plans.append(make_batch_plan(config, reference, 0))
         for _ in range(3):
             steps = [plan.next_step() for plan in plans]
             for other in steps[1:]:
@@ -169,7 +180,7 @@ def test_a_killed_encode_leaves_nothing_a_later_run_trusts(tmp_path, stories260k
     split, _ = _load(cfg, tokenizer)  # encodes again, and removes what the killed writer left
     assert len(split.encoded) == len(rows) and _entries(tmp_path) and not any(p.exists() for p in abandoned)
     first = load_examples(str(data), cfg.data)[:5]
-    assert list(split.encoded[:5]) == prepare_split(first, spec_from_config(cfg), tokenizer, cfg.data, pool=[]).encoded
+    assert list(split.encoded[:5]) == encode_in_memory(first, cfg, tokenizer, pool=[])[0]
 
 
 @pytest.mark.parametrize("num_proc", [1, 2])

@@ -165,8 +165,9 @@ def test_step_one_loss_equals_transformers_on_the_derived_mask(family, thinking,
     chats with and without reasoning; its loss is transformers' own on the mask built here from the fields."""
     from tunelab.data.batching import pad_collate
     from tunelab.data.encode import Encoded
-    from tunelab.train.loop import seed_everything, train
-    from tunelab.train.metrics import read_metrics
+    from tunelab.train.loop import train
+    from tunelab.train.session import seed_everything
+    from tunelab.runfiles import read_metrics
 
     tok = _tokenizer(family)
     cls = T.Qwen3ForCausalLM if family == "qwen3" else T.Qwen2ForCausalLM

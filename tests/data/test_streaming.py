@@ -14,7 +14,7 @@ from tests.conftest import VARIED_ROWS, config_tree, crash_after_saving, write_j
 from tunelab.config import validate_config
 from tunelab.errors import ConfigError
 from tunelab.train import loop
-from tunelab.train.metrics import read_metrics
+from tunelab.runfiles import read_metrics
 
 PADDED = {"train": {"max_steps": 6, "batch_size": 4}}
 PACKED = {"data": {"max_length": 192}, "train": {"max_steps": 4, "tokens_per_step": 768,

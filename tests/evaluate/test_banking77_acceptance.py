@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import shared_file
 from tunelab.compare import compare
 from tunelab.config import validate_config
-from tunelab.train.metrics import read_metrics
+from tunelab.runfiles import read_metrics
 
 pytestmark = pytest.mark.slow
 STEPS = 400  # the smallest budget tried in which LoRA clears both bars (200 steps: LoRA 0.045)

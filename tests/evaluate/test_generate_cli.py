@@ -9,7 +9,7 @@ import pytest
 from tests.conftest import config_tree, write_jsonl
 from tunelab.cli import main
 from tunelab.config import validate_config
-from tunelab.data.dataset import load_examples, prepare_split
+from tunelab.data.dataset import load_datasets
 from tunelab.data.encode import IGNORE
 from tunelab.data.render import spec_from_config
 from tunelab.evaluate.generate import encode_prompts, generate
@@ -33,9 +33,9 @@ def _run(tmp_path, stories260k, name, rows, **sections):
 
 
 def _training_prompt_ids(cfg, record_index, tokenizer):
-    examples = load_examples(cfg.data.train_path, cfg.data)
-    split = prepare_split(examples, spec_from_config(cfg), tokenizer, cfg.data, pool=examples)
-    enc = split.encoded[record_index]
+    """The prompt tokens of one record as training encoded it (the training data's own loading and encoding)."""
+    split, _ = load_datasets(cfg.data, spec_from_config(cfg), tokenizer, cfg.train.seed)
+    enc = next(e for e in split.encoded if e.row == record_index)
     first = next(i for i, t in enumerate(enc.labels) if t != IGNORE)
     return enc.input_ids[:first]
 

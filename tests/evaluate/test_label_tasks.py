@@ -45,6 +45,8 @@ def test_free_text_and_unseen_targets_are_not_labels():
     assert closed_label_set([_pc("q", " purple", 0)], pool) is None  # an eval target training never saw
     assert closed_label_set([_pc("q", " red ", 0)], pool) == sorted(COLOURS)  # surrounding space is not a label
     assert closed_label_set([_pc("q", " red", 0)], []) is None  # no training targets: nothing to close the set
+    same = [_pc("q", " See you tomorrow.", i) for i in range(6)]
+    assert closed_label_set(same[:1], same) is None  # one target every time: nothing to choose between
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from tunelab.strategies.registry import parameter_counts
 from tunelab.strategies.prepare import prepare_strategy
 from tunelab.train.loop import train
 from tunelab.train.loss import causal_lm_loss
-from tunelab.train.metrics import read_metrics
+from tunelab.runfiles import read_metrics
 
 SPECIAL = {"vocab_size": 512, "bos_token_id": 1, "eos_token_id": 2}
 ARCHITECTURES = {

@@ -4,7 +4,9 @@ the family ships one (the base-model families get tunelab's fallback template, a
 
 For each family and each of full, LoRA, a soft prompt, prompt+LM and freeze: the trained tokens of every assistant
 turn are exactly its content and the template's end of turn; the step-1 loss of a real training run equals the loss
-that transformers (through peft for the soft prompts) computes on the same examples and mask; final/ loads with
+that transformers computes on the same examples and mask (for the soft prompts, peft's own prompt tuning on a model
+loaded with plain transformers, its default attention and eager: tunelab's loading, attention and prompt slots are
+checked, with tunelab's first prompt and with a strong random one that dominates the loss); final/ loads with
 plain transformers/peft; the run evaluates (generation on the device)."""
 
 from __future__ import annotations
@@ -22,15 +24,17 @@ from tests.conftest import config_tree, write_jsonl
 from tests.data.test_chat_turns import TEMPLATES
 from tests.data.test_encode_labels import _labeled_runs
 from tunelab.config import validate_config
-from tunelab.data.batching import pad_collate
+from tunelab.data.batching import pack_best_fit, packed_collate, pad_collate
 from tunelab.data.dataset import load_datasets
 from tunelab.data.render import spec_from_config
 from tunelab.cli import main
-from tunelab.models.load import load_model, load_tokenizer
+from tunelab.models.load import load_model, load_tokenizer, pad_token_id
 from tunelab.strategies.export import load_final
+from tunelab.strategies.model import TrainModel
 from tunelab.strategies.prepare import prepare_strategy
-from tunelab.train.loop import seed_everything, train
-from tunelab.train.metrics import read_metrics
+from tunelab.train.loop import train
+from tunelab.train.session import seed_everything
+from tunelab.runfiles import read_metrics
 
 # meta-llama/Llama-2-13b-chat-hf, as mistral.rs's test of chat templates quotes it (see tests/data/test_chat_turns.py)
 LLAMA2 = ("{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = "
@@ -135,6 +139,52 @@ def _build(family: str, out: Path) -> Path:
     return out
 
 
+def _plain_peft_prompt_loss(model_dir: Path, prompt: torch.Tensor, batch: dict, attn: str | None = None) -> float:
+    """The loss of peft's own prompt tuning, holding `prompt`, on a model loaded as a user of plain transformers
+    loads it (`attn`: the attention implementation asked for; None: transformers' default for the family):
+    independent of tunelab's model loading, attention choice and soft-prompt slots."""
+    from peft import PromptTuningConfig, get_peft_model
+
+    plain = T.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                   **({"attn_implementation": attn} if attn else {}))
+    model = get_peft_model(plain, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=prompt.shape[0],
+                                                     token_dim=prompt.shape[1]))
+    model.train()  # every dropout is 0 in these configs
+    with torch.no_grad():
+        model.prompt_encoder[model.active_adapter].embedding.weight.copy_(prompt)
+        return float(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           labels=batch["labels"]).loss)
+
+
+def _assert_made_of_token_embeddings(model_dir: Path, prompt: torch.Tensor) -> None:
+    """peft's own initialisations (sampled vocabulary, text) take token embeddings as the model's embedding module
+    gives them (Gemma's scaled by sqrt(hidden)): each of tunelab's first prompt vectors must be one of them."""
+    embeddings = T.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).get_input_embeddings()
+    with torch.no_grad():
+        every_token = embeddings(torch.arange(embeddings.num_embeddings))  # (vocab, width)
+    nearest = torch.cdist(prompt.detach(), every_token, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values
+    assert nearest.max() < 1e-5, f"the first prompt is not made of token embeddings as the model gives them: {nearest}"
+
+
+def _assert_prompt_slots_match_peft(model: TrainModel, encoded: list, tokenizer, model_dir: Path, family: str) -> None:
+    """tunelab's loss with a strong random prompt in its slots (padded rows, and packed rows where the model packs)
+    equals peft's prepended prompt on plain transformers, default and eager attention. A token-scale prompt barely
+    moves a tiny random model's loss (a prompt scaled twice moves it 1.2e-5); this one dominates it."""
+    v, width = model.soft_prompt().shape
+    strong = 3 * torch.randn(v, width, generator=torch.Generator().manual_seed(0))  # (virtual, width)
+    with torch.no_grad():
+        model.lm.prompt_encoder[model.lm.active_adapter].embedding.weight.copy_(strong)
+        pad = pad_token_id(tokenizer)
+        batches = [pad_collate(encoded, pad, v)]
+        if model.can_pack:
+            rows = pack_best_fit([len(e.input_ids) + v for e in encoded], 256)
+            batches.append(packed_collate([[encoded[i] for i in row] for row in rows], pad, 256, v))
+        losses = [float(total) / count for total, count, _ in (model(b) for b in batches)]
+    plain = [_plain_peft_prompt_loss(model_dir, strong, pad_collate(encoded, pad), attn) for attn in (None, "eager")]
+    for loss in losses + plain[1:]:
+        assert loss == pytest.approx(plain[0], rel=1e-6), (family, losses, plain)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family(family, tmp_path, caplog, capsys):
     model_dir = _build(family, tmp_path / "model")
@@ -151,15 +201,20 @@ def test_family(family, tmp_path, caplog, capsys):
             want = [m["content"] + end for m in chat["messages"] if m["role"] == "assistant"]
             assert [r.lstrip() for r in _labeled_runs(enc, tokenizer)] == want, (family, name, enc.source)
 
-        # transformers' own loss (peft's forward for the soft prompts) on the same examples, that mask and weights
+        # transformers' own loss on the same examples, that mask and weights (for the soft prompts, peft's own on a
+        # plain transformers model, tunelab's first prompt copied in)
         seed_everything(cfg.train.seed)
         reference_model = prepare_strategy(load_model(cfg.model), cfg.strategy, tokenizer, cfg.train.seed)
         reference_model.train()  # as the first step runs it (every dropout is 0 in these configs)
-        batch = pad_collate(encoded, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else
-                            tokenizer.eos_token_id)
-        with torch.no_grad():
-            reference = reference_model.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                           labels=batch["labels"]).loss
+        batch = pad_collate(encoded, pad_token_id(tokenizer))
+        if reference_model.virtual_tokens:
+            _assert_made_of_token_embeddings(model_dir, reference_model.soft_prompt())
+            reference = _plain_peft_prompt_loss(model_dir, reference_model.soft_prompt(), batch)
+            _assert_prompt_slots_match_peft(reference_model, encoded, tokenizer, model_dir, family)
+        else:
+            with torch.no_grad():
+                reference = reference_model.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                               labels=batch["labels"]).loss
 
         with caplog.at_level(logging.WARNING):
             train(cfg)
@@ -173,4 +228,5 @@ def test_family(family, tmp_path, caplog, capsys):
                      "--output", str(out)])
         assert code == 0, (family, name, capsys.readouterr().err[-2000:])
         summary = json.loads(out.read_text())
-        assert summary["num_examples"] == len(CHATS) and "rouge_l" in summary["metrics"]
+        # every chat's last reply is the same, a closed label set since a91b9c5: label metrics, exact match among them
+        assert summary["num_examples"] == len(CHATS) and "exact_match" in summary["metrics"]

@@ -28,7 +28,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from tests.conftest import config_tree, shared_file, write_jsonl
 from tunelab.config import validate_config
 from tunelab.plan.run import plan
-from tunelab.train.metrics import read_metrics
+from tunelab.runfiles import read_metrics
 
 pytestmark = pytest.mark.slow
 SIZES = {"small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,

@@ -1,12 +1,19 @@
-"""The real-model tier: SmolLM2-135M-Instruct (../shared/data/smollm2_135m_instruct, one GGUF file) as a float32
-Hugging Face folder, converted once per test session with transformers' GGUF loader.
+"""The real-model tier: SmolLM2-135M-Instruct (../shared/data/smollm2_135m_instruct, one GGUF file), converted to a
+Hugging Face folder by `tunelab convert gguf` once and kept in a cache keyed by what the folder depends on.
 
-Stand-in on the qlora branch for the gguf branch's fixture of the same name (there made by `tunelab convert gguf`
-and cached between sessions): at merge, that branch's conftest replaces this file.
+The key is the GGUF file's SHA-256, the converter's source and the versions of transformers and gguf (whose
+loader does the dequantizing): a changed file or converter converts again, an unchanged one never does. A file
+lock makes the conversion happen once when `make test`'s two workers ask for it at the same time. The cache
+lives in $TUNELAB_TEST_MODEL_CACHE, by default tunelab-test-models/ in the system's temporary folder.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,18 +23,57 @@ from tests.conftest import shared_file
 SMOLLM2_GGUF = "smollm2_135m_instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-@pytest.fixture(scope="session")
-def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """SmolLM2-135M-Instruct as a Hugging Face folder (float32, dequantized from its Q4_1 GGUF by transformers)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
-    gguf = shared_file(SMOLLM2_GGUF)
-    out = tmp_path_factory.mktemp("smollm2")
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    model.hf_quantizer = None  # the GGUF file's own quantization is undone: the folder is a plain float32 model
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
-    return out
+
+def cache_key(gguf_file: Path) -> str:
+    """What the converted folder depends on: the file, the converter and the loader's versions."""
+    from importlib.metadata import version
+
+    import tunelab.models.gguf as converter
+
+    parts = [_sha256(gguf_file), _sha256(Path(converter.__file__)), version("transformers"), version("gguf")]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def converted_gguf(gguf_file: Path) -> Path:
+    """The folder `tunelab convert gguf` makes of `gguf_file`, converted at most once per cache key (under a
+    file lock); the folders of older keys of the same file are removed (no other folder of the cache)."""
+    from filelock import FileLock
+
+    from tunelab.cli import main
+
+    root = Path(os.environ.get("TUNELAB_TEST_MODEL_CACHE") or Path(tempfile.gettempdir()) / "tunelab-test-models")
+    root.mkdir(parents=True, exist_ok=True)
+    folder = root / f"{gguf_file.stem}-{cache_key(gguf_file)}"
+    with FileLock(str(root / f"{gguf_file.stem}.lock")):
+        if not folder.is_dir():
+            stale_name = re.compile(re.escape(gguf_file.stem) + r"-[0-9a-f]{16}")  # this cache's folders only
+            for stale in root.iterdir():
+                if stale.is_dir() and stale_name.fullmatch(stale.name):
+                    shutil.rmtree(stale, ignore_errors=True)
+            assert main(["convert", "gguf", str(gguf_file), str(folder)]) == 0
+    return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    return shared_file(SMOLLM2_GGUF)
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf: Path) -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face folder (float32, as converted)."""
+    return converted_gguf(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2)

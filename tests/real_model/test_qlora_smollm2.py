@@ -24,7 +24,7 @@ from tunelab.models.quantize import dequantized_weight, loaded_bytes, quantized_
 from tunelab.plan.estimate import base_weight_bytes, model_shape
 from tunelab.plan.run import plan
 from tunelab.train import loop
-from tunelab.train.metrics import read_metrics
+from tunelab.runfiles import read_metrics
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("bitsandbytes")

@@ -14,7 +14,7 @@ from tunelab.config import validate_config
 from tunelab.models.load import load_model, load_tokenizer
 from tunelab.strategies.model import count_parameters
 from tunelab.strategies.prepare import prepare_strategy
-from tunelab.train.metrics import read_metrics
+from tunelab.runfiles import read_metrics
 
 ROWS = [{"text": f"Tom saw a {c} {a}.", "label": c} for c in ("red", "blue", "green") for a in
         ("ball", "car", "dog", "cat", "box", "hat", "cup", "bird")]

@@ -21,7 +21,8 @@ from tunelab.strategies.model import count_parameters
 from tunelab.strategies.registry import STRATEGIES, parameter_counts, resolve
 from tunelab.strategies.prepare import prepare_strategy
 from tunelab.train import loop
-from tunelab.train.metrics import read_metrics
+from tunelab.train.session import seed_everything
+from tunelab.runfiles import read_metrics
 
 
 def _strategy_section(name: str) -> dict:
@@ -44,7 +45,7 @@ def _cfg(tmp_path, stories260k, name):
 def test_each_registry_entry_does_what_its_fields_say(tmp_path, stories260k, name):
     cfg = _cfg(tmp_path, stories260k, name)
     s = resolve(cfg.strategy)
-    loop.seed_everything(0)
+    seed_everything(0)
     prepared = prepare_strategy(load_model(cfg.model), cfg.strategy, load_tokenizer(cfg.model))
     built = count_parameters(prepared)
     assert parameter_counts(model_shape(str(stories260k)), cfg.strategy) == (built.trainable, built.total)

@@ -15,7 +15,8 @@ from tunelab.strategies.model import count_parameters
 from tunelab.strategies.prepare import prepare_strategy
 from tunelab.strategies.export import export_run, load_final
 from tunelab.train import loop
-from tunelab.train.metrics import read_metrics
+from tunelab.train.session import seed_everything
+from tunelab.runfiles import read_metrics
 
 TEMPLATE = {"prompt": "Story: {prompt}\nEnd:", "target": "{completion}"}
 # strategy config -> predicate on a parameter name of the TrainModel: True where it must change
@@ -51,7 +52,7 @@ def _train(tmp_path, stories260k, strategy, name="run", **sections):
 
 def _fresh(stories260k, strategy):
     cfg = validate_config(config_tree(stories260k, "x.jsonl", "o", strategy=strategy))
-    loop.seed_everything(0)
+    seed_everything(0)
     tok = load_tokenizer(cfg.model)
     return prepare_strategy(load_model(cfg.model), cfg.strategy, tok, 0)
 

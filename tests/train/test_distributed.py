@@ -20,7 +20,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.conftest import VARIED_ROWS, config_tree, write_jsonl
-from tunelab.train.metrics import read_metrics
+from tunelab.runfiles import read_metrics
 
 pytestmark = pytest.mark.slow
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",

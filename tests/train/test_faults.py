@@ -27,8 +27,8 @@ from tunelab.cli import main
 from tunelab.config import load_config, validate_config
 from tunelab.errors import ConfigError, NonFiniteError
 from tunelab.train import loop
-from tunelab.train.checkpoint import remove_stale_temp
-from tunelab.train.metrics import read_metrics
+from tunelab.train.checkpoint import remove_stale_checkpoint_temp
+from tunelab.runfiles import read_rows
 from tunelab.train.runlock import LOCK_NAME, RunLock
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,7 +59,7 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def train_rows(run_dir: Path) -> list[dict]:
-    return [r for r in read_metrics(run_dir / "metrics.jsonl") if r["type"] == "train"]
+    return [r for r in read_rows(run_dir / "metrics.jsonl") if r["type"] == "train"]  # as written: NaN a string
 
 
 def error_paragraph(stderr: str) -> str:
@@ -219,7 +219,7 @@ def test_stale_temp_folders_of_dead_writers_are_removed(tmp_path):
                  f".old-step-2-{gone}", f".old-step-3-{gone}"):
         (root / name).mkdir()
         (root / name / "f").write_text(name)
-    removed = remove_stale_temp(root)
+    removed = remove_stale_checkpoint_temp(root)
     left = sorted(p.name for p in root.iterdir())
     # a live writer's folder and folders of other names stay; step-3, moved aside by a writer that died before
     # its replacement arrived, is moved back; the rest is removed

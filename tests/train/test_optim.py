@@ -10,7 +10,7 @@ import torch
 from tests.conftest import VARIED_ROWS, config_tree, write_jsonl
 from tunelab.config import TrainConfig, validate_config
 from tunelab.train import loop
-from tunelab.train.metrics import read_metrics
+from tunelab.runfiles import read_metrics
 from tunelab.train.optim import build_optimizer, build_scheduler, lr_factor
 
 

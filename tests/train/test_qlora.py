@@ -18,7 +18,7 @@ from tests.train.test_faults import run_cli
 from tunelab.config import TrainConfig, validate_config
 from tunelab.models.quantize import bitsandbytes_config, compute_as_in_training, dequantized_weight, quantized_layers
 from tunelab.train import loop
-from tunelab.train.metrics import read_metrics
+from tunelab.runfiles import read_metrics
 from tunelab.train.optim import build_optimizer
 
 pytest.importorskip("bitsandbytes")

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tests.conftest import VARIED_ROWS, config_tree, crash_after_saving, write_jsonl
 from tunelab.config import validate_config
 from tunelab.train import loop
-from tunelab.train.metrics import read_metrics
+from tunelab.runfiles import read_metrics
 
 
 def run(tmp_path, stories260k, name, rows=VARIED_ROWS, **sections):

@@ -17,7 +17,7 @@ from tests.conftest import VARIED_ROWS, config_tree, write_jsonl
 from tunelab.cli import main
 from tunelab.config import validate_config
 from tunelab.train.loop import train
-from tunelab.train.metrics import read_metrics
+from tunelab.runfiles import read_metrics, read_rows
 
 
 def _tree(tmp_path, stories260k, name, **train_section):
@@ -50,7 +50,7 @@ def test_tensorboard_holds_every_row_and_the_config(tmp_path, stories260k):
     assert any(t.startswith("config") for t in tensors)
     sample_tag = next(t for t in tensors if t.startswith("samples"))
     texts = {e.step: e.tensor_proto.string_val[0].decode() for e in acc.Tensors(sample_tag)}
-    first = read_metrics(tmp_path / "run" / "samples.jsonl")[0]
+    first = read_rows(tmp_path / "run" / "samples.jsonl")[0]
     assert sorted(texts) == [0, 2, 4] and first["reference"] in texts[0] and "| prediction |" in texts[0]
 
 
@@ -76,7 +76,57 @@ def test_a_missing_tracker_library_is_a_clear_error(tmp_path, stories260k, capsy
     assert main(["train", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert f"pip install 'tunelab[{tracker}]'" in err and "Traceback" not in err
-    assert not (tmp_path / "run" / "final").exists()
+    assert not (tmp_path / "run").exists()  # refused before the run directory was made
+
+
+def _error_paragraph(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.startswith("tunelab: error")]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def test_an_mlflow_uri_of_the_retired_file_store_is_refused_before_anything_is_written(tmp_path, stories260k, capsys,
+                                                                                     monkeypatch):
+    """MLflow 3 refuses its file store (`file:./mlruns`, a plain path) unless MLFLOW_ALLOW_FILE_STORE opts back in:
+    the run stops with one paragraph and exit 2, before its output_dir exists."""
+    pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "file:./mlruns")
+    with pytest.raises(MlflowException):  # the reference: MLflow's own client refuses this store
+        MlflowClient(tracking_uri="file:./mlruns")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(_tree(tmp_path, stories260k, "run", report_to=["tensorboard", "mlflow"])))
+    assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    msg = _error_paragraph(err)
+    assert "Traceback" not in err
+    assert "MLFLOW_TRACKING_URI='file:./mlruns'" in msg and "sqlite:///" in msg and "train.report_to" in msg
+    assert not (tmp_path / "run").exists() and not (tmp_path / "mlruns").exists()
+
+
+def test_wandb_online_without_a_login_is_refused_before_anything_is_written(tmp_path, stories260k):
+    """WANDB_MODE=online with no API key anywhere (no WANDB_API_KEY, an empty home: no .netrc, no settings): one
+    paragraph and exit 2 before the output_dir exists, without a prompt and without the network (W&B's server is
+    an address where nothing listens: a request would fail with a connection error, not this message)."""
+    pytest.importorskip("wandb", reason="the wandb extra is not installed")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(_tree(tmp_path, stories260k, "run", report_to=["wandb"])))
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "NETRC"))}
+    env.update({"HOME": str(home), "WANDB_CONFIG_DIR": str(home / ".config" / "wandb"), "WANDB_MODE": "online",
+                "WANDB_BASE_URL": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run([sys.executable, "-m", "tunelab", "train", str(cfg)], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, stdin=subprocess.DEVNULL, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    msg = _error_paragraph(proc.stderr)
+    assert "Traceback" not in proc.stderr
+    assert "WANDB_MODE=online" in msg and "wandb login" in msg and "WANDB_MODE=offline" in msg
+    assert not (tmp_path / "run").exists() and not (tmp_path / "wandb").exists()
 
 
 def _wandb_records(run_dir: Path) -> list[dict]:
@@ -130,7 +180,7 @@ def test_wandb_mlflow_and_trackio_hold_every_row_the_config_and_the_samples(tmp_
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "run"
     rows = read_metrics(run_dir / "metrics.jsonl")
-    samples = read_metrics(run_dir / "samples.jsonl")
+    samples = read_rows(run_dir / "samples.jsonl")
     ids = json.loads((run_dir / "trackers.json").read_text())
     assert set(ids) == {"wandb", "mlflow", "trackio"}
 
@@ -222,7 +272,7 @@ def test_sample_predictions_during_training(tmp_path, stories260k, strategy):
     tree["strategy"] = {"name": strategy}
     cfg = validate_config(tree)
     train(cfg)
-    rows = read_metrics(tmp_path / "run" / "samples.jsonl")
+    rows = read_rows(tmp_path / "run" / "samples.jsonl")
     assert [(r["step"], r["index"]) for r in rows] == [(s, i) for s in (0, 2, 4) for i in range(3)]
     evals = VARIED_ROWS[:4]
     for r in rows:

@@ -4,10 +4,12 @@ labels, train/eval leakage, label imbalance."""
 
 from __future__ import annotations
 
+import json
 import re
 import statistics
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tunelab.config import DataConfig
@@ -15,7 +17,7 @@ from tunelab.data.encode import IGNORE, EncodeStats, Encoded, encode_examples, e
 from tunelab.data.read import Record, read_records
 from tunelab.data.records import SHAPES, Example, check_same_shape, to_examples
 from tunelab.data.render import Rendered, RenderSpec, render_example, turn_end
-from tunelab.errors import DataError
+from tunelab.errors import ConfigError, DataError
 from tunelab.percentile import percentile
 
 _WORD = re.compile(r"\w+")
@@ -282,11 +284,6 @@ def audit(train_path: str, cfg: DataConfig, spec: RenderSpec, tokenizer: Any, ev
     return result
 
 
-def last_label(enc: Encoded) -> int | None:
-    """The last trained token id of an example (None when nothing is trained)."""
-    return next((t for t in reversed(enc.labels) if t != IGNORE), None)
-
-
 def preview_tokens(enc: Encoded, tokenizer: Any) -> dict[str, Any]:
     """The example's tokens as (text, trained) pieces, and the decoded text of each run of trained tokens (what the
     model learns to write: for a chat template, each assistant turn and the template's end of turn)."""
@@ -318,3 +315,44 @@ def rows_to_drop(result: dict[str, Any]) -> set[int]:
     drop.update(result["conflicts"]["indices"])
     drop.update(result["leakage"]["indices"])
     return drop
+
+
+def source_configs(data: DataConfig) -> list[tuple[str, DataConfig]]:
+    """Each file of data.train (one file, or each of a mixture's) with the reader settings it is read with, to audit
+    one at a time."""
+    return [(s.path, data.model_copy(update={"train": s.path, "format": s.format, "columns": s.columns,
+                                             "column_names": s.column_names})) for s in data.sources()]
+
+
+def check_fix_target(fix: str, sources: list[str]) -> None:
+    """Refuse a `--fix` copy that cannot be written as asked, before anything is read: one file only, and never the
+    original."""
+    if len(sources) > 1:
+        raise ConfigError("--fix writes a cleaned copy of one data file, and data.train is a mixture: check each file "
+                          "on its own (tunelab data check FILE --model M --fix NEW_FILE).")
+    if Path(fix).resolve() == Path(sources[0]).resolve():
+        raise ConfigError("--fix must name a new file: tunelab never rewrites the original data.")
+
+
+def write_fixed_copy(result: dict[str, Any], path: str, column_names: Any, out_file: str | Path) -> tuple[int, int]:
+    """Write the records of `path` that `rows_to_drop(result)` keeps to `out_file` as JSON lines, the fields as
+    read; returns (records written, rows dropped)."""
+    drop = rows_to_drop(result)
+    kept = [r.fields for r in read_records(path, column_names) if r.row not in drop]
+    Path(out_file).write_text("".join(json.dumps(f, ensure_ascii=False) + "\n" for f in kept))
+    return len(kept), len(drop)
+
+
+def terminal_summary(result: dict[str, Any], path: str) -> str:
+    """An audit as `tunelab data check` prints it: the counts, each finding with rows (blocking first), and the
+    previews of the first examples with their trained tokens in colour."""
+    order = {"blocking": 0, "warning": 1, "info": 2}
+    keys = [k for k, v in result.items() if isinstance(v, dict) and "severity" in v]
+    lines = [f"{result['num_examples']} examples of {result['num_records']} records in {path}"]
+    for key in sorted(keys, key=lambda k: order[result[k]["severity"]]):
+        f = result[key]
+        if f["count"] or key == "label_balance":
+            lines.append(f"[{f['severity']}] {key}: {f['count']} rows. {f['message']}")
+    lines += [f"--- row {item['row']} (trained tokens in green)\n{terminal_preview(item)}"
+              for item in result["preview"]]
+    return "\n".join(lines)

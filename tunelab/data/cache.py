@@ -1,9 +1,9 @@
 """The on-disk cache of encoded data: one folder per encoding, named by the hash of everything that changes it.
 
-An entry is written into a temporary folder and published by one `rename`, so a folder under its key is
-always complete: an encode killed half-way leaves only a temporary folder, which no later run reads (and the
-next run on the same cache removes once its writer is gone). Two writers of the same key both finish; the
-second one's rename fails against the first one's folder, and it reads that one.
+An entry is written into a temporary folder and published by one `rename` (`tunelab.atomic.atomic_dir`), so a
+folder under its key is always complete: an encode killed half-way leaves only a temporary folder, which no
+later run reads (and the next run on the same cache removes once its writer is gone). Two writers of the same
+key both finish; the second one's rename fails against the first one's folder, and it reads that one.
 """
 
 from __future__ import annotations
@@ -12,19 +12,17 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tunelab.processes import process_alive
+from tunelab.atomic import atomic_dir, atomic_write_text, remove_stale_temp
 
 log = logging.getLogger(__name__)
 
 # tunelab's encoding version: raise it whenever the encoding of the same inputs changes (rendering, label mask,
 # truncation, the columns of the table)
 ENCODING_VERSION = 5  # 4: few-shot demonstrations seeded by the file's name, not its path; 5: reasoning chat templates
-_TMP = ".tmp-"
 
 
 def default_cache_dir() -> Path:
@@ -54,7 +52,7 @@ def file_fingerprint(path: str | Path, cache_dir: Path) -> str:
             digest.update(block)
     index[str(p)] = {"stamp": stamp, "sha256": digest.hexdigest()}
     cache_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(index_path, json.dumps(index))
+    atomic_write_text(index_path, json.dumps(index))
     return index[str(p)]["sha256"]
 
 
@@ -82,42 +80,19 @@ def lookup(cache_dir: Path, key: str) -> Path | None:
     return entry if (entry / "meta.json").is_file() else None
 
 
-def new_entry(cache_dir: Path, key: str) -> Path:
-    """A temporary folder to write the entry of `key` into (then `publish` it); stale ones of dead writers go."""
+def store(cache_dir: Path, key: str, write: Callable[[Path], dict[str, Any]]) -> Path:
+    """Write the entry of `key` atomically and return it: `write(folder)` fills the folder and returns its meta
+    (written last, as meta.json). What killed writers left in the cache goes first. When another writer
+    published the same key meanwhile, its entry is kept and this one dropped: the two are the same encoding."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned(cache_dir)
-    return Path(tempfile.mkdtemp(prefix=f"{_TMP}{key}-{os.getpid()}-", dir=cache_dir))
+    remove_stale_temp(cache_dir)
 
+    def fill(folder: Path) -> None:
+        meta = write(folder)
+        atomic_write_text(folder / "meta.json", json.dumps(meta))
 
-def publish(tmp: Path, cache_dir: Path, key: str, meta: dict[str, Any]) -> Path:
-    """Make the finished temporary folder the entry of `key` (meta.json is written last, inside it)."""
-    _write_atomic(tmp / "meta.json", json.dumps(meta))
-    entry = cache_dir / key
-    try:
-        tmp.rename(entry)
-    except OSError:  # another writer published the same key first: its entry is as good as this one
-        if lookup(cache_dir, key) is None:
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-    return entry
+    return atomic_dir(cache_dir / key, fill, replace=False)
 
 
 def read_meta(entry: Path) -> dict[str, Any]:
     return json.loads((entry / "meta.json").read_text())
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _remove_abandoned(cache_dir: Path) -> None:
-    """Remove temporary folders whose writer process is gone (killed mid-encode)."""
-    for tmp in cache_dir.glob(f"{_TMP}*"):
-        try:
-            pid = int(tmp.name[len(_TMP):].split("-")[1])
-        except (IndexError, ValueError):
-            continue
-        if not process_alive(pid):
-            shutil.rmtree(tmp, ignore_errors=True)

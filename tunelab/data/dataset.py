@@ -21,10 +21,10 @@ import numpy as np
 
 from tunelab.config import DataConfig
 from tunelab.data import cache
-from tunelab.data.encode import IGNORE, EncodeStats, Encoded, encode_examples, encode_pretokenized
+from tunelab.data.encode import IGNORE, EncodeStats
 from tunelab.data.read import read_records
 from tunelab.data.records import Example, check_same_shapes, to_examples
-from tunelab.data.render import RenderSpec, render_example
+from tunelab.data.render import RenderSpec
 from tunelab.data.streaming import StreamingUnits
 from tunelab.data.table import (EncodedRows, EncodedTable, EncodeSpec, concatenate_encoded, encode_file,
                                  first_shape, kept_rows, open_encoded, rows_stats)
@@ -81,22 +81,6 @@ def split_eval(examples: list[Any], fraction: float, seed: int) -> tuple[list[An
 
 
 @dataclass
-class EncodedExamples:
-    encoded: list[Encoded]
-    stats: EncodeStats
-
-
-def prepare_split(examples: list[Example], spec: RenderSpec, tokenizer: Any, cfg: DataConfig,
-                  pool: list[Example]) -> EncodedExamples:
-    """In-memory examples encoded as training encodes them."""
-    stats = EncodeStats()
-    if examples and examples[0].shape == "tokenized":
-        return EncodedExamples(encode_pretokenized(examples, cfg.max_length, cfg.truncation, stats), stats)
-    rendered = [render_example(ex, spec, tokenizer, pool) for ex in examples]
-    return EncodedExamples(encode_examples(rendered, tokenizer, cfg.max_length, cfg.truncation, stats), stats)
-
-
-@dataclass
 class _Encoded:
     table: EncodedTable
     shape: str
@@ -133,13 +117,11 @@ def _encoded(path: str, how: EncodeSpec, tokenizer: Any, pool: list[Example], po
     if entry is not None:
         log.info("%s: reusing its encoded rows in %s (cache hit)", path, entry)
     else:
-        tmp = cache.new_entry(cache_dir, key)
-        try:
-            shape = encode_file(path, how, tokenizer, pool, tmp, cfg.num_proc)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        entry = cache.publish(tmp, cache_dir, key, {"shape": shape, "file": str(Path(path).resolve()), "key": parts})
+        def write(folder: Path) -> dict[str, Any]:
+            shape = encode_file(path, how, tokenizer, pool, folder, cfg.num_proc)
+            return {"shape": shape, "file": str(Path(path).resolve()), "key": parts}
+
+        entry = cache.store(cache_dir, key, write)
         log.info("%s: encoded into %s (cached for the next run with the same encoding)", path, entry)
     return _Encoded(open_encoded(entry, path), cache.read_meta(entry)["shape"], path)
 

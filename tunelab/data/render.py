@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from tunelab.config import Template
+from tunelab.data.chat_markers import check_fallback_allowed
 from tunelab.data.records import Example
 from tunelab.errors import DataError
 
@@ -174,7 +175,10 @@ def _renderer(ex: Example, spec: RenderSpec, tokenizer: ChatTokenizer, template:
 
 
 def _render_chat(ex: Example, spec: RenderSpec, tokenizer: ChatTokenizer, demos: list[Example]) -> Rendered:
-    template = spec.chat_template or tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE
+    template = spec.chat_template or tokenizer.chat_template
+    if not template:  # a base model's tokenizer: the plain fallback, unless its vocabulary marks turns of its own
+        check_fallback_allowed(tokenizer, ex.source)
+        template = FALLBACK_CHAT_TEMPLATE
     messages = _as_messages(ex, spec, demos)
     render = _renderer(ex, spec, tokenizer, template)
     full = render(messages, False)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from tunelab.data.records import Example
 
-MAX_LABELS = 100  # more distinct targets than this is free text, however often they repeat
+MAX_LABELS = 100  # more distinct targets than this is free text, however often they repeat (one is no choice)
 MIN_EXAMPLES_PER_LABEL = 2  # on average, in the training data: targets seen once each are not labels
 
 
@@ -21,6 +21,6 @@ def closed_label_set(examples: list[Example], pool: list[Example]) -> list[str] 
     if examples[0].shape == "text_label":
         return sorted({ex.target.strip() for ex in examples} | {ex.target.strip() for ex in pool})
     seen = {ex.target.strip() for ex in pool}
-    if len(seen) > MAX_LABELS or len(pool) < MIN_EXAMPLES_PER_LABEL * len(seen):
+    if not 2 <= len(seen) <= MAX_LABELS or len(pool) < MIN_EXAMPLES_PER_LABEL * len(seen):
         return None
     return sorted(seen) if all(ex.target.strip() in seen for ex in examples) else None

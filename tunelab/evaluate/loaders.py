@@ -9,12 +9,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tunelab.config import Config, ModelConfig, validate_config
 from tunelab.errors import ModelError
 from tunelab.models.load import check_model_folder, check_weights, load_tokenizer, read_adapter_config
 from tunelab.models.device import choose_device
+from tunelab.runfiles import ADAPTER_CONFIG, RunFiles, is_run_dir, read_config_tree, run_metrics, run_that_saved_adapter
 from tunelab.strategies.model import TrainModel
 from tunelab.strategies.registry import loaded_addition, resolve
 
@@ -60,6 +59,18 @@ def _load_hf(path: str, trust_remote_code: bool = False) -> Any:
     return load_model(ModelConfig(path=path, trust_remote_code=trust_remote_code))
 
 
+def _run_config(run_dir: Path) -> Config:
+    """The config a run wrote, validated."""
+    return validate_config(read_config_tree(run_dir), str(RunFiles(run_dir).config))
+
+
+def _base_trained(adapter_dir: Path, base: str) -> bool:
+    """Whether an adapter sits over base weights its own run trained (prompt+LM tuning's final/adapter over its
+    final/base), read from the config of the run that saved it; an adapter of no run sits over an untrained base."""
+    run = run_that_saved_adapter(adapter_dir, base)
+    return run is not None and not resolve(_run_config(run).strategy).keeps_base_weights
+
+
 def _find_model(p: Path, adapter: str | None) -> tuple[Any, Any, str, str, Config | None, bool]:
     """(the model, its tokenizer's folder, strategy, name, the run's config, whether its base trained) of what `p`
     names: a run directory, a peft adapter folder (or `p` with `adapter` on it), or a model folder."""
@@ -67,30 +78,29 @@ def _find_model(p: Path, adapter: str | None) -> tuple[Any, Any, str, str, Confi
 
     from tunelab.strategies.export import load_final
 
-    run_config, base_trained = None, False
-    if (p / "config.yaml").is_file() and adapter is None:  # a tunelab run directory
-        run_config = validate_config(yaml.safe_load((p / "config.yaml").read_text()), str(p / "config.yaml"))
+    run_config, base_trained, files = None, False, RunFiles(p)
+    if is_run_dir(p) and adapter is None:  # a tunelab run directory
+        run_config = _run_config(p)
         strategy = run_config.strategy.name
-        if (p / "final").is_dir():
-            lm = load_final(p / "final", run_config.strategy.lora)  # over a quantized base if it trained on one
-            tok_dir = p / "final" / ("adapter" if (p / "final" / "adapter").is_dir() else "")
+        if files.final.is_dir():
+            lm = load_final(files.final, run_config.strategy.lora)  # over a quantized base if it trained on one
+            tok_dir = files.final_tokenizer_dir()
         elif not resolve(run_config.strategy).trains_anything:  # prompting: the run holds only its rendering
             lm, tok_dir = _load_hf(run_config.model.path, run_config.model.trust_remote_code), run_config.model.path
         else:
             raise ModelError(f"run directory '{p}' has no final/ model: the run did not finish. Resume it, or "
                              "evaluate one of its checkpoints' base model.")
         name = f"{p} ({strategy})"
-    elif adapter is not None or (p / "adapter_config.json").is_file():
+    elif adapter is not None or (p / ADAPTER_CONFIG).is_file():
         adapter_dir = Path(adapter) if adapter else p
-        if not (adapter_dir / "adapter_config.json").is_file():
-            raise ModelError(f"'{adapter_dir}' has no adapter_config.json, so it is not a peft adapter folder.")
+        if not (adapter_dir / ADAPTER_CONFIG).is_file():
+            raise ModelError(f"'{adapter_dir}' has no {ADAPTER_CONFIG}, so it is not a peft adapter folder.")
         adapter_cfg = read_adapter_config(adapter_dir)
         base = str(p) if adapter else adapter_cfg["base_model_name_or_path"]
         check_model_folder(base)
         check_weights(adapter_dir)
         lm = PeftModel.from_pretrained(_load_hf(base), adapter_dir)
-        # prompt+LM tuning's final/ holds base/ (its tuned weights) beside adapter/: no base to detach back to
-        base_trained = Path(base).name == "base" and (Path(base).parent / "adapter").is_dir()
+        base_trained = _base_trained(adapter_dir, base)  # prompt+LM tuning: no untrained base to detach back to
         tok_dir, strategy, name = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base, \
             "adapter", f"{base} + {adapter_dir}"
     else:
@@ -116,15 +126,12 @@ def load_for_eval(path: str, adapter: str | None = None, device: str | None = No
             if param.is_floating_point():  # a quantized base's integer codes stay as they are
                 param.data = param.data.to(choice.autocast_dtype)
     model.base.config.use_cache = True
-    return EvalModel(model, tokenizer, name, run_config, _turn_end(p) if run_config else [], device, precision,
+    return EvalModel(model, tokenizer, name, run_config, trained_turn_end(p) if run_config else [], device, precision,
                      base_trained)
 
 
-def _turn_end(run_dir: Path) -> list[str]:
+def trained_turn_end(run_dir: Path) -> list[str]:
     """The end of turn the run trained (its metrics' data row), when it is not the EOS token."""
-    from tunelab.train.metrics import read_metrics
-
-    path = run_dir / "metrics.jsonl"
-    rows = read_metrics(path) if path.is_file() else []
-    end = next((r.get("turn_end") for r in rows if r.get("type") == "data"), None)
+    data_row = run_metrics(run_dir).first("data")
+    end = data_row.get("turn_end") if data_row else None
     return [end] if end else []

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunelab.config import DataConfig, EvalConfig
+from tunelab.config import DataConfig, EvalConfig, Template
 from tunelab.data.dataset import load_examples, sample
 from tunelab.data.records import Example, check_same_shape
 from tunelab.data.render import RenderSpec, render_example
@@ -20,6 +20,7 @@ from tunelab.evaluate.loaders import EvalModel
 from tunelab.evaluate.metrics import compute, normalize
 from tunelab.evaluate.score import rank_options
 
+THINK_END = "</think>"  # closes the reasoning of Qwen3's and the DeepSeek-R1 distills' templates
 log = logging.getLogger(__name__)
 
 
@@ -67,13 +68,22 @@ def predict(em: EvalModel, data: EvalData, settings: EvalConfig) -> tuple[str, l
         for row, ex, (best, _) in zip(rows, data.examples, ranked):
             row.update(reference=ex.target, prediction=best)
         return mode, rows
-    eos = em.tokenizer.eos_token
+    ends = [em.tokenizer.eos_token, *em.stop_texts]
     gens = generate(em, [r.prompt for r in rendered], settings.max_new_tokens, settings.do_sample,
                     settings.temperature, settings.top_p, settings.stop_strings, settings.batch_size, settings.seed)
     for row, r, g in zip(rows, rendered, gens):
-        row.update(reference=r.target.removesuffix(eos).strip(), prediction=g.text.strip(),
+        row.update(reference=answer_text(r.target, ends), prediction=answer_text(g.text, ends),
                    ended_with_eos=g.ended_with_eos, num_tokens=g.num_tokens)
     return mode, rows
+
+
+def answer_text(text: str, ends: list[str]) -> str:
+    """What metrics compare of a target or a generation: without the end of turn the run trained (the tokenizer's
+    EOS, or a chat template's own end such as <|im_end|>) and, after a reasoning template's think block, the reply
+    alone (the text after '</think>'), so that a reasoning run is scored on its answers."""
+    for end in ends:
+        text = text.strip().removesuffix(end) if end else text
+    return text.rsplit(THINK_END, 1)[-1].strip()
 
 
 def evaluate(em: EvalModel, data: EvalData, settings: EvalConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -110,6 +120,34 @@ def load_eval_data(path: str, data_cfg: DataConfig, spec: RenderSpec, train_path
     pool = load_examples(train_path, data_cfg.sources()[0]) if train_path else []
     check_same_shape(pool, str(train_path), examples, path)
     return EvalData(examples, data_cfg, spec, pool, path)
+
+
+@dataclass(frozen=True)
+class PlainReading:
+    """How to read and render an eval file that no training config describes (`tunelab eval`'s flags)."""
+
+    format: str = "auto"
+    columns: dict[str, str] = field(default_factory=dict)  # canonical name -> the file's column
+    max_length: int = 1024
+    template: str | None = None  # a discrete prompt template; None: the records' own prompt
+    target_template: str = "{target}"
+    num_shots: int = 0
+    train_file: str | None = None  # where demonstrations and label options come from
+
+
+def load_eval_file(path: str, settings: EvalConfig, cfg: Any = None, plain: PlainReading = PlainReading()) -> EvalData:
+    """An eval file rendered as training rendered its data: as the training config `cfg` says (a run's own, or
+    `--config`'s), else as `plain` says. A seeded sample of settings.max_examples."""
+    from tunelab.data.render import spec_from_config
+
+    if cfg is not None:
+        data_cfg = cfg.data.model_copy(update={"max_examples": None})
+        return load_eval_data(path, data_cfg, spec_from_config(cfg), cfg.data.train_path, settings.max_examples,
+                              settings.seed)
+    data_cfg = DataConfig(train=path, format=plain.format, columns=plain.columns, max_length=plain.max_length)
+    template = Template(prompt=plain.template, target=plain.target_template) if plain.template else None
+    spec = RenderSpec(template=template, num_shots=plain.num_shots, seed=settings.seed)
+    return load_eval_data(path, data_cfg, spec, plain.train_file, settings.max_examples, settings.seed)
 
 
 def write_outputs(summary: dict[str, Any], rows: list[dict[str, Any]], output: str | None,

@@ -77,6 +77,9 @@ def check_model_folder(path: str, allow_pickle: bool = False) -> bool:
         raise ModelError(f"model folder '{path}' does not exist. Set model.path to a local Hugging Face model folder "
                          "(with config.json, *.safetensors and tokenizer files).")
     if not p.is_dir():
+        if p.suffix.lower() == ".gguf":
+            raise ModelError(f"model.path '{path}' is a GGUF file; tunelab trains Hugging Face folders. Convert it "
+                             f"once with `tunelab convert gguf {path} OUT_DIR` and set model.path to OUT_DIR.")
         raise ModelError(f"model.path '{path}' is a file; it must be a folder with config.json, weights and tokenizer files.")
     if not (p / "config.json").is_file():
         raise ModelError(f"model folder '{path}' has no config.json, so it is not a Hugging Face model folder. "

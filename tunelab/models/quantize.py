@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.abc
-import importlib.util
 import logging
 import sys
 from collections.abc import Iterator
@@ -22,14 +21,8 @@ from typing import Any
 from tunelab.errors import ConfigError
 
 log = logging.getLogger(__name__)
-BITSANDBYTES_NEEDED = ("bitsandbytes is not installed (pip install 'bitsandbytes>=0.50'); it is what loads a "
-                       "quantized base and runs 8-bit optimizers, on the CPU too")
 _HUB_KERNEL_WARNING = "Failed to load CPU gemm_4bit_forward from kernels-community"
 _INT8_CAST_WARNING = "MatMul8bitLt: inputs will be cast from"
-
-
-def bitsandbytes_installed() -> bool:
-    return importlib.util.find_spec("bitsandbytes") is not None
 
 
 class _DropMessages(logging.Filter):
@@ -112,6 +105,8 @@ def install_quiet_import() -> None:
 def import_bitsandbytes() -> Any:
     """bitsandbytes, imported quietly and without a hub lookup (`QuietBitsandbytesFinder`); a ConfigError naming
     what to install where it is missing."""
+    from tunelab.config import BITSANDBYTES_NEEDED, bitsandbytes_installed
+
     if not bitsandbytes_installed():
         raise ConfigError(BITSANDBYTES_NEEDED + ".")
     install_quiet_import()

@@ -21,13 +21,13 @@ Rules (each with its source; the documented table of situations is in tests/plan
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tunelab.evaluate.verdicts import PPL_MILD, PPL_STRONG, retained_perplexity_ratio
+from tunelab.runfiles import read_json
 from tunelab.strategies.registry import STRATEGIES
 
 
@@ -95,8 +95,8 @@ def _epochs(n: int) -> int:
 def advise(s: Situation, compare_json: Path | None = None) -> Advice:
     """The recommendation for a situation; measured comparison results outrank the rules, unless no strategy
     measured beat the model-free baseline (then the rules answer, and say what was measured)."""
-    if compare_json is not None and compare_json.is_file():
-        measured = json.loads(compare_json.read_text())
+    measured = read_json(compare_json) if compare_json is not None else None
+    if measured is not None:
         pick = measured.get("recommended")  # a field, never parsed from the sentence
         if pick:
             return Advice(pick, {}, f"{measured['recommendation']} (from {compare_json}, on similar data; a "

@@ -9,6 +9,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunelab.atomic import atomic_write_text
+from tunelab.errors import DiskFullError
+
 
 @dataclass(frozen=True)
 class Device:
@@ -118,10 +121,8 @@ class RuntimeProbe:
 
         try:  # a cache that cannot be written costs the next plan a few seconds, nothing else
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({self.key: value}))
-            tmp.replace(self.path)
-        except OSError:
+            atomic_write_text(self.path, json.dumps({self.key: value}))
+        except (OSError, DiskFullError):
             pass
 
 

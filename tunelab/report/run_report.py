@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -10,18 +9,15 @@ from typing import Any
 from tunelab.evaluate.baselines import describe
 from tunelab.evaluate.verdicts import verdict_text
 from tunelab.report import plots
-from tunelab.report.page import Section, write_report
+from tunelab.report.page import Section, fmt, write_report
+from tunelab.runfiles import (COMPARE, DIFF, EVAL, METRICS, MetricRows, RunFiles, read_compare, read_diff, read_eval,
+                              read_rows, run_metrics)
 
 
-def _number(value: Any) -> Any:
-    """metrics.jsonl writes NaN and infinities as the strings "nan", "inf", "-inf" (JSON has no such numbers)."""
-    return float(value) if isinstance(value, str) and value in ("nan", "inf", "-inf") else value
-
-
-def training_sections(rows: list[dict[str, Any]]) -> list[Section]:
-    train = [{k: _number(v) for k, v in r.items()} for r in rows if r.get("type") == "train"]
-    evals = [r for r in rows if r.get("type") == "eval"]
-    params = next((r for r in rows if r.get("type") == "params"), None)
+def training_sections(rows: MetricRows) -> list[Section]:
+    """The parameter count, the loss, learning-rate and gradient-norm curves and the eval table of a run's metrics
+    (non-finite numbers already decoded by tunelab.runfiles)."""
+    train, evals, params = rows.of("train"), rows.of("eval"), rows.first("params")
     sections = []
     if params:
         sections.append(Section("Parameters", text=[
@@ -126,6 +122,22 @@ COST_COLUMNS = ["strategy", "trainable_params", "share_trained", "wall_time_s", 
                 "train_loss", "eval_loss", "learning_rate", "train_flops"]
 
 
+def compare_table(rows: list[dict[str, Any]], columns: list[str], width: int = 14) -> str:
+    """Comparison rows as a fixed-width table for a terminal: a header of words, then one line per strategy."""
+    lines = ["  ".join(f"{COMPARE_LABELS.get(c, c):>{width}}" for c in columns)]
+    lines += ["  ".join(f"{fmt(row.get(c)):>{width}}" for c in columns) for row in rows]
+    return "\n".join(lines)
+
+
+def compare_summary(result: dict[str, Any]) -> str:
+    """What `tunelab compare` prints: the table's main columns, the model-free baselines, the recommendation and
+    how forgetting was ranked."""
+    columns = ["strategy", "trainable_params", "wall_time_s", "train_flops", "peak_memory_mib", "tokens_per_s",
+               "eval_loss", result["metric"], "perplexity_ratio", "perplexity_ratio_off", "kl_base_to_tuned"]
+    return "\n".join([compare_table(result["table"], columns), describe(result["baselines"]),
+                      result["recommendation"], result["forgetting_ranked_by"]])
+
+
 def labelled(row: dict[str, Any]) -> dict[str, Any]:
     """A comparison row with words for its field names, for tables people read."""
     return {COMPARE_LABELS.get(k, k): v for k, v in row.items()}
@@ -187,20 +199,19 @@ def samples_section(rows: list[dict[str, Any]]) -> Section:
 
 def report_run(run_dir: Path, title: str | None = None) -> Path:
     """Write report.html and report.md into run_dir from whatever results it holds."""
-    from tunelab.train.metrics import read_metrics
-
     run_dir = Path(run_dir)
+    files = RunFiles(run_dir)
     sections: list[Section] = []
-    if (run_dir / "metrics.jsonl").is_file():
-        sections += training_sections(read_metrics(run_dir / "metrics.jsonl"))
-    if (run_dir / "samples.jsonl").is_file() and (samples := read_metrics(run_dir / "samples.jsonl")):
+    if files.metrics.is_file():
+        sections += training_sections(run_metrics(run_dir))
+    if files.samples.is_file() and (samples := read_rows(files.samples)):  # predictions: text, as written
         sections.append(samples_section(samples))
-    for name, build in (("eval.json", lambda d: [eval_section(d)]), ("diff.json", diff_sections),
-                        ("compare.json", compare_sections)):
-        if (run_dir / name).is_file():
-            sections += build(json.loads((run_dir / name).read_text()))
+    for result, build in ((read_eval(run_dir), lambda d: [eval_section(d)]), (read_diff(run_dir), diff_sections),
+                          (read_compare(run_dir), compare_sections)):
+        if result is not None:
+            sections += build(result)
     if not sections:
         from tunelab.errors import TunelabError
 
-        raise TunelabError(f"'{run_dir}' holds no metrics.jsonl, eval.json, diff.json or compare.json to report.")
+        raise TunelabError(f"'{run_dir}' holds no {METRICS}, {EVAL}, {DIFF} or {COMPARE} to report.")
     return write_report(run_dir, title or f"tunelab report: {run_dir.name}", sections)

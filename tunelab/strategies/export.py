@@ -15,16 +15,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tunelab.atomic import atomic_dir, remove_stale_temp
 from tunelab.errors import TunelabError
 from tunelab.strategies.model import TrainModel
 from tunelab.strategies.registry import loaded_addition, mergeable_peft_types
-from tunelab.train.checkpoint import atomic_dir, remove_stale_temp
 
 
 def _save_hf(model: Any, tokenizer: Any, out: Path) -> None:
     use_cache = model.config.use_cache
     model.config.use_cache = True  # generation wants the KV cache; training had turned it off
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    # the tokenizer's EOS first, then every other end id the model's generation config has (an instruct model's
+    # end-of-turn tokens, such as Llama 3's <|eot_id|> or a converted GGUF's <|endoftext|>): keep them all
+    config_ends = model.generation_config.eos_token_id
+    config_ends = config_ends if isinstance(config_ends, list) else [config_ends]
+    ends = [i for i in dict.fromkeys([tokenizer.eos_token_id, *config_ends]) if i is not None]
+    model.generation_config.eos_token_id = ends if len(ends) > 1 else ends[0] if ends else None
     model.save_pretrained(out)
     model.config.use_cache = use_cache
     tokenizer.save_pretrained(out)

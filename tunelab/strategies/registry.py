@@ -503,12 +503,16 @@ def mergeable_peft_types() -> set[str]:
     return {t for a in ADDITIONS if a.mergeable for t in a.peft_types()}
 
 
-def loaded_addition(lm: Any) -> Addition:
-    """The addition a loaded model carries, from its peft config's type (no peft config: nothing)."""
-    peft_type = _peft_type(lm)
+def addition_of_peft_type(peft_type: str | None) -> Addition:
+    """The addition a saved or loaded peft folder of this type holds (no peft type: nothing)."""
     if peft_type is None:
         return NOTHING
     return next((a for a in ADDITIONS if peft_type in a.peft_types()), OTHER_PEFT)
+
+
+def loaded_addition(lm: Any) -> Addition:
+    """The addition a loaded model carries, from its peft config's type (no peft config: nothing)."""
+    return addition_of_peft_type(_peft_type(lm))
 
 
 # -- counting what a strategy will train, from the model's shape ---------------------------------------------------

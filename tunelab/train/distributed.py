@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
+
+from tunelab.errors import TunelabError
 
 
 @dataclass(frozen=True)
@@ -197,3 +202,30 @@ def load_consolidated(model: Any, state: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name in trained:
             params[name].copy_(state[name])
+
+
+def torchrun_failure(stderr_tail: str, exit_code: int) -> str:
+    """The sentence for a torchrun job that failed: which rank failed and by which signal, read from torchrun's own
+    report of the first failure ("Root Cause") in the end of its standard error."""
+    root = stderr_tail.split("Root Cause", 1)[-1]
+    rank = re.search(r"rank: (\d+)", root) or re.search(r"error \(rank (\d+)\)", stderr_tail)
+    signal = re.search(r"Signal \d+ \((\w+)\)", root)
+    why = f" ({signal.group(1)})" if signal else ""
+    who = f"rank {rank.group(1)}" if rank else "a training process"
+    return (f"{who} failed{why}, so torchrun stopped the whole job (exit code {exit_code}); the messages above say "
+            "why. Continue from the last checkpoint with --resume.")
+
+
+def launch_torchrun(tunelab_args: list[str], nproc: int) -> None:
+    """Run `tunelab TUNELAB_ARGS` under torchrun, one process per device, passing its output through; a failed job
+    raises TunelabError naming the rank that failed."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "tunelab", *tunelab_args]
+    proc = subprocess.Popen(cmd, stdout=None, stderr=subprocess.PIPE, text=True)
+    tail: list[str] = []
+    for line in proc.stderr:  # pass everything through, keep the end for the failure report
+        sys.stderr.write(line)
+        tail = (tail + [line])[-200:]
+    code = proc.wait()
+    if code != 0:
+        raise TunelabError(torchrun_failure("".join(tail), code))

@@ -3,6 +3,10 @@
 Maximise log Pr(target | prompt): the loss is summed over target tokens and divided by the
 number of target tokens in the whole optimizer step (all micro-batches), so gradient
 accumulation gives the same update as one big batch.
+
+`run_recipe` is the recipe, `run_steps` its loop and `take_step` one optimizer step; what they set up
+(device, data, run directory, model, optimizer, checkpointer) comes from train/session.py and
+train/checkpointer.py, and the `--measure` step timer (train/timing.py) times this same `take_step`.
 """
 
 from __future__ import annotations
@@ -10,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import random
 import time
 import warnings
 from dataclasses import dataclass
@@ -19,33 +22,25 @@ from typing import Any
 
 import torch
 
+from tunelab.atomic import is_disk_full
 from tunelab.config import Config, TrainConfig
-from tunelab.data.audit import check_trainable
 from tunelab.data.batching import count_label_tokens
-from tunelab.data.dataset import load_datasets
-from tunelab.data.render import spec_from_config, turn_end
-from tunelab.errors import ConfigError, DiskFullError, NonFiniteError
-from tunelab.models.load import enable_activation_checkpointing, load_model, load_tokenizer, pad_token_id
-from tunelab.models.device import choose_device
+from tunelab.errors import DiskFullError, NonFiniteError
 from tunelab.models.linear_cross_entropy import check_loss_kernel
-from tunelab.strategies.model import count_parameters
-from tunelab.strategies.registry import resolve
-from tunelab.strategies.prepare import prepare_strategy
+from tunelab.models.load import load_model, load_tokenizer
 from tunelab.strategies.export import save_final
-from tunelab.train.batches import make_batch_plan, total_steps
-from tunelab.train.checkpoint import disk_full_message, is_disk_full, list_checkpoints, load_checkpoint, save_checkpoint
-from tunelab.train.distributed import (DistInfo, all_reduce_sum, barrier, check_sharding, full_state_dict,
-                                       gradient_sync, init_distributed, load_consolidated, load_sharded, save_sharded,
-                                       wrap)
-from tunelab.train.eval_loss import evaluate_loss
+from tunelab.strategies.model import ParamCount, TrainModel, count_parameters
+from tunelab.strategies.prepare import prepare_strategy
+from tunelab.strategies.registry import resolve
+from tunelab.train.checkpoint import disk_full_message, list_checkpoints
+from tunelab.train.checkpointer import Checkpointer, make_checkpointer
+from tunelab.train.distributed import DistInfo, all_reduce_sum, check_sharding, gradient_sync
+from tunelab.train.optim import check_optimizer
 from tunelab.train.loss import causal_lm_loss
-from tunelab.train.metrics import MetricsWriter, peak_rss_bytes
-from tunelab.train.samples import sample_examples, sample_predictions
-from tunelab.train.trackers import open_trackers
-from tunelab.train.optim import build_optimizer, build_scheduler, check_optimizer
 from tunelab.train.progress import Progress
-from tunelab.train.rundir import RunLogHandler, check_run_dir, open_run_dir
-from tunelab.train.runlock import check_unlocked
+from tunelab.train.reporting import RunReporter
+from tunelab.train.session import (DeviceSetup, Session, TrainingData, check_before_writing, load_training_data,
+                                   open_run, open_session, prepare_model, setup_device, use_speed_options)
 
 log = logging.getLogger(__name__)
 
@@ -60,52 +55,19 @@ class TrainResult:
     model: Any = None  # the trained TrainModel, still in memory
 
 
-def resolve_device(cfg: TrainConfig, info: DistInfo = DistInfo()) -> tuple[torch.device, torch.dtype | None]:
-    """train.device and train.precision through the one device decision (this rank's GPU under torchrun)."""
-    choice = choose_device(cfg.device, cfg.precision, info.local_rank if info.enabled else None, "train.device")
-    return choice.device, choice.autocast_dtype
+@dataclass(frozen=True)
+class StepFigures:
+    """One optimizer step, summed over every rank."""
 
+    loss: float  # the token-normalised training loss
+    grad_norm: float  # before clipping
+    lr: float
+    num_tokens: int
+    num_label_tokens: int
 
-def set_denormal_mode(cfg: TrainConfig, device: torch.device) -> None:
-    """On the CPU, flush denormal floats to zero (`train.flush_denormals`).
-
-    The flag lives in each thread's floating-point control register, and the intra-op threads copy it from
-    the thread that starts them, so this takes effect on every thread only when called before the first
-    parallel operation of the process, as `tunelab train` does; later, it holds on the calling thread only.
-    """
-    if device.type == "cpu" and cfg.flush_denormals:
-        torch.set_flush_denormal(True)
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak accelerator memory, or on the CPU the process's peak resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return peak_rss_bytes()
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def evaluate_only(cfg: Config, run_dir: Path, model: Any, params: Any, eval_set: Any, pad_id: int,
-                  device: torch.device, autocast: Any, file_log: logging.Handler) -> TrainResult:
-    """Tuning-free prompting: nothing trains; the run holds its parameter count and eval figures."""
-    trackers = open_trackers(cfg.train.report_to, run_dir, cfg.model_dump(mode="json"), None)
-    metrics = MetricsWriter(run_dir / "metrics.jsonl", trackers=trackers)
-    metrics.write({"type": "params", "step": 0, "trainable_params": 0, "total_params": params.total,
-                   "trainable_share": 0.0})
-    result = None
-    if eval_set:
-        result = evaluate_loss(model, eval_set, cfg.train.batch_size, pad_id, device, autocast(), 0)
-        metrics.write({"type": "eval", "step": 0, **result})
-        log.info("prompting (nothing trained): eval loss %.4f", result["eval_loss"])
-    metrics.write({"type": "summary", "step": 0, "peak_memory_bytes": peak_memory_bytes(device), "loop_seconds": 0.0})
-    metrics.close()
-    logging.getLogger("tunelab").removeHandler(file_log)
-    file_log.close()
-    return TrainResult(run_dir, 0, float("nan"), result, None, model)
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.loss) and math.isfinite(self.grad_norm)
 
 
 def accumulate_gradients(model: Any, micro_batches: list[tuple[dict[str, torch.Tensor], int]], scale: float,
@@ -138,13 +100,26 @@ def apply_update(optimizer: torch.optim.Optimizer, scheduler: Any, update: bool 
     return lr
 
 
-def optimizer_step(model: Any, micro_batches: list[tuple[dict[str, torch.Tensor], int]], scale: float,
-                   device: torch.device, autocast: Any, trainable: list[torch.nn.Parameter], max_grad_norm: float | None,
-                   optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """One optimizer step (`accumulate_gradients`, then `apply_update`) without the loop's non-finite check.
-    Returns the summed loss and the gradient norm (tensors) and the learning rate used."""
-    loss_sum, grad_norm = accumulate_gradients(model, micro_batches, scale, device, autocast, trainable, max_grad_norm)
-    return loss_sum, grad_norm, apply_update(optimizer, scheduler)
+def take_step(s: Session) -> StepFigures:
+    """One optimizer step of the session: this rank's micro-batches forward and backward, one host sync, then the
+    update, unless the loss or the gradient norm is NaN or infinite: such an update is never applied (every rank
+    sees the same summed loss and global gradient norm, so all decide alike)."""
+    micro_batches = s.plan.next_step()  # this rank's slice of the step
+    num_label_tokens = sum(count_label_tokens(mb["labels"]) for mb, _ in micro_batches)
+    num_tokens = sum(n for _, n in micro_batches)
+    if s.info.enabled:  # the loss is normalised by the target tokens of every rank
+        num_label_tokens = int(all_reduce_sum(num_label_tokens, s.hw.device))
+        num_tokens = int(all_reduce_sum(num_tokens, s.hw.device))
+    scale = s.info.world / num_label_tokens  # DDP and FSDP average gradients over ranks: undo it
+    loss_sum, grad_norm = accumulate_gradients(s.model, micro_batches, scale, s.hw.device, s.hw.autocast, s.trainable,
+                                               s.cfg.max_grad_norm)
+    if s.info.enabled:
+        loss_sum = torch.tensor(all_reduce_sum(float(loss_sum), s.hw.device))
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    loss, grad_norm = float(loss_sum) / num_label_tokens, float(grad_norm)  # the step's one host sync
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    lr = apply_update(s.optimizer, s.scheduler, update=finite)
+    return StepFigures(loss, grad_norm, lr, num_tokens, num_label_tokens)
 
 
 def weights_finite(trainable: list[torch.nn.Parameter], info: DistInfo, device: torch.device) -> bool:
@@ -175,6 +150,62 @@ def _fmt(value: float) -> str:
     return f"{value:.4g}" if math.isfinite(value) else str(value)
 
 
+def handle_nonfinite_step(step: int, figures: StepFigures, skips: int, cfg: TrainConfig, run_dir: Path) -> None:
+    """A step whose loss or gradient norm is NaN or infinite (its update was not applied): stop the run
+    (train.on_nonfinite: stop, or more skips than train.max_nonfinite_skips), else warn that it was skipped."""
+    what = f"the training loss is {_fmt(figures.loss)} and the gradient norm {_fmt(figures.grad_norm)}"
+    if cfg.on_nonfinite == "stop":
+        raise NonFiniteError(nonfinite_message(
+            step, f"{what}, so the run stopped before applying that update (train.on_nonfinite: stop)", cfg, run_dir))
+    if skips > cfg.max_nonfinite_skips:
+        raise NonFiniteError(nonfinite_message(
+            step, f"{what}: {skips} non-finite steps in this run, more than train.max_nonfinite_skips "
+                  f"({cfg.max_nonfinite_skips}) allows, so the run stopped", cfg, run_dir))
+    log.warning("step %d: %s; its update was skipped (%d of train.max_nonfinite_skips %d)", step, what, skips,
+                cfg.max_nonfinite_skips)
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    step: int = 0  # the last step done
+    nonfinite_skips: int = 0  # non-finite steps skipped so far in the run (train.on_nonfinite: skip)
+    resumed: bool = False  # from a checkpoint
+
+    @property
+    def resume_step(self) -> int | None:
+        return self.step if self.resumed else None
+
+
+def resume_point(cfg: Config, checkpointer: Checkpointer, session: Session) -> ResumePoint:
+    """Step 0, or with --resume the newest complete checkpoint, its model, optimizer, schedule, RNG and data
+    position restored into the session."""
+    latest = checkpointer.latest() if cfg.resume else None
+    if latest is None:
+        if cfg.resume:
+            log.info("no complete checkpoint in %s: starting from step 0", checkpointer.run_dir)
+        return ResumePoint()
+    state = checkpointer.load(latest)
+    position = session.plan.stream.position
+    session.plan.stream.position = type(position)(**state["data_position"])
+    log.info("resumed from %s (step %d)", latest, state["step"])
+    return ResumePoint(state["step"], state.get("nonfinite_skips", 0), resumed=True)
+
+
+def evaluate_only(cfg: Config, info: DistInfo, run_dir: Path, file_log: logging.Handler, model: TrainModel,
+                  params: ParamCount, data: TrainingData, hw: DeviceSetup, tokenizer: Any) -> TrainResult:
+    """Tuning-free prompting: nothing trains; the run holds its parameter count and eval figures."""
+    reporter = RunReporter(cfg, info, run_dir, file_log, data, hw, tokenizer, sampling=False)
+    reporter.metrics.write({"type": "params", "step": 0, "trainable_params": 0, "total_params": params.total,
+                            "trainable_share": 0.0})
+    result = None
+    if data.eval_set:
+        result = reporter.evaluate(model, 0)
+        log.info("prompting (nothing trained): eval loss %.4f", result["eval_loss"])
+    reporter.write_summary(0, loop_seconds=0.0)
+    reporter.close()
+    return TrainResult(run_dir, 0, float("nan"), result, None, model)
+
+
 def train(cfg: Config) -> TrainResult:
     """Run (or resume) the training run that `cfg` describes; returns where its results are.
 
@@ -195,220 +226,112 @@ def train(cfg: Config) -> TrainResult:
 
 def run_recipe(cfg: Config, on_exit: contextlib.ExitStack) -> TrainResult:
     """The recipe of `train`; what must be undone at the end is registered on `on_exit`."""
-    # 1. check everything that can be wrong before writing anything: output_dir, device, data, model
-    info = init_distributed()
-    if cfg.train.sample_every and info.world > 1:
-        raise ConfigError("train.sample_every generates on one process, and this run has "
-                          f"{info.world}: remove it, or sample with `tunelab generate` after the run.")
+    # 1. check everything that can be wrong before writing anything: output_dir, trackers, device, data, model
+    info = check_before_writing(cfg)
     check_sharding(cfg.distributed.strategy, cfg.strategy.lora.quantize, info)
-    if info.is_main:  # rank 0 takes the lock (step 2); a second writer is refused here, naming the holder
-        check_unlocked(Path(cfg.output_dir))
-    check_run_dir(cfg)
-    seed_everything(cfg.train.seed)
-    device, amp_dtype = resolve_device(cfg.train, info)
-    check_loss_kernel(cfg.train.loss_kernel, device)
-    check_optimizer(cfg.train, device)
-    set_denormal_mode(cfg.train, device)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    hw = setup_device(cfg.train, info)
+    check_loss_kernel(cfg.train.loss_kernel, hw.device)
+    check_optimizer(cfg.train, hw.device)
     tokenizer = load_tokenizer(cfg.model)
-    if not info.is_main:  # rank 0 encodes the data into the cache; the others read what it wrote
-        barrier()
-    train_split, eval_split = load_datasets(cfg.data, spec_from_config(cfg), tokenizer, cfg.train.seed)
-    if info.is_main:
-        barrier()
-    check_trainable(train_split.stats, train_split.num_chosen, cfg.data.max_length, cfg.data.train_path)
-    stop_text = turn_end(spec_from_config(cfg), tokenizer, train_split.shape == "chat")  # what ends an answer
-    train_set, eval_set = train_split.encoded, eval_split.encoded if eval_split else None
-    pad_id = pad_token_id(tokenizer)
-    model = load_model(cfg.model, device_type=device.type, quantize=cfg.strategy.lora)
+    data = load_training_data(cfg, tokenizer, info)
+    model = load_model(cfg.model, device_type=hw.device.type, quantize=cfg.strategy.lora)
 
-    # 2. the run directory (rank 0 writes; the others follow)
-    if info.is_main:
-        run_dir, lock = open_run_dir(cfg)
-        on_exit.callback(lock.release)
-    else:
-        run_dir = Path(cfg.output_dir)
-    barrier()
-    file_log = RunLogHandler(run_dir / (f"train-rank{info.rank}.log" if info.rank else "train.log"))
-    file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("tunelab").addHandler(file_log)
-    on_exit.callback(file_log.close)
-    on_exit.callback(logging.getLogger("tunelab").removeHandler, file_log)
-    if not info.is_main:
-        logging.getLogger("tunelab").setLevel(logging.WARNING)
-    # the data summaries went to the console as the data loaded, before the run log existed: now into it alone
-    for name, split in (("train", train_split), ("eval", eval_split)):
-        if split is not None and info.is_main:
-            file_log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, f"{name} data: %s",
-                                           (split.stats.summary(),), None))
+    # 2. the run directory and its log (rank 0 writes; the others follow)
+    run_dir, file_log = open_run(cfg, info, data, on_exit)
 
-    # 3. strategy: decide what trains and what is added; speed options; data parallelism
-    model = prepare_strategy(model, cfg.strategy, tokenizer, cfg.train.seed).to(device)
-    model.loss_kernel = cfg.train.loss_kernel
-    model.train()
-    if cfg.train.activation_checkpointing:
-        enable_activation_checkpointing(model.base)
-    if cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda"):
-        model.base.get_decoder().compile()  # in place: parameter names (and checkpoints) stay the same
+    # 3. strategy: decide what trains and what is added; speed options
+    model = prepare_model(model, cfg, tokenizer, hw.device)
+    use_speed_options(model, cfg.train, hw.device)
     params = count_parameters(model)
-    log.info("strategy %s: %s on %s (%s)%s", cfg.strategy.name, params.summary(), device,
-             "bf16 autocast" if amp_dtype else "fp32",
+    log.info("strategy %s: %s on %s (%s)%s", cfg.strategy.name, params.summary(), hw.device,
+             "bf16 autocast" if hw.amp_dtype else "fp32",
              f", {info.world} processes ({cfg.distributed.strategy})" if info.enabled else "")
     if not resolve(cfg.strategy).trains_anything:
-        return evaluate_only(cfg, run_dir, model, params, eval_set, pad_id, device, autocast, file_log)
-    tm = model
-    if info.enabled:
-        model = wrap(model, cfg.distributed.strategy, device, amp_dtype is not None)
+        return evaluate_only(cfg, info, run_dir, file_log, model, params, data, hw, tokenizer)
 
-    # 4. batches, optimizer, schedule; restore all of them when resuming
-    plan = make_batch_plan(cfg, train_set, pad_id, can_pack=tm.can_pack, virtual_tokens=tm.virtual_tokens,
-                           why_not_packed=tm.pack_refusal,
-                           rank=info.rank, world=info.world, stream=train_split.stream)
-    steps = total_steps(cfg, plan)
-    optimizer = build_optimizer(model, cfg.train, device)
-    scheduler = build_scheduler(optimizer, steps, cfg.train)
-    start_step, skips = 0, 0  # skips: non-finite steps skipped so far in the run (train.on_nonfinite: skip)
-    checkpoints = list_checkpoints(run_dir) if cfg.resume else []
-    if checkpoints:
-        if info.enabled:
-            state = load_sharded(checkpoints[-1], model, optimizer, scheduler, info)
-        else:
-            state = load_checkpoint(checkpoints[-1], model, optimizer, scheduler)
-        start_step, plan.stream.position = state["step"], type(plan.stream.position)(**state["data_position"])
-        skips = state.get("nonfinite_skips", 0)
-        log.info("resumed from %s (step %d)", checkpoints[-1], start_step)
-    elif cfg.resume:
-        log.info("no complete checkpoint in %s: starting from step 0", run_dir)
-    resume_step = start_step if checkpoints else None
-    trackers = open_trackers(cfg.train.report_to, run_dir, cfg.model_dump(mode="json"), resume_step) \
-        if info.is_main else []
-    metrics = MetricsWriter(run_dir / "metrics.jsonl", resume_step=resume_step, enabled=info.is_main,
-                            trackers=trackers)
-    if not checkpoints:
-        metrics.write({"type": "params", "step": 0, "trainable_params": params.trainable,
-                       "total_params": params.total, "trainable_share": params.share})
-        st = train_split.stats
-        metrics.write({"type": "data", "step": 0, "num_examples": st.num_examples, "num_tokens": st.num_tokens,
-                       "num_label_tokens": st.num_label_tokens, "prompts_truncated": st.prompts_truncated,
-                       "targets_truncated": st.targets_truncated, "dropped": st.dropped,
-                       "turn_end": stop_text,
-                       **({"streamed": "the figures are the first buffer's"} if train_split.stream else {})})
-
-    def run_eval(step: int) -> dict[str, float]:
-        result = evaluate_loss(model, eval_set, cfg.train.batch_size, pad_id, device, autocast(), tm.virtual_tokens)
-        metrics.write({"type": "eval", "step": step, **result})
-        log.info("step %d: eval loss %.4f, token accuracy %.3f", step, result["eval_loss"], result["eval_token_accuracy"])
-        return result
-
-    eval_result = run_eval(0) if eval_set and cfg.train.eval_every and start_step == 0 else None
-
-    sampled = sample_examples(eval_set, train_set, cfg.train.num_samples) if cfg.train.sample_every else []
-    samples = MetricsWriter(run_dir / "samples.jsonl", resume_step=resume_step, enabled=bool(sampled))
-
-    def run_samples(step: int) -> None:
-        rows = sample_predictions(tm, sampled, tokenizer, pad_id, cfg.train.sample_tokens, step, device, stop_text)
-        for row in rows:
-            samples.write(row)
-        for tracker in trackers:
-            tracker.log_table("samples", rows, step)
-
-    if sampled and start_step == 0:
-        run_samples(0)
+    # 4. data parallelism, batches, optimizer, schedule, checkpoints: restore them all when resuming
+    session = open_session(cfg, model, data.train_set, data.pad_id, hw, info, stream=data.train.stream)
+    checkpointer = make_checkpointer(run_dir, session, cfg.train.keep_checkpoints, lambda: prepare_strategy(
+        load_model(cfg.model, quantize=cfg.strategy.lora), cfg.strategy, tokenizer, cfg.train.seed))
+    start = resume_point(cfg, checkpointer, session)
+    reporter = RunReporter(cfg, info, run_dir, file_log, data, hw, tokenizer, start.resume_step)
+    if not start.resumed:
+        reporter.write_start(params)
 
     # 5. the loop
-    progress = Progress(steps, start_step, enabled=cfg.train.progress and info.is_main)
-    loss = float("nan")
+    end = run_steps(session, checkpointer, reporter, start)
+    if end.stopped:
+        return TrainResult(run_dir, end.step, end.loss, end.eval, None, session.model)
+
+    # 6. the result, in Hugging Face (or peft) format (under torchrun, gathered on rank 0)
+    saves = resolve(cfg.strategy).saves
+    final_dir = checkpointer.save_final(lambda m: save_final(run_dir, m, tokenizer, cfg.model.path, saves))
+    log.info("done: %d steps, final train loss %.4f; model in %s", end.step, end.loss, final_dir)
+    return TrainResult(run_dir, end.step, end.loss, end.eval, final_dir, session.model)
+
+
+@dataclass(frozen=True)
+class LoopEnd:
+    step: int  # the last step done
+    loss: float  # its training loss
+    eval: dict[str, float] | None  # the latest evaluation
+    stopped: bool  # by train.stop_after, before the last step
+
+
+def run_steps(s: Session, checkpointer: Checkpointer, reporter: RunReporter, start: ResumePoint) -> LoopEnd:
+    """The loop: every step after `start` to the last, its row, and the evaluations, samples and checkpoints on
+    their schedules, until the end or train.stop_after. Nothing non-finite is ever saved (NonFiniteError); the
+    reporter is closed however the loop ends."""
+    cfg, tm, eval_set, run_dir = s.cfg, s.train_model, reporter.data.eval_set, checkpointer.run_dir
+
+    def run_eval(step: int) -> dict[str, float]:
+        result = reporter.evaluate(s.model, step, tm.virtual_tokens)
+        log.info("step %d: eval loss %.4f, token accuracy %.3f", step, result["eval_loss"],
+                 result["eval_token_accuracy"])
+        return result
+
+    eval_result = run_eval(0) if eval_set and cfg.eval_every and start.step == 0 else None
+    if reporter.sampled and start.step == 0:
+        reporter.sample(tm, 0)
+    progress = Progress(s.steps, start.step, enabled=cfg.progress and s.info.is_main)
+    loss, skips = float("nan"), start.nonfinite_skips
     loop_start = time.perf_counter()
-    # clip, measure and check exactly what the update changes: the optimizer's parameters. (Under FSDP2 the module's
-    # own list is not those while a group is unsharded, as the root stays after a forward without backward:
-    # model.parameters() then yields its gathered copies, whose gradients clipping would miss.)
-    trainable = [p for group in optimizer.param_groups for p in group["params"]]
     try:
-        for step in range(start_step + 1, steps + 1):
+        for step in range(start.step + 1, s.steps + 1):
             t0 = time.perf_counter()
-            micro_batches = plan.next_step()  # this rank's slice of the step
-            num_label_tokens = sum(count_label_tokens(mb["labels"]) for mb, _ in micro_batches)
-            num_tokens = sum(n for _, n in micro_batches)
-            if info.enabled:  # the loss is normalised by the target tokens of every rank
-                num_label_tokens = int(all_reduce_sum(num_label_tokens, device))
-                num_tokens = int(all_reduce_sum(num_tokens, device))
-            scale = info.world / num_label_tokens  # DDP and FSDP average gradients over ranks: undo it
-            loss_sum, grad_norm = accumulate_gradients(model, micro_batches, scale, device, autocast, trainable,
-                                                       cfg.train.max_grad_norm)
-            if info.enabled:
-                loss_sum = torch.tensor(all_reduce_sum(float(loss_sum), device))
-                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            # the host syncs once per step, before the update: a NaN or infinity is never applied (every rank
-            # sees the same summed loss and global gradient norm, so all decide alike)
-            loss, grad_norm = float(loss_sum) / num_label_tokens, float(grad_norm)
-            finite = math.isfinite(loss) and math.isfinite(grad_norm)
-            lr = apply_update(optimizer, scheduler, update=finite)
-            seconds = time.perf_counter() - t0
-            row = {"type": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                   "num_tokens": num_tokens, "num_label_tokens": num_label_tokens,
-                   "tokens_per_s": num_tokens / seconds, "epoch": round(plan.stream.epochs_done(), 4), "seconds": seconds,
-                   "elapsed_s": time.perf_counter() - loop_start}
-            if not finite:
+            figures = take_step(s)
+            seconds, loss = time.perf_counter() - t0, figures.loss
+            row = {"type": "train", "step": step, "loss": loss, "lr": figures.lr, "grad_norm": figures.grad_norm,
+                   "num_tokens": figures.num_tokens, "num_label_tokens": figures.num_label_tokens,
+                   "tokens_per_s": figures.num_tokens / seconds, "epoch": round(s.plan.stream.epochs_done(), 4),
+                   "seconds": seconds, "elapsed_s": time.perf_counter() - loop_start}
+            if not figures.finite:
                 skips += 1
-                metrics.write({**row, "skipped": True})  # whatever log_every says
-                what = f"the training loss is {_fmt(loss)} and the gradient norm {_fmt(grad_norm)}"
-                if cfg.train.on_nonfinite == "stop":
-                    raise NonFiniteError(nonfinite_message(
-                        step, f"{what}, so the run stopped before applying that update (train.on_nonfinite: stop)",
-                        cfg.train, run_dir))
-                if skips > cfg.train.max_nonfinite_skips:
-                    raise NonFiniteError(nonfinite_message(
-                        step, f"{what}: {skips} non-finite steps in this run, more than train.max_nonfinite_skips "
-                              f"({cfg.train.max_nonfinite_skips}) allows, so the run stopped", cfg.train, run_dir))
-                log.warning("step %d: %s; its update was skipped (%d of train.max_nonfinite_skips %d)", step, what,
-                            skips, cfg.train.max_nonfinite_skips)
-            elif step % cfg.train.log_every == 0 or step == steps:
-                metrics.write(row)
+                reporter.metrics.write({**row, "skipped": True})  # whatever log_every says
+                handle_nonfinite_step(step, figures, skips, cfg, run_dir)
+            elif step % cfg.log_every == 0 or step == s.steps:
+                reporter.metrics.write(row)
             progress.update(row)
-            if eval_set and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == steps):
+            if eval_set and ((cfg.eval_every and step % cfg.eval_every == 0) or step == s.steps):
                 eval_result = run_eval(step)
-            if sampled and (step % cfg.train.sample_every == 0 or step == steps):
-                run_samples(step)
-            stopping = cfg.train.stop_after == step and step < steps
-            saving = (cfg.train.save_every and step % cfg.train.save_every == 0) or stopping
-            if (saving or step == steps) and not weights_finite(trainable, info, device):
+            if reporter.sampled and (step % cfg.sample_every == 0 or step == s.steps):
+                reporter.sample(tm, step)
+            stopping = cfg.stop_after == step and step < s.steps
+            saving = (cfg.save_every and step % cfg.save_every == 0) or stopping
+            if (saving or step == s.steps) and not weights_finite(s.trainable, s.info, s.hw.device):
                 raise NonFiniteError(nonfinite_message(step, "the update of this step made weights NaN or infinite "
-                                                       "(its loss and gradient norm were finite)", cfg.train, run_dir))
+                                                       "(its loss and gradient norm were finite)", cfg, run_dir))
             if saving:
-                state = {"data_position": vars(plan.stream.position), "loss": loss, "nonfinite_skips": skips}
-                if info.enabled:
-                    save_sharded(run_dir / "checkpoints" / f"step-{step}", model, optimizer, scheduler, state, info,
-                                 cfg.train.keep_checkpoints)
-                else:
-                    save_checkpoint(run_dir, step, model, optimizer, scheduler, state, cfg.train.keep_checkpoints)
+                checkpointer.save(step, {"data_position": vars(s.plan.stream.position), "loss": loss,
+                                         "nonfinite_skips": skips})
             if stopping:
-                log.info("stopped at step %d of %d (train.stop_after); continue with --resume", step, steps)
-                return TrainResult(run_dir, step, loss, eval_result, None, model)
-        metrics.write({"type": "summary", "step": steps, "peak_memory_bytes": peak_memory_bytes(device),
-                       "loop_seconds": time.perf_counter() - loop_start, "processes": info.world})
+                log.info("stopped at step %d of %d (train.stop_after); continue with --resume", step, s.steps)
+                return LoopEnd(step, loss, eval_result, stopped=True)
+        reporter.write_summary(s.steps, loop_seconds=time.perf_counter() - loop_start, processes=s.info.world)
     except KeyboardInterrupt:
-        done = list_checkpoints(run_dir)
-        raise KeyboardInterrupt(f"interrupted; the newest checkpoint is {done[-1] if done else 'none'}; "
+        raise KeyboardInterrupt(f"interrupted; the newest checkpoint is {checkpointer.latest() or 'none'}; "
                                 "continue with --resume") from None
     finally:
         progress.close()
-        metrics.close()
-        samples.close()
-        logging.getLogger("tunelab").removeHandler(file_log)
-        file_log.close()
-
-    # 6. the result, in Hugging Face (or peft) format, consolidated on rank 0
-    if info.enabled:
-        full = full_state_dict(model)
-        final_dir = None
-        if info.is_main:
-            single = prepare_strategy(load_model(cfg.model, quantize=cfg.strategy.lora), cfg.strategy, tokenizer,
-                                      cfg.train.seed)
-            load_consolidated(single, full)
-            final_dir = save_final(run_dir, single, tokenizer, cfg.model.path, resolve(cfg.strategy).saves)
-        barrier()
-        final_dir = run_dir / "final"
-    else:
-        final_dir = save_final(run_dir, model, tokenizer, cfg.model.path, resolve(cfg.strategy).saves)
-    log.info("done: %d steps, final train loss %.4f; model in %s", steps, loss, final_dir)
-    return TrainResult(run_dir, steps, loss, eval_result, final_dir, model)
+        reporter.close()
+    return LoopEnd(s.steps, loss, eval_result, stopped=False)

@@ -1,17 +1,16 @@
-"""Metric sinks: one JSON object per line in metrics.jsonl, flushed as it is written."""
+"""Metric sinks: one JSON object per line in a run's metrics file, flushed as it is written.
+
+The writer only: what the file is called, how non-finite numbers are encoded and how rows are read back belong to
+tunelab.runfiles."""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
-
-def _clean(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # JSON has no NaN/inf; keep them visible as strings
-    return value
+from tunelab.atomic import atomic_write_text
+from tunelab.runfiles import encode_number
 
 
 def _parse(line: str) -> dict[str, Any] | None:
@@ -22,7 +21,7 @@ def _parse(line: str) -> dict[str, Any] | None:
 
 
 class MetricsWriter:
-    """Appends rows to metrics.jsonl. On resume, rows after the resumed step are dropped first (and a
+    """Appends rows to the metrics file. On resume, rows after the resumed step are dropped first (and a
     last line cut short by a crash or a full disk with them)."""
 
     def __init__(self, path: Path, resume_step: int | None = None, enabled: bool = True,
@@ -37,9 +36,7 @@ class MetricsWriter:
         if resume_step is not None and self.path.is_file():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and (row := _parse(line)) is not None and row.get("step", 0) <= resume_step]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            tmp.replace(self.path)
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self._file = self.path.open("a")
@@ -47,7 +44,7 @@ class MetricsWriter:
     def write(self, row: dict[str, Any]) -> None:
         if self._file is not None:
             try:
-                self._file.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+                self._file.write(json.dumps({k: encode_number(v) for k, v in row.items()}) + "\n")
                 self._file.flush()
             except OSError:
                 self._failed = True
@@ -68,14 +65,6 @@ class MetricsWriter:
             except OSError:
                 if not self._failed:
                     raise
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The rows of metrics.jsonl; a last line cut short (a killed run, a full disk) is left out."""
-    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
-    rows = [json.loads(line) for line in lines[:-1]]
-    last = _parse(lines[-1]) if lines else None
-    return rows + ([last] if last is not None else [])
 
 
 def peak_rss_bytes() -> int:

@@ -15,7 +15,9 @@ import yaml
 
 from tunelab.config import Config, dump_config
 from tunelab.errors import ConfigError
-from tunelab.train.checkpoint import remove_stale_temp
+from tunelab.atomic import remove_stale_temp
+from tunelab.runfiles import CONFIG, RunFiles
+from tunelab.train.checkpoint import remove_stale_checkpoint_temp
 from tunelab.train.runlock import LOCK_NAME, RunLock
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,7 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 def check_run_dir(cfg: Config) -> None:
     """Refuse an `output_dir` that this run must not write into; writes nothing."""
     run = Path(cfg.output_dir)
-    saved = run / "config.yaml"
+    saved = RunFiles(run).config
     if run.exists() and not run.is_dir():
         raise ConfigError(f"output_dir '{run}' is a file; choose a folder.")
     # `tunelab data check CONFIG` writes its report into output_dir before the run: that does not make it another run's
@@ -65,7 +67,7 @@ def check_run_dir(cfg: Config) -> None:
                 "and start again, or choose another output_dir."
             )
     elif contents:
-        raise ConfigError(f"output_dir '{run}' is not empty and holds no tunelab run (no config.yaml); "
+        raise ConfigError(f"output_dir '{run}' is not empty and holds no tunelab run (no {CONFIG}); "
                           "tunelab will not write into it. Choose an empty or new folder.")
 
 
@@ -75,7 +77,7 @@ def open_run_dir(cfg: Config) -> tuple[Path, RunLock]:
 
     Returns the folder and the held lock; the caller releases the lock when the run ends."""
     run = Path(cfg.output_dir)
-    saved = run / "config.yaml"
+    saved = RunFiles(run).config
     run.mkdir(parents=True, exist_ok=True)
     lock = RunLock(run)
     try:
@@ -88,7 +90,7 @@ def open_run_dir(cfg: Config) -> tuple[Path, RunLock]:
                 elif path.name != LOCK_NAME:
                     path.unlink()
         remove_stale_temp(run)
-        remove_stale_temp(run / "checkpoints")
+        remove_stale_checkpoint_temp(RunFiles(run).checkpoints)
         saved.write_text(dump_config(cfg))
     except BaseException:
         lock.release()

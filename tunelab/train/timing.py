@@ -3,13 +3,13 @@
 A CPU's speed on a training step depends on the shapes of its matrix products, its caches and its
 element-wise work far more than on its peak FLOP rate: a fixed share of a measured matmul rate was
 off by 2x between short and long rows. So the plan asks the training side to time real optimizer
-steps (`tunelab.train.loop.optimizer_step`, the loop's own code) of the configured strategy, on the
-real batches of the user's data, with copies of the model cut to a few decoder layers (random
-weights, so the user's weights are never read: the speed of a step does not depend on their values
-once denormal floats are flushed to zero, as training on the CPU does by default; a trained model's
-denormals slowed its steps by ~10%, which random weights do not show). Decoder layers are
-identical, so the step of the whole model is the step of the cut copy plus the measured cost of one
-more layer times the missing layers.
+steps of the configured strategy (`tunelab.train.loop.take_step`, the loop's own code, on a session
+set up by train/session.py as the recipe sets it up), on the real batches of the user's data, with
+copies of the model cut to a few decoder layers (random weights, so the user's weights are never
+read: the speed of a step does not depend on their values once denormal floats are flushed to zero,
+as training on the CPU does by default; a trained model's denormals slowed its steps by ~10%, which
+random weights do not show). Decoder layers are identical, so the step of the whole model is the
+step of the cut copy plus the measured cost of one more layer times the missing layers.
 
 It lives in `train/` because it is the step loop, timed. `plan/` never imports it: DESIGN.md says
 plan runs no model except under `--measure`, and then through a timer it is given, so `tunelab plan
@@ -19,7 +19,6 @@ model-free and answers in seconds.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import statistics
@@ -83,42 +82,23 @@ def _quantized_as_configured(model: Any, cfg: Config) -> Any:
 
 
 def time_cut_model(cfg: Config, model_config: Any, layers: int, examples: list[Encoded], tokenizer: Any) -> float:
-    """Median seconds of one optimizer step of `cfg`'s strategy and batches with a `layers`-layer copy of the model."""
+    """Median seconds of one optimizer step of `cfg`'s strategy and batches with a `layers`-layer copy of the model:
+    the training session set up as the recipe sets it up (on the CPU, with random weights), its steps the
+    recipe's own `take_step`."""
     from transformers import AutoModelForCausalLM
 
-    from tunelab.data.batching import count_label_tokens
-    from tunelab.models.load import attention_implementation, enable_activation_checkpointing, pad_token_id
-    from tunelab.strategies.prepare import prepare_strategy
-    from tunelab.train.batches import make_batch_plan
-    from tunelab.train.loop import optimizer_step, resolve_device, set_denormal_mode
-    from tunelab.train.optim import build_optimizer, build_scheduler
+    from tunelab.models.load import attention_implementation, pad_token_id
+    from tunelab.train.loop import take_step
+    from tunelab.train.session import open_session, prepare_model, setup_device
 
-    device, amp_dtype = resolve_device(cfg.train.model_copy(update={"device": "cpu"}))
-    set_denormal_mode(cfg.train, device)  # as training does
-    autocast = (lambda: torch.autocast("cpu", dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
-    torch.manual_seed(cfg.train.seed)
+    hw = setup_device(cfg.train.model_copy(update={"device": "cpu"}))  # seeded, denormals flushed, as training does
     base = AutoModelForCausalLM.from_config(_cut_config(model_config, layers), dtype=torch.float32,
                                             trust_remote_code=cfg.model.trust_remote_code,
                                             attn_implementation=attention_implementation(cfg.model.attn_implementation, "cpu",
                                                                                          model_config))
-    model = prepare_strategy(_quantized_as_configured(base, cfg), cfg.strategy, tokenizer, cfg.train.seed)
-    model.train()
-    if cfg.train.activation_checkpointing:
-        enable_activation_checkpointing(model.base)
-    batches = make_batch_plan(cfg, examples, pad_token_id(tokenizer), can_pack=model.can_pack,
-                              virtual_tokens=model.virtual_tokens)
-    optimizer = build_optimizer(model, cfg.train, device)
-    scheduler = build_scheduler(optimizer, WARMUP_STEPS + MAX_STEPS, cfg.train)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-
-    def step() -> None:  # what the training loop times for a step: assembling the batches, the update, the sync
-        micro_batches = batches.next_step()
-        scale = 1.0 / max(1, sum(count_label_tokens(mb["labels"]) for mb, _ in micro_batches))
-        loss_sum, _, _ = optimizer_step(model, micro_batches, scale, device, autocast, trainable,
-                                        cfg.train.max_grad_norm, optimizer, scheduler)
-        float(loss_sum)
-
-    return _median_step_seconds(step)
+    model = prepare_model(_quantized_as_configured(base, cfg), cfg, tokenizer, hw.device)
+    session = open_session(cfg, model, examples, pad_token_id(tokenizer), hw, steps=WARMUP_STEPS + MAX_STEPS)
+    return _median_step_seconds(lambda: take_step(session))  # a step: its batches, the update, the host sync
 
 
 def measured_step_seconds(cfg: Config, layers: int, examples: list[Encoded], tokenizer: Any) -> float:

@@ -17,7 +17,10 @@ predictions as a table.
 
 A resumed run continues the same W&B, MLflow and trackio run (their ids are kept in RUN_DIR/trackers.json); those
 trackers keep what they already received, so the steps between the last checkpoint and an interruption appear
-twice there, once from each attempt."""
+twice there, once from each attempt.
+
+A tracker that cannot start (its library missing, an MLflow store MLflow refuses, W&B online without a login) is
+refused by `check_trackers` before the run writes anything, in one paragraph."""
 
 from __future__ import annotations
 
@@ -31,10 +34,12 @@ from typing import Any
 
 import yaml
 
+from tunelab.atomic import atomic_write_text
 from tunelab.errors import ConfigError
 
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")  # each is also the name of the pip extra that installs it
 PROJECT = "tunelab"  # the W&B project, MLflow experiment and trackio project unless the tracker's env var says
+OFFLINE_WANDB_MODES = ("offline", "dryrun", "disabled")  # WANDB_MODE values that need no W&B login
 
 
 def _library(tracker: str, module: str) -> Any:
@@ -43,6 +48,12 @@ def _library(tracker: str, module: str) -> Any:
     except ImportError:
         raise ConfigError(f"train.report_to names {tracker}, whose library is not installed: "
                           f"pip install 'tunelab[{tracker}]' (or remove it from train.report_to).") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    """A library's error message as one sentence of a paragraph."""
+    text = " ".join(str(exc).split())
+    return text if text.endswith((".", "!", "?")) else text + "."
 
 
 def scalars(row: dict[str, Any]) -> dict[str, float]:
@@ -81,9 +92,7 @@ class _RunIds:
 
     def keep(self, tracker: str, run_id: str) -> None:
         self.ids[tracker] = run_id
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.ids, indent=1) + "\n")
-        tmp.replace(self.path)
+        atomic_write_text(self.path, json.dumps(self.ids, indent=1) + "\n")
 
 
 def _columns(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
@@ -92,6 +101,10 @@ def _columns(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
 
 
 class TensorBoardTracker:
+    @staticmethod
+    def check() -> None:
+        _library("tensorboard", "torch.utils.tensorboard")
+
     def __init__(self, run_dir: Path, config: dict[str, Any], resume_step: int | None, ids: _RunIds) -> None:
         writer_module = _library("tensorboard", "torch.utils.tensorboard")
         purge = None if resume_step is None else resume_step + 1
@@ -119,6 +132,27 @@ class TensorBoardTracker:
 
 
 class WandbTracker:
+    @staticmethod
+    def check() -> None:
+        """W&B online (WANDB_MODE) needs credentials. `wandb.init` would look for them (WANDB_API_KEY, the settings
+        files, .netrc) and then prompt on a terminal or raise; `wandb.login(prompt=False, verify=False)` runs the same
+        look-up without prompting or the network, and returns False when there are none (wandb's documented API)."""
+        wandb = _library("wandb", "wandb")
+        mode = os.environ.get("WANDB_MODE", "offline")
+        if mode in OFFLINE_WANDB_MODES:
+            return
+        try:
+            found = wandb.login(prompt=False, verify=False)
+        except wandb.errors.Error as exc:  # credentials found but malformed
+            raise ConfigError(f"train.report_to names wandb in WANDB_MODE={mode}, and W&B refused its credentials: "
+                              f"{_one_line(exc)} Fix them with `wandb login --relogin`, or set WANDB_MODE=offline "
+                              "(the default; `wandb sync` uploads the run later).") from None
+        if not found:
+            raise ConfigError(f"train.report_to names wandb in WANDB_MODE={mode}, which needs a W&B login, and none is "
+                              "configured (no WANDB_API_KEY, no key in .netrc or W&B's settings). Run `wandb login` or "
+                              "set WANDB_API_KEY; or set WANDB_MODE=offline (the default) to write the run into the "
+                              "run directory and upload it later with `wandb sync`.")
+
     def __init__(self, run_dir: Path, config: dict[str, Any], resume_step: int | None, ids: _RunIds) -> None:
         self.wandb = _library("wandb", "wandb")
         run_id = ids.get("wandb") or uuid.uuid4().hex[:8]
@@ -147,6 +181,26 @@ class WandbTracker:
 
 
 class MlflowTracker:
+    @staticmethod
+    def check() -> None:
+        """Open the store of MLFLOW_TRACKING_URI as the tracker will: MLflow refuses some stores outright (the
+        retired file store, `file:./mlruns` or a plain path, unless MLFLOW_ALLOW_FILE_STORE=true). The default store,
+        RUN_DIR/mlflow/mlflow.db, is created with the run."""
+        _library("mlflow", "mlflow")
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            return
+        try:
+            MlflowClient(tracking_uri=uri)  # resolves the store (no request to a server)
+        except MlflowException as exc:
+            raise ConfigError(f"train.report_to names mlflow, and MLflow cannot open MLFLOW_TRACKING_URI={uri!r}: "
+                              f"{_one_line(exc)} Point MLFLOW_TRACKING_URI at a database store "
+                              "(sqlite:///PATH/mlflow.db) or a tracking server, or unset it to use the run's own store "
+                              "(RUN_DIR/mlflow/mlflow.db), or remove mlflow from train.report_to.") from None
+
     def __init__(self, run_dir: Path, config: dict[str, Any], resume_step: int | None, ids: _RunIds) -> None:
         _library("mlflow", "mlflow")
         from mlflow.entities import Metric, Param
@@ -197,6 +251,10 @@ class MlflowTracker:
 
 
 class TrackioTracker:
+    @staticmethod
+    def check() -> None:
+        _library("trackio", "trackio")
+
     def __init__(self, run_dir: Path, config: dict[str, Any], resume_step: int | None, ids: _RunIds) -> None:
         self.trackio = _library("trackio", "trackio")
         name = ids.get("trackio") or f"{run_dir.name}-{uuid.uuid4().hex[:6]}"
@@ -218,6 +276,13 @@ class TrackioTracker:
 
 
 OPEN = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker, "mlflow": MlflowTracker, "trackio": TrackioTracker}
+
+
+def check_trackers(names: list[str]) -> None:
+    """Refuse, before the run writes anything, a tracker that cannot start: its library is missing, MLflow refuses
+    MLFLOW_TRACKING_URI's store, W&B online has no login. Raises ConfigError with what to do."""
+    for name in dict.fromkeys(names):
+        OPEN[name].check()
 
 
 def open_trackers(names: list[str], run_dir: Path, config: dict[str, Any], resume_step: int | None) -> list[Any]:
