@@ -45,7 +45,7 @@ test-fast: $(VENV)/.installed
 # and liger-kernel for the baselines, and what tunelab needs beyond that machine's image (the versions used here; datasets
 # and its small dependencies are tunelab's own since the encoded-data cache).
 GPU_WHEELS = trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 xxhash==4.1.0 fsspec==2026.9.0 liger-kernel==0.8.5 peft==0.21.2 \
-	pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 nltk==3.10.4 datasketch==2.0.0
+	bitsandbytes==0.50.2 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 nltk==3.10.4 datasketch==2.0.0
 gpu-wheels: $(VENV)/.installed
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)

@@ -15,9 +15,13 @@ the same code paths on the CPU in seconds (`--device cpu --smoke`, in CI) so tha
      chunked kernel's loss and gradients (on the CPU: that it is refused, with the config error);
    - eval_on_device: a tuned run loaded on the device (bf16 weights where the GPU has bf16) scores and
      generates there;
-   - fsdp2_one_process: torchrun with one process and FSDP2 gives the single-process losses.
+   - fsdp2_one_process: torchrun with one process and FSDP2 gives the single-process losses;
+   - qlora_equals_lora: QLoRA (an nf4 base) on the qwen2.5-0.5b shape: its step-1 loss equals LoRA's over the
+     dequantized weights (within the precision's tolerance), and its loss, peak memory and tokens/s against LoRA
+     over the unquantized base (bf16 autocast).
 2. Throughput: bench/sft_throughput.py (qwen2.5-0.5b shape on CUDA) for tunelab, tunelab with the liger
-   loss kernel, HF Trainer, TRL, TRL packing, TRL packing + Liger, with MFU and peak memory.
+   loss kernel, HF Trainer, TRL, TRL packing, TRL packing + Liger, and QLoRA (nf4 base, LoRA rank 16) by tunelab
+   and by TRL + peft, with MFU and peak memory.
 3. One JSON and one markdown table in --out.
 
     python bench/gpu_check.py --device cuda --wheels .whl --out $OUT      # on the GPU machine
@@ -332,6 +336,71 @@ def check_liger_equals_chunked(ctx: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def dequantized_copy(model_dir: Path, settings: Any, out: Path) -> Path:
+    """`model_dir` with each linear layer's weight replaced by what its quantized layer computes with."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.models.load import quantized_loading
+    from tunelab.models.quantize import dequantized_weight, quantized_layers
+
+    quantized = AutoModelForCausalLM.from_pretrained(model_dir, **quantized_loading(settings, "cpu"))
+    copy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    modules = dict(copy.named_modules())
+    with torch.no_grad():
+        for name, layer in quantized_layers(quantized).items():
+            modules[name].weight.copy_(dequantized_weight(layer))
+    copy.save_pretrained(out)
+    for f in model_dir.glob("*token*"):
+        shutil.copy(f, out / f.name)
+    return out
+
+
+def check_qlora_equals_lora(ctx: dict[str, Any]) -> dict[str, Any]:
+    """QLoRA (nf4, double quantization, compute in bf16 on a GPU) on the qwen2.5-0.5b shape (the smoke shape on the
+    CPU) against the same LoRA over the dequantized weights (step-1 loss within tolerances(): the quantized layers
+    compute what the dequantized model does), and against LoRA over the unquantized base (bf16 autocast on a GPU):
+    losses, peak memory and tokens/s of each."""
+    import math
+
+    import torch
+
+    from sft_throughput import build_model_dir
+    from tunelab.config import LoraSettings, validate_config
+    from tunelab.train.loop import train
+    from tunelab.runfiles import read_metrics
+
+    dev = ctx["device"]
+    model_dir = ctx["model_dir"] if dev.type == "cpu" else build_model_dir("qwen2.5-0.5b", ctx["work"] / "qwen0.5b")
+    settings = LoraSettings(quantize="nf4")
+    bases = {"qlora": model_dir, "lora_dequantized": dequantized_copy(model_dir, settings, ctx["work"] / "deq"),
+             "lora": model_dir}
+    precision = "bf16" if "bf16" in ctx["precisions"] else "fp32"
+    out: dict[str, Any] = {"precision": precision}
+    for name, base in bases.items():
+        lora = {"quantize": "nf4"} if name == "qlora" else {}
+        tree = config_tree(base, ctx["data"], ctx["work"] / f"qlora-check-{name}", dev.type,
+                           {"name": "lora", "lora": {**lora, "dropout": 0.0}}, steps=ctx["steps"])
+        tree["train"].update(learning_rate=5e-3, precision=precision)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        train(validate_config(tree))
+        rows = read_metrics(ctx["work"] / f"qlora-check-{name}" / "metrics.jsonl")
+        steps = [r for r in rows if r["type"] == "train"]
+        out[name] = {"losses": [r["loss"] for r in steps],
+                     "peak_memory_bytes": next(r for r in rows if r["type"] == "summary")["peak_memory_bytes"],
+                     "tokens_per_s": sum(r["num_tokens"] for r in steps[1:]) / max(1e-9, sum(r["seconds"]
+                                                                                                for r in steps[1:]))}
+    q, d, f = out["qlora"], out["lora_dequantized"], out["lora"]
+    out["loss_rel_diff"] = abs(q["losses"][0] - d["losses"][0]) / d["losses"][0]
+    out["loss_rel_diff_unquantized"] = abs(q["losses"][0] - f["losses"][0]) / f["losses"][0]
+    out["memory_vs_lora"] = q["peak_memory_bytes"] / f["peak_memory_bytes"]
+    out["speed_vs_lora"] = q["tokens_per_s"] / f["tokens_per_s"]
+    out["ok"] = out["loss_rel_diff"] <= tolerances(precision)["loss_rel"] and \
+        all(math.isfinite(x) for r in (q, d, f) for x in r["losses"]) and q["losses"][-1] < q["losses"][0]
+    return out
+
+
 CHECKS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "loss_equals_transformers": check_loss_equals_transformers,
     "packed_equals_padded": check_packed_equals_padded,
@@ -339,6 +408,7 @@ CHECKS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "liger_equals_chunked": check_liger_equals_chunked,
     "eval_on_device": check_eval_on_device,
     "fsdp2_one_process": check_fsdp2_one_process,
+    "qlora_equals_lora": check_qlora_equals_lora,
 }
 
 
@@ -407,11 +477,11 @@ def markdown(report: dict[str, Any]) -> str:
     if t.get("results"):
         lines += ["", f"Throughput ({t['args'].get('shape')}, {t['args'].get('device')}):", "",
                   "| system | tokens/s | peak MiB | MFU | tunelab x |", "| --- | --- | --- | --- | --- |"]
-        base = t["results"].get("tunelab", {})
         for name, r in t["results"].items():
             if "error" in r:
                 lines.append(f"| {name} | failed: {r['error'][:80]} | | | |")
                 continue
+            base = t["results"].get("tunelab_qlora" if "qlora" in name else "tunelab", {})  # like against like
             ratio = base.get("tokens_per_s", 0) / r["tokens_per_s"] if r.get("tokens_per_s") else float("nan")
             mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
             lines.append(f"| {name} | {r['tokens_per_s']:,.0f} | {r['peak_memory_bytes'] / 2**20:,.0f} | {mfu} | "

@@ -25,7 +25,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SYSTEMS = ["tunelab", "tunelab_liger", "hf_trainer", "trl", "trl_packed", "trl_packed_liger"]
+SYSTEMS = ["tunelab", "tunelab_liger", "hf_trainer", "trl", "trl_packed", "trl_packed_liger", "tunelab_qlora",
+           "trl_packed_qlora"]
+# the QLoRA pair (an nf4 base with double quantization, LoRA rank 16 on every linear layer): tunelab's
+# strategy.lora.quantize against TRL + peft's own recipe (BitsAndBytesConfig, prepare_model_for_kbit_training, a
+# LoraConfig handed to SFTTrainer); on a GPU only by default, as the Liger pair
+QLORA_LORA = {"rank": 16, "alpha": 32.0, "dropout": 0.0}
 SHAPES = {
     # a small model with a real-world vocabulary: where the LM head dominates, as in SFT of small models
     "tiny": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -80,7 +85,8 @@ def peak_memory_bytes(device: str) -> int:
 
 # ---------------------------------------------------------------- workers (one system per process)
 
-def run_tunelab(args: argparse.Namespace, workload: list, model_dir: Path, work: Path, liger: bool = False) -> dict:
+def run_tunelab(args: argparse.Namespace, workload: list, model_dir: Path, work: Path, liger: bool = False,
+                qlora: bool = False) -> dict:
     from tunelab.config import validate_config
     from tunelab.train.loop import train
     from tunelab.runfiles import read_metrics
@@ -95,6 +101,8 @@ def run_tunelab(args: argparse.Namespace, workload: list, model_dir: Path, work:
                   "precision": "bf16" if args.device == "cuda" else "fp32",
                   "loss_kernel": "liger" if liger else "chunked"},
         "output_dir": str(work / "tunelab-run"),
+        **({"strategy": {"name": "lora", "lora": {**QLORA_LORA, "quantize": "nf4", "double_quant": True}}}
+           if qlora else {}),
     })
     result = train(cfg)
     rows = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if r["type"] == "train"]
@@ -188,7 +196,25 @@ def run_hf_trainer(args, workload, model_dir: Path, work: Path) -> dict:
     return _trainer_result(args, trainer, collator, timer)
 
 
-def run_trl(args, workload, model_dir: Path, work: Path, packed: bool, liger: bool = False) -> dict:
+def qlora_model_and_peft_config(args, model_dir: Path) -> tuple:
+    """TRL + peft's QLoRA: the base in nf4 (double quantization, bf16 compute on a GPU), peft's k-bit preparation,
+    and the LoRA config SFTTrainer wraps it with."""
+    import torch
+    from peft import LoraConfig, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    cuda = args.device == "cuda"
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.bfloat16 if cuda else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization,
+                                                 attn_implementation="sdpa", device_map={"": 0} if cuda else "cpu")
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model, LoraConfig(r=QLORA_LORA["rank"], lora_alpha=QLORA_LORA["alpha"], lora_dropout=0.0,
+                             target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def run_trl(args, workload, model_dir: Path, work: Path, packed: bool, liger: bool = False,
+            qlora: bool = False) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -202,10 +228,14 @@ def run_trl(args, workload, model_dir: Path, work: Path, packed: bool, liger: bo
         extra["use_liger_kernel"] = True
     targs, _ = _training_args(args, SFTConfig, max_length=MAX_LENGTH, completion_only_loss=True,
                               dataset_num_proc=None, **extra)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    peft_config = None
+    if qlora:
+        model, peft_config = qlora_model_and_peft_config(args, model_dir)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     timer = _timing_callback(args.device)
     trainer = SFTTrainer(model=model, args=targs, train_dataset=data, processing_class=AutoTokenizer.from_pretrained(model_dir),
-                         callbacks=[timer])
+                         callbacks=[timer], peft_config=peft_config)
     collator = CountingCollator(trainer.data_collator)
     trainer.data_collator = collator
     trainer.train()
@@ -224,7 +254,9 @@ def worker(args: argparse.Namespace) -> None:
                "hf_trainer": lambda: run_hf_trainer(args, workload, model_dir, work),
                "trl": lambda: run_trl(args, workload, model_dir, work, packed=False),
                "trl_packed": lambda: run_trl(args, workload, model_dir, work, packed=True),
-               "trl_packed_liger": lambda: run_trl(args, workload, model_dir, work, packed=True, liger=True)}
+               "trl_packed_liger": lambda: run_trl(args, workload, model_dir, work, packed=True, liger=True),
+               "tunelab_qlora": lambda: run_tunelab(args, workload, model_dir, work, qlora=True),
+               "trl_packed_qlora": lambda: run_trl(args, workload, model_dir, work, packed=True, qlora=True)}
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     result = runners[args.worker]()
@@ -298,7 +330,8 @@ def main() -> int:
     if args.wheels:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", args.wheels,
                         "trl", "datasets"], check=True)
-    systems = args.systems.split(",") if args.systems else [s for s in SYSTEMS if args.device == "cuda" or "liger" not in s]
+    systems = args.systems.split(",") if args.systems else \
+        [s for s in SYSTEMS if args.device == "cuda" or ("liger" not in s and "qlora" not in s)]
     with tempfile.TemporaryDirectory() as work:
         args.work = work
         build_model_dir(args.shape, Path(work) / "model")
@@ -316,16 +349,18 @@ def report(args: argparse.Namespace, results: dict, workload: list) -> None:
     print(f"\nshape {args.shape}, device {args.device} ({platform.processor() or platform.machine()}), "
           f"{args.steps} timed steps after {args.warmup} warm-up, ~{args.tokens_per_step} real tokens per step, "
           f"{len(workload)} examples (mean {sum(len(p) + len(c) for p, c in workload) / len(workload):.0f} tokens)")
+    # tunelab x: tunelab's tokens/s over the system's (tunelab_qlora's for the QLoRA systems)
     header = f"{'system':<18}{'tokens/s':>12}{'label tok/s':>13}{'tok/step':>10}{'peak MiB':>10}{'MFU':>8}{'tunelab x':>11}"
     print(header + "\n" + "-" * len(header))
-    base = results.get("tunelab", {})
     for name, r in results.items():
         if "error" in r:
             print(f"{name:<18} failed: {r['error']}")
             continue
+        qlora = "qlora" in name  # compared with tunelab's QLoRA; no weight gradients of the frozen base: 4N, not 6N
+        base = results.get("tunelab_qlora" if qlora else "tunelab", {})
         r["tokens_per_s"] = r["tokens"] / r["seconds"]
         r["label_tokens_per_s"] = r["label_tokens"] / r["seconds"]
-        r["mfu"] = r["tokens_per_s"] * fpt / (peak * 1e12) if peak else None
+        r["mfu"] = r["tokens_per_s"] * fpt * (4 / 6 if qlora else 1) / (peak * 1e12) if peak else None
         ratio = base.get("tokens", 0) / base.get("seconds", 1) / r["tokens_per_s"] if "seconds" in base else math.nan
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         print(f"{name:<18}{r['tokens_per_s']:>12,.0f}{r['label_tokens_per_s']:>13,.0f}{r['tokens'] / r['steps']:>10,.0f}"

@@ -13,7 +13,7 @@ import pytest
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 CHECKS = {"loss_equals_transformers", "packed_equals_padded", "strategies_train", "liger_equals_chunked", "eval_on_device",
-          "fsdp2_one_process"}
+          "fsdp2_one_process", "qlora_equals_lora"}
 
 
 def _gpu_check(out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -36,6 +36,9 @@ def test_gpu_check_smoke_runs_every_check_and_the_bench(tmp_path):
     assert checks["eval_on_device"]["lora"]["parameters_on"] == ["cpu"]
     assert checks["eval_on_device"]["lora"]["dtypes"] == ["torch.float32"]  # eval.precision auto: fp32 on a CPU
     assert "train.loss_kernel is 'liger'" in checks["liger_equals_chunked"]["refused"]
+    qlora = checks["qlora_equals_lora"]  # fp32 on the CPU: a 4-bit layer computes what its dequantized weights do
+    assert qlora["loss_rel_diff"] <= 1e-5 and qlora["loss_rel_diff_unquantized"] > 0
+    assert qlora["memory_vs_lora"] > 0 and qlora["speed_vs_lora"] > 0
     markdown = (tmp_path / "gpu_check.md").read_text()
     assert all(f"| {name} | ok |" in markdown for name in CHECKS) and "| tunelab |" in markdown
 

@@ -105,6 +105,12 @@ class LoraSettings(_Section):
     dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"  # module name suffixes, e.g. [q_proj, v_proj]
     variant: Literal["lora", "dora", "rslora"] = "lora"
+    # the frozen base in 4-bit (nf4: QLoRA's NormalFloat; fp4) or 8-bit (int8: LLM.int8) through bitsandbytes, for
+    # every strategy that keeps the base frozen (lora and its variants, ia3, soft prompts; tunelab/models/quantize.py)
+    quantize: Literal["nf4", "fp4", "int8"] | None = None
+    double_quant: bool = True  # 4-bit: the block scales quantized too (8-bit, about 0.37 bits per weight saved)
+    # what a quantized layer dequantizes to and multiplies in; auto: bfloat16 on a GPU, float32 on the CPU
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
 class SoftPromptSettings(_Section):
@@ -146,6 +152,18 @@ class StrategyConfig(_Section):
         return self
 
 
+BITSANDBYTES_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit")  # train.optimizer choices that bitsandbytes provides
+BITSANDBYTES_NEEDED = ("bitsandbytes is not installed (pip install 'bitsandbytes>=0.50'); it is what loads a "
+                       "quantized base and runs 8-bit optimizers, on the CPU too")
+
+
+def bitsandbytes_installed() -> bool:
+    """Whether bitsandbytes can be imported (strategy.lora.quantize and the 8-bit optimizers need it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
 class TrainConfig(_Section):
     max_steps: int | None = Field(default=None, ge=1)
     epochs: float | None = Field(default=None, gt=0.0)
@@ -158,8 +176,10 @@ class TrainConfig(_Section):
     compile: Literal["auto", "on", "off"] = "auto"  # auto: on for CUDA, off on the CPU
     stop_after: int | None = Field(default=None, ge=1)  # stop at this step with a checkpoint (a time-sliced job)
     activation_checkpointing: bool = False
-    # adamw, or sgd: plain gradient descent (no momentum, no state), whose update is proportional to the gradient
-    optimizer: Literal["adamw", "sgd"] = "adamw"
+    # adamw; adamw_8bit: bitsandbytes' AdamW with 8-bit block-wise quantized moments (tensors under 4096 values keep
+    # 32-bit ones); paged_adamw_8bit: the same in CUDA unified memory, paged out to the host under memory pressure
+    # (CUDA only); sgd: plain gradient descent (no momentum, no state), whose update is proportional to the gradient
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "sgd"] = "adamw"
     weight_decay: float = Field(default=0.0, ge=0.0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = Field(default=1e-8, gt=0.0)
@@ -268,6 +288,15 @@ class Config(_Section):
                                  "or turn streaming off (the on-disk cache keeps memory flat too)")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite are both set: choose one")
+        if not bitsandbytes_installed():
+            for key, value in (("strategy.lora.quantize", self.strategy.lora.quantize),
+                               ("train.optimizer", self.train.optimizer if self.train.optimizer in
+                                BITSANDBYTES_OPTIMIZERS else None)):
+                if value is not None:
+                    raise ValueError(f"{key} is {value}, but {BITSANDBYTES_NEEDED}. Install it, or remove {key}")
+        refusal = STRATEGIES[self.strategy.name].quantized_base_refusal(self.strategy)
+        if refusal:
+            raise ValueError(refusal)
         refusal = resolve(self.strategy).activation_checkpointing_refusal(self.strategy)
         if self.train.activation_checkpointing and refusal:
             raise ValueError(refusal)

@@ -85,6 +85,26 @@ def test_advisor_follows_the_documented_rules(n, tokens, task, retention, full_f
     assert advice.reasons and (n == 0 or f"{n:,}" in advice.reasons or "GiB" in advice.reasons)
 
 
+@pytest.mark.parametrize("soft_fits", [True, False])
+def test_advisor_offers_qlora_when_lora_does_not_fit_but_a_4bit_base_does(soft_fits):
+    """Rule 2 with a planned QLoRA: it outranks a soft prompt and FSDP2 sharding when it fits one device, and the
+    reasons give its memory and its step-time cost; where it does not fit, the earlier answers stand."""
+    from tunelab.plan.advisor import QuantizedLora
+
+    memory = {"full": 110.0, "lora": 38.3, "soft_prompt": 30.0}
+    fits = {"full": False, "lora": False, "soft_prompt": soft_fits}
+    s = Situation(500, 20_000, "short_answer", "medium", fits, {"lora": 0.01}, memory, 22.0,
+                  quantized_lora=QuantizedLora(17.5, True, 1.35))
+    advice = advise(s)
+    assert (advice.strategy, advice.rule) == ("lora", "2")
+    assert advice.settings["quantize"] == "nf4" and advice.settings["double_quant"] is True
+    assert "38.3 GiB" in advice.reasons and "17.5 GiB" in advice.reasons and "1.35x" in advice.reasons
+    s.quantized_lora = QuantizedLora(25.0, False, 1.35)
+    fallback = advise(s)
+    assert "quantize" not in fallback.settings
+    assert fallback.strategy == ("soft_prompt" if soft_fits else "lora")
+
+
 def test_measured_comparison_outranks_the_rules(tmp_path):
     import json
 

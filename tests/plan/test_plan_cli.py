@@ -55,10 +55,16 @@ def test_plan_json_and_what_to_change(tmp_path, stories260k, capsys):
     gpus = next(c for c in full["fit_changes"] if "fsdp2" in c)
     assert int(gpus.split()[0]) >= 2
     assert "full does not fit NVIDIA H100" in out and "to fit, change one of:" in out
-    # on a 24 GB L4 not even a soft prompt's frozen fp32 weights fit: LoRA sharded over GPUs by FSDP2
+    # on a 24 GB L4 not even a soft prompt's frozen fp32 weights fit, but LoRA over a 4-bit NF4 base does (issue 35:
+    # before it, the advice was LoRA sharded over GPUs by FSDP2): its memory and its step-time cost are given
     assert l4["strategies"]["soft_prompt"]["fit_changes"] and l4["strategies"]["lora"]["fit_changes"]
+    qlora_line = l4["strategies"]["lora"]["fit_changes"][0]
+    assert qlora_line.startswith("strategy.lora.quantize: nf4 (QLoRA") and "x LoRA's time" in qlora_line
     assert l4["recommendation"]["strategy"] == "lora"
-    assert l4["recommendation"]["settings"]["distributed.strategy"] == "fsdp2"
+    assert l4["recommendation"]["settings"]["quantize"] == "nf4"
+    qlora_gib = float(qlora_line.split(" GiB")[0].rsplit(" ", 1)[1])
+    assert qlora_gib < 24e9 / 2**30 < l4["strategies"]["lora"]["memory_bytes"]["total"] / 2**30
+    assert f"{qlora_gib:.1f} GiB" in l4["recommendation"]["reasons"]
     assert h100["recommendation"]["strategy"] == "lora"
     assert h100["strategies"]["lora"]["recommendation"]["reasons"] == h100["recommendation"]["reasons"]
 

@@ -8,6 +8,7 @@ prompt ids equal those the model was trained after."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 from tunelab.config import Config
@@ -91,3 +92,21 @@ class Inputs:
     def prompts(self, examples: list[Example], tokenizer: Any) -> list[str]:
         """Each example rendered as training renders it, up to where its target would start."""
         return [self.render(ex, tokenizer).prompt for ex in examples]
+
+
+def quantized_run_settings(run_dir: Path, num_prompts: int = 4) -> tuple[Any, list[str]]:
+    """For a run directory that trained over a quantized base (strategy.lora.quantize): its strategy.lora settings
+    and its first `num_prompts` training prompts, rendered as training rendered them (what an export's parity check
+    decodes from); (None, []) for any other folder."""
+    from tunelab.config import validate_config
+    from tunelab.models.load import load_tokenizer
+    from tunelab.runfiles import RunFiles, is_run_dir, read_config_tree
+
+    if not is_run_dir(run_dir):
+        return None, []
+    cfg = validate_config(read_config_tree(run_dir), str(RunFiles(run_dir).config))
+    if cfg.strategy.lora.quantize is None:
+        return None, []
+    inputs = Inputs(cfg)
+    examples = inputs.from_file(cfg.data.train_path)[:num_prompts]
+    return cfg.strategy.lora, inputs.prompts(examples, load_tokenizer(cfg.model))

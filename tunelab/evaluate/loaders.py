@@ -83,7 +83,7 @@ def _find_model(p: Path, adapter: str | None) -> tuple[Any, Any, str, str, Confi
         run_config = _run_config(p)
         strategy = run_config.strategy.name
         if files.final.is_dir():
-            lm = load_final(files.final)
+            lm = load_final(files.final, run_config.strategy.lora)  # over a quantized base if it trained on one
             tok_dir = files.final_tokenizer_dir()
         elif not resolve(run_config.strategy).trains_anything:  # prompting: the run holds only its rendering
             lm, tok_dir = _load_hf(run_config.model.path, run_config.model.trust_remote_code), run_config.model.path
@@ -123,7 +123,8 @@ def load_for_eval(path: str, adapter: str | None = None, device: str | None = No
     model = _wrap(lm, strategy).to(choice.device).eval()
     if choice.autocast_dtype is not None:  # the weights only: buffers such as RoPE's inverse frequencies stay float32
         for param in model.parameters():
-            param.data = param.data.to(choice.autocast_dtype)
+            if param.is_floating_point():  # a quantized base's integer codes stay as they are
+                param.data = param.data.to(choice.autocast_dtype)
     model.base.config.use_cache = True
     return EvalModel(model, tokenizer, name, run_config, trained_turn_end(p) if run_config else [], device, precision,
                      base_trained)

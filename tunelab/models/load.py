@@ -161,8 +161,25 @@ def attention_implementation(requested: str, device_type: str, config: Any = Non
     return VARLEN
 
 
-def load_model(cfg: ModelConfig, dtype: Any = None, device_type: str = "cpu") -> Any:
-    """The causal LM in training-ready form (float32 master weights unless `dtype` says otherwise)."""
+def quantized_loading(quantize: Any, device_type: str, storage_dtype: Any = None) -> dict[str, Any]:
+    """from_pretrained's arguments for a bitsandbytes-quantized base (`quantize`: the strategy.lora settings
+    quantize, double_quant, compute_dtype), placed on its device as it loads; {} when quantize is unset."""
+    if quantize is None or quantize.quantize is None:
+        return {}
+    import torch
+
+    from tunelab.models.quantize import bitsandbytes_config
+
+    place = {"": torch.cuda.current_device()} if device_type == "cuda" else "cpu"
+    return {"quantization_config": bitsandbytes_config(quantize.quantize, quantize.double_quant,
+                                                       quantize.compute_dtype, device_type, storage_dtype),
+            "device_map": place}
+
+
+def load_model(cfg: ModelConfig, dtype: Any = None, device_type: str = "cpu", quantize: Any = None,
+               storage_dtype: Any = None) -> Any:
+    """The causal LM in training-ready form (float32 master weights unless `dtype` says otherwise); with `quantize`
+    (strategy.lora's quantize settings) its linear layers bitsandbytes-quantized, frozen (models/quantize.py)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -175,10 +192,15 @@ def load_model(cfg: ModelConfig, dtype: Any = None, device_type: str = "cpu") ->
             cfg.path, config=config, trust_remote_code=cfg.trust_remote_code, dtype=dtype or torch.float32,
             use_safetensors=None if cfg.allow_pickle or not local else True,
             attn_implementation=attention_implementation(cfg.attn_implementation, device_type, config),
+            **quantized_loading(quantize, device_type, storage_dtype),
         )
     except (OSError, ValueError, ImportError) as exc:
         raise ModelError(f"cannot load a causal LM from '{cfg.path}': {exc}") from None
     model.config.use_cache = False
+    if quantize is not None and quantize.quantize is not None:
+        from tunelab.models.quantize import compute_as_in_training
+
+        compute_as_in_training(model)
     return model
 
 

@@ -3,7 +3,8 @@
 Rules (each with its source; the documented table of situations is in tests/plan/test_counts_and_advisor.py):
 1. No labeled data to speak of (< 8 examples): tuning-free prompting, the examples as few-shot
    demonstrations (Brown et al. 2020; Liu et al. 2021, sec. 7).
-2. Full fine-tuning does not fit the device's memory: LoRA if it fits (Hu et al. 2021), else a soft
+2. Full fine-tuning does not fit the device's memory: LoRA if it fits (Hu et al. 2021), else LoRA over a
+   4-bit NF4 base if that fits (QLoRA, Dettmers et al. 2023), with its memory and its step-time cost, else a soft
    prompt with activation checkpointing (Lester et al. 2021: only the prompt trains); when not even
    that fits, LoRA with its model sharded over several GPUs by FSDP2.
 3. Under ~100 examples: LoRA (rank 16), whose adapter detached leaves the base exactly as it was;
@@ -31,6 +32,15 @@ from tunelab.strategies.registry import STRATEGIES
 
 
 @dataclass
+class QuantizedLora:
+    """LoRA over a 4-bit NF4 base (QLoRA), as planned where 16-bit LoRA does not fit."""
+
+    memory_gib: float
+    fits: bool
+    slowdown: float  # its step time over 16-bit LoRA's
+
+
+@dataclass
 class Situation:
     num_examples: int
     target_tokens: int
@@ -41,6 +51,7 @@ class Situation:
     memory_gib: dict[str, float] = field(default_factory=dict)
     device_gib: float = 0.0
     large_budget: bool = True  # the full-tuning time is within the user's compute budget
+    quantized_lora: QuantizedLora | None = None  # planned where 16-bit LoRA does not fit
 
 
 @dataclass
@@ -110,6 +121,14 @@ def _by_rules(s: Situation) -> Advice:
             return Advice("lora", {"rank": 16, "alpha": 32, "learning_rate": _lr("lora"), "epochs": _epochs(n)},
                           f"{mem}; LoRA needs {s.memory_gib.get('lora', 0):.1f} GiB and trains "
                           f"{100 * s.trainable_share.get('lora', 0):.2g}% of the parameters. {figures}.", "2")
+        q = s.quantized_lora
+        if q is not None and q.fits:
+            return Advice("lora", {"rank": 16, "alpha": 32, "quantize": "nf4", "double_quant": True,
+                                   "learning_rate": _lr("lora"), "epochs": _epochs(n)},
+                          f"{mem}; LoRA over the unquantized base needs {s.memory_gib.get('lora', 0):.1f} GiB, but "
+                          f"over a 4-bit NF4 base (QLoRA, double quantization) {q.memory_gib:.1f} GiB, at about "
+                          f"{q.slowdown:.2f}x LoRA's step time (every 4-bit weight is dequantized in each forward and "
+                          f"backward). {figures}.", "2")
         if not s.fits.get("soft_prompt", True):
             return Advice("lora", {"rank": 16, "alpha": 32, "distributed.strategy": "fsdp2",
                                    "learning_rate": _lr("lora"), "epochs": _epochs(n)},

@@ -20,16 +20,19 @@ class Device:
     peak_flops: float  # dense, in the training precision
     mfu: float  # the model-FLOPs utilisation the time estimate assumes
     source: str
+    memory_bandwidth: float = 0.0  # bytes/s: what memory-bound work (dequantizing a 4-bit base) runs at
 
 
 DEVICES: dict[str, Device] = {
     "h100": Device("NVIDIA H100 SXM 80GB", 80e9, 989e12, 0.35,
                    "NVIDIA H100 Tensor Core GPU datasheet: 989 TFLOPS dense BF16 (SXM5); MFU 35% is typical of "
-                   "well-tuned small-model SFT (the reference 787 TFLOP/s matmul is 80% of peak)"),
+                   "well-tuned small-model SFT (the reference 787 TFLOP/s matmul is 80% of peak); 3.35 TB/s HBM3",
+                   3.35e12),
     "a100": Device("NVIDIA A100 SXM 80GB", 80e9, 312e12, 0.40,
-                   "NVIDIA A100 datasheet: 312 TFLOPS dense BF16; MFU 40% (Megatron-LM reports 40-50% at scale)"),
+                   "NVIDIA A100 datasheet: 312 TFLOPS dense BF16; MFU 40% (Megatron-LM reports 40-50% at scale); "
+                   "2,039 GB/s HBM2e", 2.039e12),
     "l4": Device("NVIDIA L4 24GB", 24e9, 121e12, 0.35,
-                 "NVIDIA L4 datasheet: 121 TFLOPS dense BF16 (242 with sparsity); MFU 35%"),
+                 "NVIDIA L4 datasheet: 121 TFLOPS dense BF16 (242 with sparsity); MFU 35%; 300 GB/s GDDR6", 300e9),
 }
 
 
@@ -50,10 +53,13 @@ def cpu_device() -> Device:
 
     a, b = torch.randn(512, 512), torch.randn(512, 512)
     flops = 2 * 512**3 / _seconds_per_call(lambda: a @ b, 0.3)
+    source, target = torch.ones(2**24), torch.empty(2**24)  # 64 MiB each: beyond the caches
+    bandwidth = 2 * source.numel() * 4 / _seconds_per_call(lambda: target.copy_(source), 0.1)  # read + write
     pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return Device(f"this CPU ({torch.get_num_threads()} threads)", float(pages), flops, 1.0,
                   "fp32 matmul rate measured by tunelab plan on this machine (512^3 products for 0.3 s); with --measure "
-                  "step times are not derived from it but measured: real steps of cut copies of the model")
+                  "step times are not derived from it but measured: real steps of cut copies of the model; memory "
+                  "bandwidth from 64 MiB copies for 0.1 s", bandwidth)
 
 
 # What a running CPU training process holds beyond its imports and its per-token buffers (the tokenizer, the

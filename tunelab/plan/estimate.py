@@ -17,7 +17,12 @@ from tunelab.models.layers import decoder_layers
 from tunelab.strategies.registry import parameter_counts, resolve  # noqa: F401  (the registry counts parameters)
 
 BYTES_FP32 = 4
-OPTIMIZER_STATES = {"adamw": 2, "sgd": 0}  # fp32 tensors per trainable parameter: AdamW's exp_avg and exp_avg_sq
+# optimizer states per trainable parameter, in fp32 tensors' worth (x 4 bytes): AdamW's exp_avg and exp_avg_sq;
+# bitsandbytes' 8-bit AdamW keeps both as 1-byte codes with an fp32 scale per block of 256 (tensors under 4096 values
+# keep fp32 states: a rounding error for any model worth planning); SGD (no momentum) none
+_EIGHT_BIT_ADAM = 2 * (1 + BYTES_FP32 / 256) / BYTES_FP32
+OPTIMIZER_STATES = {"adamw": 2, "adamw_8bit": _EIGHT_BIT_ADAM, "paged_adamw_8bit": _EIGHT_BIT_ADAM, "sgd": 0}
+QUANT_BLOCK = 64  # bitsandbytes' 4-bit block: one scale per 64 weights
 
 
 @dataclass
@@ -179,13 +184,62 @@ def memory(shape: ModelShape, w: Workload, cfg: Config, trainable: int, total: i
     head_trains = s.trains_base_weights
     label_tokens = min(chunk, w.label_tokens_per_step / w.micro_batches_per_step)
     loss = 2 * label_tokens * shape.vocab * BYTES_FP32 + (shape.vocab * shape.hidden * BYTES_FP32 if head_trains else 0)
-    parts = {"weights": total * BYTES_FP32 * (2 if cpu_runtime is not None else 1), "gradients": trainable * BYTES_FP32,
+    weights = base_weight_bytes(shape, cfg, total)
+    parts = {"weights": weights + (total * BYTES_FP32 if cpu_runtime is not None else 0),
+             "gradients": trainable * BYTES_FP32,
              "optimizer": trainable * OPTIMIZER_STATES[cfg.train.optimizer] * BYTES_FP32, "activations": activations,
              "loss_buffer": loss}
+    if cfg.strategy.lora.quantize is not None:
+        parts["dequantization"] = dequantization_bytes(shape, cfg, cpu_runtime is not None)
     if cpu_runtime is not None:
         parts["runtime"] = cpu_runtime + CPU_BYTES_PER_TOKEN * tokens
     parts["total"] = sum(parts.values())
     return parts
+
+
+def quantized_bytes_per_weight(quantize: str, double_quant: bool) -> float:
+    """Bytes per weight of a bitsandbytes-quantized linear layer, its scales included: 4-bit codes with an fp32
+    absmax per block of 64 (double quantization: an 8-bit absmax per block, an fp32 scale per 256 blocks), or
+    LLM.int8's 1-byte codes (its fp32 row scales are counted per row in base_weight_bytes)."""
+    if quantize == "int8":
+        return 1.0
+    scales = (1 + BYTES_FP32 / 256) / QUANT_BLOCK if double_quant else BYTES_FP32 / QUANT_BLOCK
+    return 0.5 + scales
+
+
+def base_weight_bytes(shape: ModelShape, cfg: Config, total: int) -> float:
+    """The loaded model's weights: fp32, or with strategy.lora.quantize the decoder's linear layers quantized and
+    the rest (embeddings, norms, an untied output head) in fp32, as peft's k-bit preparation leaves them."""
+    q = cfg.strategy.lora
+    if q.quantize is None:
+        return total * BYTES_FP32
+    quantized = shape.body_matmul_params
+    per_row = sum(o for _, _, o in shape.linears) * BYTES_FP32 if q.quantize == "int8" else 0
+    return quantized * quantized_bytes_per_weight(q.quantize, q.double_quant) + per_row + \
+        (total - quantized) * BYTES_FP32
+
+
+def compute_bytes(cfg: Config, on_cpu: bool) -> int:
+    """Bytes per value of a quantized layer's compute dtype (auto: float32 on the CPU, bfloat16 on a GPU)."""
+    dtype = cfg.strategy.lora.compute_dtype
+    return BYTES_FP32 if dtype == "float32" or (dtype == "auto" and on_cpu) else 2
+
+
+def dequantization_bytes(shape: ModelShape, cfg: Config, on_cpu: bool) -> float:
+    """The transient dequantized copy a quantized layer multiplies with (one layer at a time): the largest
+    linear layer's weight in the compute dtype, twice (the forward's copy, and the backward's for the input
+    gradient, which autograd may hold at once)."""
+    return 2 * max((i * o for _, i, o in shape.linears), default=0) * compute_bytes(cfg, on_cpu)
+
+
+def dequantization_seconds(shape: ModelShape, w: Workload, cfg: Config, bandwidth: float, on_cpu: bool) -> float:
+    """Per optimizer step, the memory-bound work a quantized base adds: every quantized weight is expanded to the
+    compute dtype in each micro-batch's forward and again in its backward (codes read, values written)."""
+    q = cfg.strategy.lora
+    if q.quantize is None or not bandwidth:
+        return 0.0
+    per_weight = quantized_bytes_per_weight(q.quantize, q.double_quant) + compute_bytes(cfg, on_cpu)
+    return w.micro_batches_per_step * 2 * shape.body_matmul_params * per_weight / bandwidth
 
 
 def flops(shape: ModelShape, w: Workload, data: DataShape, cfg: Config) -> float:

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config import Config
-from tunelab.plan.advisor import Advice, Situation, advise
+from tunelab.plan.advisor import Advice, QuantizedLora, Situation, advise
 from tunelab.plan.devices import Device, RuntimeProbe, get_device
-from tunelab.plan.estimate import (DataShape, Estimate, ModelShape, Workload, flops, memory, model_shape,
+from tunelab.plan.estimate import (DataShape, Estimate, ModelShape, Workload, dequantization_seconds, flops, memory,
+                                    model_shape,
                                    parameter_counts, workload)
 from tunelab.strategies.registry import STRATEGIES, planned_strategies, resolve
 
@@ -138,6 +139,40 @@ def fit_changes(shape: ModelShape, w: Workload, cfg: Config, trainable: int, tot
     return out
 
 
+@dataclass
+class QuantizedOffer:
+    """LoRA over a 4-bit NF4 base (QLoRA), planned for when 16-bit LoRA does not fit."""
+
+    memory_bytes: float
+    slowdown: float  # its step time over 16-bit LoRA's (the dequantization of every weight in each pass)
+    change: str  # the plan's 'to fit' line
+    situation: QuantizedLora  # what the advisor reads
+
+
+QLORA_SETTINGS = {"strategy.lora.quantize": "nf4", "strategy.lora.double_quant": True}
+
+
+def quantized_offer(shape: ModelShape, data: DataShape, cfg: Config, device: Device, runtime: float | None,
+                    estimates: dict[str, Estimate]) -> QuantizedOffer | None:
+    """QLoRA's memory and its step time relative to LoRA's, when LoRA over the 16-bit base does not fit the device
+    (None when LoRA fits, was not planned, or the config already quantizes)."""
+    lora = estimates.get("lora")
+    if lora is None or cfg.strategy.lora.quantize is not None or lora.memory_bytes["total"] <= device.memory_bytes:
+        return None
+    qcfg = cfg.for_strategy("lora", QLORA_SETTINGS, "tunelab plan, LoRA over a 4-bit base")
+    trainable, total = parameter_counts(shape, qcfg.strategy)
+    w = workload(qcfg, data)
+    mem = memory(shape, w, qcfg, trainable, total, cfg.train.activation_checkpointing, cpu_runtime=runtime)
+    extra = dequantization_seconds(shape, w, qcfg, device.memory_bandwidth, device.name.startswith("this CPU"))
+    slowdown = (lora.step_seconds + extra) / lora.step_seconds if lora.step_seconds else 1.0
+    gib = mem["total"] / 2**30
+    change = (f"strategy.lora.quantize: nf4 (QLoRA: the frozen base in 4 bits with double quantization, "
+              f"{gib:.1f} GiB; each step about {slowdown:.2f}x LoRA's time, as every 4-bit weight is dequantized in "
+              "each forward and backward)")
+    return QuantizedOffer(mem["total"], slowdown, change,
+                          QuantizedLora(gib, mem["total"] <= device.memory_bytes, slowdown))
+
+
 def plan(cfg: Config, device_name: str = "cpu", pretraining_tokens: float | None = None,
          strategies: list[str] | None = None, compare_json: Path | None = None,
          step_timer: StepTimer | None = None) -> PlanResult:
@@ -159,6 +194,8 @@ def plan(cfg: Config, device_name: str = "cpu", pretraining_tokens: float | None
         chosen = cfg.strategy.freeze.trainable_layers or cfg.strategy.freeze.modules
         default_choice = {"strategy.freeze": {"trainable_layers": max(1, shape.layers // 4)}} \
             if STRATEGIES[name].base == "chosen" and not chosen else {}  # the top quarter of the layers
+        if cfg.strategy.lora.quantize is not None and not STRATEGIES[name].quantizable_base:
+            default_choice["strategy.lora.quantize"] = None  # a strategy that trains base weights plans unquantized
         scfg = cfg.for_strategy(name, default_choice, f"tunelab plan, strategy {name}")
         trainable, total = parameter_counts(shape, scfg.strategy)
         w = workload(scfg, data)
@@ -168,10 +205,11 @@ def plan(cfg: Config, device_name: str = "cpu", pretraining_tokens: float | None
         mem["activations_with_checkpointing" if not cfg.train.activation_checkpointing else
             "activations_without_checkpointing"] = mem_other["activations"]
         sec, source = 0.0, "nothing trains"
+        dequantizing = dequantization_seconds(shape, w, scfg, device.memory_bandwidth, on_cpu)
         if run_flops and on_cpu and step_timer and mem["total"] <= device.memory_bytes:
-            sec, source = step_timer(scfg, shape.layers, examples, tokenizer), MEASURED
+            sec, source = step_timer(scfg, shape.layers, examples, tokenizer), MEASURED  # its copies quantized
         elif run_flops:
-            sec = run_flops / w.steps / (device.peak_flops * device.mfu)
+            sec = run_flops / w.steps / (device.peak_flops * device.mfu) + dequantizing
             source = f"FLOPs at {device.mfu:.0%} of {device.peak_flops / 1e12:.3g} TFLOP/s"
             if on_cpu:  # a rough bound: real steps run well below a 512^3 product's rate (BENCHMARKS.md)
                 source += (" (this CPU's 512^3 matmul rate; steps not timed: "
@@ -180,10 +218,13 @@ def plan(cfg: Config, device_name: str = "cpu", pretraining_tokens: float | None
         estimates[name] = Estimate(name, total, trainable, adapter, mem, run_flops, sec * w.steps, sec, source)
         prepared[name] = (scfg, w)
     totals = {k: e.memory_bytes["total"] for k, e in estimates.items()}
+    offer = quantized_offer(shape, data, cfg, device, runtime, estimates)
     for name, e in estimates.items():
         scfg, w = prepared[name]
         e.fit_changes = fit_changes(shape, w, scfg, e.trainable_params, e.total_params, e.memory_bytes, device,
                                     runtime, totals)
+        if offer and e.fit_changes and STRATEGIES[name].quantizable_base and STRATEGIES[name].adds == "adapter":
+            e.fit_changes.insert(0, offer.change)
     pre = None
     if pretraining_tokens:
         pre = (pretraining_tokens, "--pretraining-tokens")
@@ -196,7 +237,7 @@ def plan(cfg: Config, device_name: str = "cpu", pretraining_tokens: float | None
     situation = Situation(data.num_examples, data.num_label_tokens, task_kind(data), cfg.plan.retention,
                           {k: v <= device.memory_bytes for k, v in totals.items()},
                           {k: e.trainable_params / e.total_params for k, e in estimates.items()}, gib,
-                          device.memory_bytes / 2**30)
+                          device.memory_bytes / 2**30, quantized_lora=offer.situation if offer else None)
     return PlanResult(estimates, advise(situation, compare_json), device, data, pre, cfg.strategy.name, situation)
 
 

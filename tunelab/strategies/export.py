@@ -11,6 +11,7 @@ By the strategy's `saves` (tunelab/strategies/registry.py):
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +56,11 @@ def save_final(run_dir: Path, model: TrainModel, tokenizer: Any, base_path: str,
     return atomic_dir(final, write)
 
 
-def load_final(final: Path) -> Any:
+def load_final(final: Path, quantized: Any = None) -> Any:
     """Load final/ (any strategy) with plain transformers and peft, as a user would, in float32: the precision
     training keeps its weights in (transformers' default, the config's dtype, would load a bf16-saved base in bf16
-    under an adapter trained over float32)."""
+    under an adapter trained over float32). `quantized`: the run's strategy.lora settings when it trained over a
+    quantized base, which the adapter is then loaded over, as it trained."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -74,23 +76,31 @@ def load_final(final: Path) -> Any:
         return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(final / "base", dtype=torch.float32),
                                          final / "adapter")
     if (final / "adapter_config.json").is_file():
-        return PeftModel.from_pretrained(_load_base_of(final), final)
+        return PeftModel.from_pretrained(_load_base_of(final, quantized), final)
     return AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
 
 
-def _load_base_of(adapter_dir: Path) -> Any:
+def _load_base_of(adapter_dir: Path, quantized: Any = None) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tunelab.models.load import check_weights, read_adapter_config
+    from tunelab.config import ModelConfig
+    from tunelab.models.load import check_weights, load_model, read_adapter_config
 
     base = read_adapter_config(adapter_dir)["base_model_name_or_path"]
     check_weights(base)
+    if quantized is not None and quantized.quantize is not None:
+        return load_model(ModelConfig(path=base), quantize=quantized)
     return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
 
 
-def export_run(run_dir: Path, out_dir: Path, merge: bool) -> str:
-    """Copy (or, with merge, fold LoRA into the weights of) a run's final/ into a standalone folder."""
+def export_run(run_dir: Path, out_dir: Path, merge: bool, quantized: Any = None,
+               parity_prompts: list[str] = ()) -> str:
+    """Copy (or, with merge, fold LoRA into the weights of) a run's final/ into a standalone folder.
+
+    `quantized`: the run's strategy.lora settings when it trained over a quantized base; its adapter is then merged
+    into a float32 copy of the dequantized base (`merge_over_dequantized`), and the merged model's greedy output on
+    `parity_prompts` is checked against the adapter over the quantized base (what the message reports)."""
     final = Path(run_dir) / "final"
     if not final.is_dir():
         raise TunelabError(f"'{run_dir}' has no final/ folder: it is not a finished tunelab run "
@@ -113,7 +123,70 @@ def export_run(run_dir: Path, out_dir: Path, merge: bool) -> str:
                 "(virtual tokens or prefix keys and values) computed at every call, not a change to any weight, so "
                 "there is no weight to fold it into. The adapter was exported as is; load it with "
                 "peft.PeftModel.from_pretrained onto the base model.")
-    merged = load_final(final).merge_and_unload()
     tokenizer = AutoTokenizer.from_pretrained(final)
+    if quantized is None or quantized.quantize is None:
+        merged = load_final(final).merge_and_unload()
+        atomic_dir(out_dir, lambda tmp: _save_hf(merged, tokenizer, tmp))
+        return "merged the LoRA adapter into a standalone Hugging Face checkpoint"
+    trained, merged = merge_over_dequantized(final, quantized)
     atomic_dir(out_dir, lambda tmp: _save_hf(merged, tokenizer, tmp))
-    return "merged the LoRA adapter into a standalone Hugging Face checkpoint"
+    parity = greedy_parity(trained, merged, tokenizer, parity_prompts)
+    return (f"merged the LoRA adapter, trained over a {quantized.quantize} base, into a float32 copy of that base's "
+            f"dequantized weights (never into the quantized codes): {parity.summary()}")
+
+
+@dataclass(frozen=True)
+class Parity:
+    """Greedy decoding of an exported model against the model it was made from, on the same prompts."""
+
+    prompts: int
+    identical: int  # prompts whose greedy continuations are the same tokens
+    new_tokens: int
+    max_logit_difference: float  # the largest |difference| of next-token logits at the first new token
+    logit_scale: float  # the largest |logit| there, for scale
+
+    def summary(self) -> str:
+        if not self.prompts:
+            return "no prompts to check greedy output on"
+        return (f"greedy output identical on {self.identical} of {self.prompts} of the run's training prompts "
+                f"({self.new_tokens} new tokens each); next-token logits differ by at most "
+                f"{self.max_logit_difference:.2g} (largest logit {self.logit_scale:.3g})")
+
+
+def merge_over_dequantized(final: Path, quantized: Any) -> tuple[Any, Any]:
+    """(the adapter over its quantized base, as it trained; the adapter merged into a float32 copy of the base whose
+    quantized layers hold their dequantized weights): the merged model computes what the trained one did."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.config import ModelConfig
+    from tunelab.models.load import load_model, read_adapter_config
+    from tunelab.models.quantize import dequantized_weight, quantized_layers
+
+    base_path = read_adapter_config(final)["base_model_name_or_path"]
+    trained = PeftModel.from_pretrained(load_model(ModelConfig(path=base_path), quantize=quantized), final).eval()
+    copy = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    modules = dict(copy.named_modules())
+    with torch.no_grad():
+        for name, layer in quantized_layers(trained.get_base_model()).items():
+            modules[name.removeprefix("base_model.model.").removesuffix(".base_layer")].weight.copy_(
+                dequantized_weight(layer))
+    return trained, PeftModel.from_pretrained(copy, final).merge_and_unload().eval()
+
+
+def greedy_parity(reference: Any, candidate: Any, tokenizer: Any, prompts: list[str], new_tokens: int = 24) -> Parity:
+    """Greedy continuations of each prompt by both models, and their next-token logits at the first new token."""
+    import torch
+
+    identical, worst, scale = 0, 0.0, 0.0
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            ref_logits, cand_logits = reference(**ids).logits[0, -1], candidate(**ids).logits[0, -1]
+            worst = max(worst, float((ref_logits - cand_logits).abs().max()))
+            scale = max(scale, float(ref_logits.abs().max()))
+            outs = [m.generate(**ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+                    for m in (reference, candidate)]
+        identical += int(torch.equal(outs[0], outs[1]))
+    return Parity(len(prompts), identical, new_tokens, worst, scale)

@@ -433,6 +433,25 @@ class TuningStrategy:
                     "strategy.freeze.modules (parameter-name patterns)")
         return None
 
+    @property
+    def quantizable_base(self) -> bool:
+        """The base may be loaded quantized (strategy.lora.quantize): none of its own weights train, so its
+        4-bit or 8-bit codes stay frozen and only what the strategy adds (kept in higher precision) learns."""
+        return self.base == "none"
+
+    def quantized_base_refusal(self, cfg: StrategyConfig) -> str | None:
+        """Why strategy.lora.quantize cannot be set with this strategy's settings (None: it can, or it is unset)."""
+        q = cfg.lora.quantize
+        s = self.refine(cfg) if self.refine else self
+        if q is None or s.quantizable_base:
+            return None
+        bits = "8" if q == "int8" else "4"
+        return (f"strategy.lora.quantize is {q}, but strategy.name {self.name} trains the base model's own weights, "
+                f"and a {bits}-bit base is frozen integer codes with no gradient and no optimizer "
+                "update (bitsandbytes' quantized layers cannot learn). Remove strategy.lora.quantize to train in 16/32 "
+                "bits, or use a strategy that keeps the base frozen: lora (its dora and rslora variants), ia3 or "
+                "soft_prompt" + (" (or strategy.fixed_prompt.tune: lora)" if self.refine else ""))
+
     def activation_checkpointing_refusal(self, cfg: StrategyConfig) -> str | None:
         """Why the strategy cannot train under activation checkpointing (None: it can)."""
         return self.addition.activation_checkpointing_refusal(cfg)

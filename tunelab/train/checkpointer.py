@@ -13,7 +13,7 @@ from typing import Any
 from tunelab.runfiles import RunFiles
 from tunelab.strategies.model import TrainModel
 from tunelab.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from tunelab.train.distributed import barrier, full_state_dict, load_sharded, save_sharded
+from tunelab.train.distributed import barrier, full_state_dict, load_consolidated, load_sharded, save_sharded
 from tunelab.train.session import Session
 
 FinalWriter = Callable[[TrainModel], Path]  # writes final/ from a whole (unsharded) model; returns the folder
@@ -66,7 +66,7 @@ class ShardedCheckpointer(Checkpointer):
         full = full_state_dict(self.session.model)  # a collective: every rank takes part
         if self.session.info.is_main:
             single = self.unsharded()
-            single.load_state_dict(full)
+            load_consolidated(single, full)
             write(single)
         barrier()
         return RunFiles(self.run_dir).final

@@ -49,6 +49,22 @@ def init_distributed() -> DistInfo:
     return info
 
 
+def check_sharding(strategy: str, quantize: str | None, info: DistInfo) -> None:
+    """Refuse, before anything is written, FSDP2 over a bitsandbytes-quantized base: fully_shard turns each weight
+    into a plain sharded tensor, and bitsandbytes' 4-bit weight (Params4bit) keeps its block scales beside the
+    packed codes, where the gathered shard no longer finds them (bitsandbytes 0.50's forward then fails its own
+    shape check); peft's FSDP recipe (bnb_4bit_quant_storage) is for FSDP1's flat parameters, which FSDP2 does not
+    have. DDP keeps every weight whole on every rank and trains a quantized base as one process does."""
+    if info.enabled and quantize is not None and strategy == "fsdp2":
+        from tunelab.errors import ConfigError
+
+        raise ConfigError(f"strategy.lora.quantize is {quantize} and distributed.strategy is fsdp2 on {info.world} "
+                          "processes, but FSDP2 cannot shard a bitsandbytes-quantized base correctly: fully_shard "
+                          "replaces each 4-bit weight with a plain sharded tensor that has lost its block scales. "
+                          "Use distributed.strategy: ddp (each process holds the whole 4-bit base, which is what "
+                          "quantizing it made small), or train unquantized under fsdp2.")
+
+
 def all_reduce_sum(value: float | int, device: torch.device) -> float:
     t = torch.tensor(float(value), dtype=torch.float64, device=device)
     dist.all_reduce(t)
@@ -105,9 +121,11 @@ def gradient_sync(model: Any, sync: bool) -> Iterator[None]:
 
 
 def _options(full: bool = False) -> Any:
+    """Checkpoints hold the trained parameters only (the frozen ones are the base model's, loaded from its files),
+    so loading one into the model leaves its frozen parameters as they are (strict only for the full state)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(ignore_frozen_params=not full, full_state_dict=full, cpu_offload=full)
+    return StateDictOptions(ignore_frozen_params=not full, full_state_dict=full, cpu_offload=full, strict=full)
 
 
 def save_sharded(path: Path, model: Any, optimizer: Any, scheduler: Any, state: dict[str, Any], info: DistInfo,
@@ -171,6 +189,19 @@ def full_state_dict(model: Any) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     return get_model_state_dict(model, options=_options(full=True))
+
+
+def load_consolidated(model: Any, state: dict[str, torch.Tensor]) -> None:
+    """Copy the gathered trained parameters of `full_state_dict` into a one-process copy of the model. Its frozen
+    weights are the base model's, loaded from the same files: a quantized base's codes and block scales among
+    them, which bitsandbytes' layers do not take back through load_state_dict."""
+    params = dict(model.named_parameters())
+    trained = [n for n, p in params.items() if p.requires_grad]
+    missing = [n for n in trained if n not in state]
+    assert not missing, f"trained parameters absent from the gathered state: {missing[:3]}"
+    with torch.no_grad():
+        for name in trained:
+            params[name].copy_(state[name])
 
 
 def torchrun_failure(stderr_tail: str, exit_code: int) -> str:

@@ -34,7 +34,8 @@ from tunelab.strategies.prepare import prepare_strategy
 from tunelab.strategies.registry import resolve
 from tunelab.train.checkpoint import disk_full_message, list_checkpoints
 from tunelab.train.checkpointer import Checkpointer, make_checkpointer
-from tunelab.train.distributed import DistInfo, all_reduce_sum, gradient_sync
+from tunelab.train.distributed import DistInfo, all_reduce_sum, check_sharding, gradient_sync
+from tunelab.train.optim import check_optimizer
 from tunelab.train.loss import causal_lm_loss
 from tunelab.train.progress import Progress
 from tunelab.train.reporting import RunReporter
@@ -227,11 +228,13 @@ def run_recipe(cfg: Config, on_exit: contextlib.ExitStack) -> TrainResult:
     """The recipe of `train`; what must be undone at the end is registered on `on_exit`."""
     # 1. check everything that can be wrong before writing anything: output_dir, trackers, device, data, model
     info = check_before_writing(cfg)
+    check_sharding(cfg.distributed.strategy, cfg.strategy.lora.quantize, info)
     hw = setup_device(cfg.train, info)
     check_loss_kernel(cfg.train.loss_kernel, hw.device)
+    check_optimizer(cfg.train, hw.device)
     tokenizer = load_tokenizer(cfg.model)
     data = load_training_data(cfg, tokenizer, info)
-    model = load_model(cfg.model, device_type=hw.device.type)
+    model = load_model(cfg.model, device_type=hw.device.type, quantize=cfg.strategy.lora)
 
     # 2. the run directory and its log (rank 0 writes; the others follow)
     run_dir, file_log = open_run(cfg, info, data, on_exit)
@@ -249,7 +252,7 @@ def run_recipe(cfg: Config, on_exit: contextlib.ExitStack) -> TrainResult:
     # 4. data parallelism, batches, optimizer, schedule, checkpoints: restore them all when resuming
     session = open_session(cfg, model, data.train_set, data.pad_id, hw, info, stream=data.train.stream)
     checkpointer = make_checkpointer(run_dir, session, cfg.train.keep_checkpoints, lambda: prepare_strategy(
-        load_model(cfg.model), cfg.strategy, tokenizer, cfg.train.seed))
+        load_model(cfg.model, quantize=cfg.strategy.lora), cfg.strategy, tokenizer, cfg.train.seed))
     start = resume_point(cfg, checkpointer, session)
     reporter = RunReporter(cfg, info, run_dir, file_log, data, hw, tokenizer, start.resume_step)
     if not start.resumed:

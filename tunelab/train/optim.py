@@ -1,4 +1,5 @@
-"""AdamW (or plain SGD) with the usual decay groups, and the warmup + cosine / linear / constant schedule."""
+"""AdamW (torch's, or bitsandbytes' 8-bit and paged 8-bit) or plain SGD with the usual decay groups, and the
+warmup + cosine / linear / constant schedule."""
 
 from __future__ import annotations
 
@@ -6,15 +7,37 @@ import math
 
 import torch
 
-from tunelab.config import TrainConfig
+from tunelab.config import BITSANDBYTES_OPTIMIZERS, TrainConfig
+from tunelab.errors import ConfigError
+
+
+def check_optimizer(cfg: TrainConfig, device: torch.device) -> None:
+    """Refuse, before anything is written, an optimizer this device cannot run as asked: a paged optimizer pages
+    its states between GPU and host memory through CUDA unified memory, which the CPU has no counterpart of
+    (bitsandbytes would quietly run it unpaged)."""
+    if cfg.optimizer == "paged_adamw_8bit" and device.type != "cuda":
+        raise ConfigError(f"train.optimizer is paged_adamw_8bit, but this run trains on the {device.type}: paging "
+                          "moves optimizer states between GPU memory and the host through CUDA unified memory, so it "
+                          "needs a CUDA GPU. Use train.optimizer: adamw_8bit (the same 8-bit states, unpaged) or "
+                          "adamw on the CPU.")
+
+
+def _bitsandbytes_adamw(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """bitsandbytes' AdamW with 8-bit block-wise moments (paged: in CUDA unified memory)."""
+    from tunelab.models.quantize import import_bitsandbytes
+
+    bnb = import_bitsandbytes()
+    cls = bnb.optim.PagedAdamW8bit if cfg.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    return cls(groups, lr=cfg.learning_rate, betas=cfg.adam_betas, eps=cfg.adam_eps)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     """`train.optimizer` over the trainable parameters; biases and norm weights (1-d) get no weight decay.
 
-    AdamW by default. SGD is plain gradient descent (no momentum; its weight decay, added to the gradient, is
-    AdamW's decoupled decay for plain SGD): its update is proportional to the gradient, so it shows a wrong
-    gradient scale that Adam's per-parameter normalisation hides."""
+    AdamW by default; adamw_8bit and paged_adamw_8bit are bitsandbytes' (the same update, its moments stored
+    as 8-bit codes with a scale per block of 256). SGD is plain gradient descent (no momentum; its weight
+    decay, added to the gradient, is AdamW's decoupled decay for plain SGD): its update is proportional to the
+    gradient, so it shows a wrong gradient scale that Adam's per-parameter normalisation hides."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -24,6 +47,8 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD([g for g in groups if g["params"]], lr=cfg.learning_rate)
+    if cfg.optimizer in BITSANDBYTES_OPTIMIZERS:
+        return _bitsandbytes_adamw([g for g in groups if g["params"]], cfg)
     fused = cfg.fused_adamw if cfg.fused_adamw is not None else device.type == "cuda"
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate, betas=cfg.adam_betas,
                              eps=cfg.adam_eps, fused=fused or None)

@@ -60,6 +60,27 @@ def _median_step_seconds(step: Callable[[], None]) -> float:
     return statistics.median(times)
 
 
+def _quantized_as_configured(model: Any, cfg: Config) -> Any:
+    """The cut copy quantized as strategy.lora.quantize asks (through a temporary folder: transformers quantizes as
+    it loads), so that its steps dequantize as training's do; the copy itself without it."""
+    if cfg.strategy.lora.quantize is None:
+        return model
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.models.load import quantized_loading
+    from tunelab.models.quantize import compute_as_in_training
+
+    with tempfile.TemporaryDirectory(prefix="tunelab-timing-") as tmp:
+        model.save_pretrained(tmp)
+        quantized = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32,
+                                                         attn_implementation=model.config._attn_implementation,
+                                                         **quantized_loading(cfg.strategy.lora, "cpu"))
+    quantized.config.use_cache = False
+    return compute_as_in_training(quantized)
+
+
 def time_cut_model(cfg: Config, model_config: Any, layers: int, examples: list[Encoded], tokenizer: Any) -> float:
     """Median seconds of one optimizer step of `cfg`'s strategy and batches with a `layers`-layer copy of the model:
     the training session set up as the recipe sets it up (on the CPU, with random weights), its steps the
@@ -75,7 +96,7 @@ def time_cut_model(cfg: Config, model_config: Any, layers: int, examples: list[E
                                             trust_remote_code=cfg.model.trust_remote_code,
                                             attn_implementation=attention_implementation(cfg.model.attn_implementation, "cpu",
                                                                                          model_config))
-    model = prepare_model(base, cfg, tokenizer, hw.device)
+    model = prepare_model(_quantized_as_configured(base, cfg), cfg, tokenizer, hw.device)
     session = open_session(cfg, model, examples, pad_token_id(tokenizer), hw, steps=WARMUP_STEPS + MAX_STEPS)
     return _median_step_seconds(lambda: take_step(session))  # a step: its batches, the update, the host sync
 

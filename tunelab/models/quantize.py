@@ -1,0 +1,192 @@
+"""A quantized base model through bitsandbytes: its `BitsAndBytesConfig`, a quiet import, what it needs, and the
+dequantized weights a quantized layer computes with.
+
+`strategy.lora.quantize` loads the frozen base in 4-bit (nf4 or fp4 codes, a float scale per 64-weight block, with
+double quantization the scales themselves 8-bit) or 8-bit (LLM.int8) through transformers' own path
+(`from_pretrained(quantization_config=...)`); the adapter on top trains in `compute_dtype`. bitsandbytes 0.50 runs
+all three on the CPU with its own kernels; at import it would look for a faster CPU kernel on the Hugging Face Hub
+(kernels-community/quantization-bitsandbytes), which tunelab never fetches: `import_bitsandbytes` keeps that
+lookup from starting (whoever imports bitsandbytes first: peft does, on its own import) and says so in the debug log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.abc
+import logging
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from tunelab.errors import ConfigError
+
+log = logging.getLogger(__name__)
+_HUB_KERNEL_WARNING = "Failed to load CPU gemm_4bit_forward from kernels-community"
+_INT8_CAST_WARNING = "MatMul8bitLt: inputs will be cast from"
+
+
+class _DropMessages(logging.Filter):
+    """Drops log records that start with one of `prefixes` (bitsandbytes' notices that tunelab handles itself)."""
+
+    def __init__(self, *prefixes: str) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+@contextlib.contextmanager
+def _no_hub_kernels() -> Iterator[None]:
+    """While bitsandbytes imports, `from kernels import get_kernel` fails (as it does where `kernels` is not
+    installed), so bitsandbytes takes its own CPU kernel at once instead of asking the Hub for one."""
+    kernels = sys.modules.get("kernels", ...)
+    if kernels is not ... and kernels is not None:
+        from unittest import mock
+
+        def refuse(*args: Any, **kwargs: Any) -> Any:
+            raise ImportError("tunelab does not fetch hub kernels for bitsandbytes")
+
+        with mock.patch.object(kernels, "get_kernel", refuse):
+            yield
+        return
+    sys.modules["kernels"] = None  # type: ignore[assignment]  # import kernels -> ImportError
+    try:
+        yield
+    finally:
+        if kernels is ...:
+            sys.modules.pop("kernels", None)
+        else:
+            sys.modules["kernels"] = kernels
+
+
+def _quietly(exec_module: Any) -> Any:
+    """A loader's exec_module for bitsandbytes that runs without a hub lookup and without the notices that do not
+    concern a user: the hub-kernel one (its own CPU kernel serves instead) and LLM.int8's per-call note that
+    float32 inputs are cast to float16 (that cast is what int8 matmul is)."""
+
+    def run(module: Any) -> None:
+        ops_log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+        quiet = _DropMessages(_HUB_KERNEL_WARNING)
+        ops_log.addFilter(quiet)
+        try:
+            with _no_hub_kernels():
+                exec_module(module)
+        finally:
+            ops_log.removeFilter(quiet)
+        logging.getLogger("bitsandbytes.autograd._functions").addFilter(_DropMessages(_INT8_CAST_WARNING))
+        log.debug("bitsandbytes imported with its own CPU kernels (no hub kernel fetched)")
+
+    return run
+
+
+class QuietBitsandbytesFinder(importlib.abc.MetaPathFinder):
+    """Finds bitsandbytes as the other finders do, and has it import `_quietly`: whoever imports it first (peft
+    does, on its own import), it never asks the Hub for a kernel. Installed by `tunelab/__init__.py`."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != "bitsandbytes":
+            return None
+        others = [f for f in sys.meta_path if not isinstance(f, QuietBitsandbytesFinder)]
+        for finder in others:
+            spec = finder.find_spec(name, path, target) if hasattr(finder, "find_spec") else None
+            if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                spec.loader.exec_module = _quietly(spec.loader.exec_module)  # this spec's loader only
+                return spec
+        return None
+
+
+def install_quiet_import() -> None:
+    """Make every later import of bitsandbytes in this process quiet and hub-free (idempotent)."""
+    if not any(isinstance(f, QuietBitsandbytesFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, QuietBitsandbytesFinder())
+
+
+def import_bitsandbytes() -> Any:
+    """bitsandbytes, imported quietly and without a hub lookup (`QuietBitsandbytesFinder`); a ConfigError naming
+    what to install where it is missing."""
+    from tunelab.config import BITSANDBYTES_NEEDED, bitsandbytes_installed
+
+    if not bitsandbytes_installed():
+        raise ConfigError(BITSANDBYTES_NEEDED + ".")
+    install_quiet_import()
+    import bitsandbytes
+
+    return bitsandbytes
+
+
+def compute_dtype(requested: str, device_type: str) -> Any:
+    """The dtype a quantized layer dequantizes to and multiplies in: auto is bfloat16 on a GPU (what bf16 training
+    computes in), float32 on the CPU (where tunelab trains in float32)."""
+    import torch
+
+    if requested == "auto":
+        return torch.bfloat16 if device_type == "cuda" else torch.float32
+    return getattr(torch, requested)
+
+
+def bitsandbytes_config(quantize: str, double_quant: bool, dtype: str, device_type: str,
+                        storage_dtype: Any = None) -> Any:
+    """transformers' `BitsAndBytesConfig` for `strategy.lora.quantize` (nf4, fp4 or int8). `storage_dtype` packs
+    4-bit codes into a float dtype's storage (bnb_4bit_quant_storage), which FSDP needs to shard them."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    import_bitsandbytes()
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_use_double_quant=double_quant,
+                              bnb_4bit_compute_dtype=compute_dtype(dtype, device_type),
+                              bnb_4bit_quant_storage=storage_dtype or torch.uint8)
+
+
+def is_quantized(model: Any) -> bool:
+    """The model was loaded with bitsandbytes quantization (4-bit or 8-bit)."""
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+def quantized_layers(model: Any) -> dict[str, Any]:
+    """The model's bitsandbytes linear layers (Linear4bit, Linear8bitLt) by module name."""
+    if not is_quantized(model):
+        return {}
+    bnb = import_bitsandbytes()
+    return {n: m for n, m in model.named_modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}
+
+
+def compute_as_in_training(model: Any) -> Any:
+    """Make every 4-bit layer compute in evaluation as it does in training: dequantize, then multiply in its compute
+    dtype. On a CPU with AVX512-BF16, bitsandbytes' Linear4bit otherwise repacks its codes in place at the first
+    forward without gradients and multiplies in bfloat16 there, which fails outright for a layer whose output width
+    is not a multiple of 32 (stories260K's MLP is 172 wide) and gives eval losses at another precision than the
+    training losses they are compared with."""
+    for layer in quantized_layers(model).values():
+        if hasattr(layer, "support_avx512bf16_for_cpu"):
+            layer.support_avx512bf16_for_cpu = False
+    return model
+
+
+def loaded_bytes(model: Any) -> int:
+    """The memory of a loaded model: transformers' get_memory_footprint (parameters and buffers) plus what it does
+    not see of a quantized layer, the state kept beside its codes (a 4-bit layer's block scales, their own scales
+    with double quantization and the code tables; an 8-bit layer's row scales)."""
+    import torch
+
+    extra = 0
+    for layer in quantized_layers(model).values():
+        state = getattr(layer.weight, "quant_state", None)
+        if state is not None:
+            extra += sum(t.numel() * t.element_size() for t in state.as_dict(packed=True).values()
+                         if isinstance(t, torch.Tensor))
+        row_scales = getattr(layer.weight, "SCB", None)  # LLM.int8's per-row scales
+        if isinstance(row_scales, torch.Tensor):
+            extra += row_scales.numel() * row_scales.element_size()
+    return int(model.get_memory_footprint()) + extra
+
+
+def dequantized_weight(layer: Any) -> Any:
+    """The float weight (out, in) a quantized linear layer computes with: its codes times its block scales."""
+    bnb = import_bitsandbytes()
+    w = layer.weight
+    if isinstance(layer, bnb.nn.Linear4bit):
+        return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
+    return (w.data.float() * w.SCB.float()[:, None] / 127.0)  # LLM.int8: row-wise absmax scales
