@@ -29,7 +29,7 @@ from tunelab.data.dataset import load_datasets
 from tunelab.data.render import spec_from_config
 from tunelab.cli import main
 from tunelab.models.load import load_model, load_tokenizer, pad_token_id
-from tunelab.strategies.export import load_final
+from tunelab.strategies.final import load_final
 from tunelab.strategies.model import TrainModel
 from tunelab.strategies.prepare import prepare_strategy
 from tunelab.train.loop import train

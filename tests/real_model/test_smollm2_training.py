@@ -34,7 +34,7 @@ from tunelab.data.batching import pad_collate
 from tunelab.data.dataset import load_datasets
 from tunelab.data.encode import IGNORE
 from tunelab.data.render import spec_from_config
-from tunelab.strategies.export import load_final
+from tunelab.strategies.final import load_final
 from tunelab.strategies.prepare import prepare_strategy
 from tunelab.train.loop import train
 from tunelab.train.session import seed_everything

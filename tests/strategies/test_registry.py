@@ -16,7 +16,8 @@ from tunelab.evaluate.loaders import load_for_eval
 from tunelab.evaluate.score import sequence_log_probs
 from tunelab.models.load import load_model, load_tokenizer
 from tunelab.plan.estimate import model_shape
-from tunelab.strategies.export import export_run, load_final
+from tunelab.export.hf import export_run
+from tunelab.strategies.final import load_final
 from tunelab.strategies.model import count_parameters
 from tunelab.strategies.registry import STRATEGIES, parameter_counts, resolve
 from tunelab.strategies.prepare import prepare_strategy

@@ -13,7 +13,8 @@ from tunelab.errors import ConfigError
 from tunelab.models.load import load_model, load_tokenizer
 from tunelab.strategies.model import count_parameters
 from tunelab.strategies.prepare import prepare_strategy
-from tunelab.strategies.export import export_run, load_final
+from tunelab.export.hf import export_run
+from tunelab.strategies.final import load_final
 from tunelab.train import loop
 from tunelab.train.session import seed_everything
 from tunelab.runfiles import read_metrics

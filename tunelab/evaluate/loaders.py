@@ -76,7 +76,7 @@ def _find_model(p: Path, adapter: str | None) -> tuple[Any, Any, str, str, Confi
     names: a run directory, a peft adapter folder (or `p` with `adapter` on it), or a model folder."""
     from peft import PeftModel
 
-    from tunelab.strategies.export import load_final
+    from tunelab.strategies.final import load_final
 
     run_config, base_trained, files = None, False, RunFiles(p)
     if is_run_dir(p) and adapter is None:  # a tunelab run directory

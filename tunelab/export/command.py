@@ -14,7 +14,7 @@ def export_command(run_dir: Path, out_dir: Path, fmt: str, quant: str, overwrite
     """Run one export and return the lines to print (the command that serves the result, the parity figures)."""
     if fmt == "hf":
         from tunelab.evaluate.inputs import quantized_run_settings
-        from tunelab.strategies.export import export_run
+        from tunelab.export.hf import export_run
 
         quantized, prompts = quantized_run_settings(run_dir) if merge else (None, [])  # a QLoRA run: parity prompts
         return f"{export_run(run_dir, out_dir, merge, quantized, prompts)}: {out_dir}"

@@ -51,7 +51,7 @@ def _add_legacy_config_keys(path: Path) -> None:
 
 def merged_model(source: RunSource) -> Any:
     """The tuned model in float32 with any adapter folded into its weights."""
-    from tunelab.strategies.export import load_final
+    from tunelab.strategies.final import load_final
 
     model = load_final(source.final)
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model

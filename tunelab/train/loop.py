@@ -28,7 +28,7 @@ from tunelab.data.batching import count_label_tokens
 from tunelab.errors import DiskFullError, NonFiniteError
 from tunelab.models.linear_cross_entropy import check_loss_kernel
 from tunelab.models.load import load_model, load_tokenizer
-from tunelab.strategies.export import save_final
+from tunelab.strategies.final import save_final
 from tunelab.strategies.model import ParamCount, TrainModel, count_parameters
 from tunelab.strategies.prepare import prepare_strategy
 from tunelab.strategies.registry import resolve

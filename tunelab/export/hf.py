@@ -1,12 +1,6 @@
-"""What a run leaves in final/, in the formats the rest of the ecosystem loads, and `tunelab export`.
-
-By the strategy's `saves` (tunelab/strategies/registry.py):
-- model (full, freeze, fixed_prompt with all weights): a Hugging Face checkpoint.
-- adapter (lora, fixed_prompt with LoRA, soft_prompt): a peft adapter folder (adapter_config.json,
-  adapter_model.safetensors) that `peft.PeftModel.from_pretrained` loads onto the base model.
-- model+adapter (prompt_lm): final/base (the tuned LM, a Hugging Face checkpoint) and final/adapter
-  (the soft prompt, whose adapter_config.json points at final/base).
-"""
+"""`tunelab export RUN_DIR OUT` (the hf format): a run's final/ copied, or with --merge its LoRA folded into a
+standalone Hugging Face checkpoint (a QLoRA adapter into a float copy of the dequantized base, its greedy output
+checked against the QLoRA model's own)."""
 
 from __future__ import annotations
 
@@ -15,83 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunelab.atomic import atomic_dir, remove_stale_temp
+from tunelab.atomic import atomic_dir
 from tunelab.errors import TunelabError
-from tunelab.strategies.model import TrainModel
-from tunelab.strategies.registry import loaded_addition, mergeable_peft_types
-
-
-def _save_hf(model: Any, tokenizer: Any, out: Path) -> None:
-    use_cache = model.config.use_cache
-    model.config.use_cache = True  # generation wants the KV cache; training had turned it off
-    # the tokenizer's EOS first, then every other end id the model's generation config has (an instruct model's
-    # end-of-turn tokens, such as Llama 3's <|eot_id|> or a converted GGUF's <|endoftext|>): keep them all
-    config_ends = model.generation_config.eos_token_id
-    config_ends = config_ends if isinstance(config_ends, list) else [config_ends]
-    ends = [i for i in dict.fromkeys([tokenizer.eos_token_id, *config_ends]) if i is not None]
-    model.generation_config.eos_token_id = ends if len(ends) > 1 else ends[0] if ends else None
-    model.save_pretrained(out)
-    model.config.use_cache = use_cache
-    tokenizer.save_pretrained(out)
-
-
-def save_final(run_dir: Path, model: TrainModel, tokenizer: Any, base_path: str, saves: str) -> Path:
-    """Write final/ atomically in the format the strategy `saves` (see the module docstring); first remove
-    what a killed writer of final/ left in the run directory."""
-    final = Path(run_dir) / "final"
-    remove_stale_temp(Path(run_dir))
-
-    def write(tmp: Path) -> None:
-        if saves == "model":
-            _save_hf(model.lm, tokenizer, tmp)
-            return
-        addition = loaded_addition(model.lm)
-        if saves == "model+adapter":
-            _save_hf(model.base, tokenizer, tmp / "base")
-            addition.save(model.lm, tokenizer, tmp / "adapter", str((final / "base").resolve()))
-        else:
-            addition.save(model.lm, tokenizer, tmp,
-                          str(Path(base_path).resolve()) if Path(base_path).exists() else base_path)
-
-    return atomic_dir(final, write)
-
-
-def load_final(final: Path, quantized: Any = None) -> Any:
-    """Load final/ (any strategy) with plain transformers and peft, as a user would, in float32: the precision
-    training keeps its weights in (transformers' default, the config's dtype, would load a bf16-saved base in bf16
-    under an adapter trained over float32). `quantized`: the run's strategy.lora settings when it trained over a
-    quantized base, which the adapter is then loaded over, as it trained."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from tunelab.models.load import check_weights, read_adapter_config
-
-    final = Path(final)
-    for folder in (final, final / "base", final / "adapter"):  # a damaged file is named, not a SafetensorError
-        check_weights(folder)
-        if (folder / "adapter_config.json").is_file():
-            read_adapter_config(folder)
-    if (final / "adapter" / "adapter_config.json").is_file():  # prompt_lm
-        return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(final / "base", dtype=torch.float32),
-                                         final / "adapter")
-    if (final / "adapter_config.json").is_file():
-        return PeftModel.from_pretrained(_load_base_of(final, quantized), final)
-    return AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
-
-
-def _load_base_of(adapter_dir: Path, quantized: Any = None) -> Any:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from tunelab.config import ModelConfig
-    from tunelab.models.load import check_weights, load_model, read_adapter_config
-
-    base = read_adapter_config(adapter_dir)["base_model_name_or_path"]
-    check_weights(base)
-    if quantized is not None and quantized.quantize is not None:
-        return load_model(ModelConfig(path=base), quantize=quantized)
-    return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+from tunelab.strategies.final import save_hf, load_final
+from tunelab.strategies.registry import mergeable_peft_types
 
 
 def export_run(run_dir: Path, out_dir: Path, merge: bool, quantized: Any = None,
@@ -126,10 +47,10 @@ def export_run(run_dir: Path, out_dir: Path, merge: bool, quantized: Any = None,
     tokenizer = AutoTokenizer.from_pretrained(final)
     if quantized is None or quantized.quantize is None:
         merged = load_final(final).merge_and_unload()
-        atomic_dir(out_dir, lambda tmp: _save_hf(merged, tokenizer, tmp))
+        atomic_dir(out_dir, lambda tmp: save_hf(merged, tokenizer, tmp))
         return "merged the LoRA adapter into a standalone Hugging Face checkpoint"
     trained, merged = merge_over_dequantized(final, quantized)
-    atomic_dir(out_dir, lambda tmp: _save_hf(merged, tokenizer, tmp))
+    atomic_dir(out_dir, lambda tmp: save_hf(merged, tokenizer, tmp))
     parity = greedy_parity(trained, merged, tokenizer, parity_prompts)
     return (f"merged the LoRA adapter, trained over a {quantized.quantize} base, into a float32 copy of that base's "
             f"dequantized weights (never into the quantized codes): {parity.summary()}")
