@@ -338,22 +338,13 @@ def check_liger_equals_chunked(ctx: dict[str, Any]) -> dict[str, Any]:
 
 def dequantized_copy(model_dir: Path, settings: Any, out: Path) -> Path:
     """`model_dir` with each linear layer's weight replaced by what its quantized layer computes with."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     from tunelab.models.load import quantized_loading
-    from tunelab.models.quantize import dequantized_weight, quantized_layers
+    from tunelab.models.quantize import save_dequantized_copy
 
     quantized = AutoModelForCausalLM.from_pretrained(model_dir, **quantized_loading(settings, "cpu"))
-    copy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    modules = dict(copy.named_modules())
-    with torch.no_grad():
-        for name, layer in quantized_layers(quantized).items():
-            modules[name].weight.copy_(dequantized_weight(layer))
-    copy.save_pretrained(out)
-    for f in model_dir.glob("*token*"):
-        shutil.copy(f, out / f.name)
-    return out
+    return save_dequantized_copy(quantized, model_dir, out)
 
 
 def check_qlora_equals_lora(ctx: dict[str, Any]) -> dict[str, Any]:

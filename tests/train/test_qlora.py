@@ -5,7 +5,6 @@ torch's AdamW; bad settings are refused before anything is written."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,8 @@ from transformers import AutoModelForCausalLM
 from tests.conftest import VARIED_ROWS, config_tree, crash_after_saving, write_jsonl
 from tests.train.test_faults import run_cli
 from tunelab.config import TrainConfig, validate_config
-from tunelab.models.quantize import bitsandbytes_config, compute_as_in_training, dequantized_weight, quantized_layers
+from tunelab.models.quantize import (bitsandbytes_config, compute_as_in_training, dequantized_weight, quantized_layers,
+                                     save_dequantized_copy)
 from tunelab.train import loop
 from tunelab.runfiles import read_metrics
 from tunelab.train.optim import build_optimizer
@@ -42,16 +42,7 @@ def load_quantized(folder: Path, quantize: str, double_quant: bool = True) -> to
 def dequantized_copy(source: Path, quantize: str, double_quant: bool, out: Path) -> Path:
     """The model with each quantized layer's weight replaced by what that layer computes with (codes times scales):
     the unquantized model that a quantized run must match."""
-    quantized = load_quantized(source, quantize, double_quant)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for name, layer in quantized_layers(quantized).items():
-            modules[name].weight.copy_(dequantized_weight(layer))
-    model.save_pretrained(out)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(source / f, out / f)
-    return out
+    return save_dequantized_copy(load_quantized(source, quantize, double_quant), source, out)
 
 
 # strategies that keep the base frozen, each over a quantized base (the registry's quantizable_base)

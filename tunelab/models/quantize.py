@@ -190,3 +190,24 @@ def dequantized_weight(layer: Any) -> Any:
     if isinstance(layer, bnb.nn.Linear4bit):
         return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
     return (w.data.float() * w.SCB.float()[:, None] / 127.0)  # LLM.int8: row-wise absmax scales
+
+
+def save_dequantized_copy(quantized: Any, source: Any, out: Any) -> Any:
+    """The model of folder `source` with each quantized layer's weight replaced by what that layer of `quantized`
+    computes with (codes times scales), saved to `out` with source's tokenizer files: the unquantized model that a
+    run over the quantized base must match."""
+    import shutil
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, layer in quantized_layers(quantized).items():
+            modules[name].weight.copy_(dequantized_weight(layer))
+    model.save_pretrained(out)
+    for f in Path(source).glob("*token*"):
+        shutil.copy(f, Path(out) / f.name)
+    return Path(out)
