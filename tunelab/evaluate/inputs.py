@@ -98,13 +98,13 @@ def quantized_run_settings(run_dir: Path, num_prompts: int = 4) -> tuple[Any, li
     """For a run directory that trained over a quantized base (strategy.lora.quantize): its strategy.lora settings
     and its first `num_prompts` training prompts, rendered as training rendered them (what an export's parity check
     decodes from); (None, []) for any other folder."""
-    from tunelab.config import validate_config
+    from tunelab.config import load_config
     from tunelab.models.load import load_tokenizer
-    from tunelab.runfiles import RunFiles, is_run_dir, read_config_tree
+    from tunelab.runfiles import RunFiles, is_run_dir
 
     if not is_run_dir(run_dir):
         return None, []
-    cfg = validate_config(read_config_tree(run_dir), str(RunFiles(run_dir).config))
+    cfg = load_config(RunFiles(run_dir).config)
     if cfg.strategy.lora.quantize is None:
         return None, []
     inputs = Inputs(cfg)

@@ -9,11 +9,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from tunelab.config import Config, ModelConfig, validate_config
+from tunelab.config import Config, ModelConfig, load_config
 from tunelab.errors import ModelError
 from tunelab.models.load import check_model_folder, check_weights, load_tokenizer, read_adapter_config
 from tunelab.models.device import choose_device
-from tunelab.runfiles import ADAPTER_CONFIG, RunFiles, is_run_dir, read_config_tree, run_metrics, run_that_saved_adapter
+from tunelab.runfiles import ADAPTER_CONFIG, RunFiles, is_run_dir, run_metrics, run_that_saved_adapter
 from tunelab.strategies.model import TrainModel
 from tunelab.strategies.registry import loaded_addition, resolve
 
@@ -61,7 +61,7 @@ def _load_hf(path: str, trust_remote_code: bool = False) -> Any:
 
 def _run_config(run_dir: Path) -> Config:
     """The config a run wrote, validated."""
-    return validate_config(read_config_tree(run_dir), str(RunFiles(run_dir).config))
+    return load_config(RunFiles(run_dir).config)
 
 
 def _base_trained(adapter_dir: Path, base: str) -> bool:

@@ -11,7 +11,7 @@ from typing import Any
 from tunelab.config import DataConfig, EvalConfig, Template
 from tunelab.data.dataset import load_examples, sample
 from tunelab.data.records import Example, check_same_shape
-from tunelab.data.render import RenderSpec, render_example
+from tunelab.data.render import THINK_CLOSE, RenderSpec, render_example
 from tunelab.errors import DataError
 from tunelab.evaluate.baselines import baselines
 from tunelab.evaluate.generate import generate
@@ -20,7 +20,6 @@ from tunelab.evaluate.loaders import EvalModel
 from tunelab.evaluate.metrics import compute, normalize
 from tunelab.evaluate.score import rank_options
 
-THINK_END = "</think>"  # closes the reasoning of Qwen3's and the DeepSeek-R1 distills' templates
 log = logging.getLogger(__name__)
 
 
@@ -83,7 +82,7 @@ def answer_text(text: str, ends: list[str]) -> str:
     alone (the text after '</think>'), so that a reasoning run is scored on its answers."""
     for end in ends:
         text = text.strip().removesuffix(end) if end else text
-    return text.rsplit(THINK_END, 1)[-1].strip()
+    return text.rsplit(THINK_CLOSE, 1)[-1].strip()
 
 
 def evaluate(em: EvalModel, data: EvalData, settings: EvalConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:

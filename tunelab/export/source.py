@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
-from tunelab.runfiles import ADAPTER_CONFIG, CONFIG, FINAL, FINAL_ADAPTER, FINAL_BASE, read_config_tree
+from tunelab.runfiles import ADAPTER_CONFIG, CONFIG, FINAL, FINAL_ADAPTER, FINAL_BASE, RunFiles
 
 
 
@@ -46,7 +46,7 @@ def _model_config_of(final: Path, adapter: dict[str, Any] | None) -> dict[str, A
 
 def read_run(run_dir: Path) -> RunSource:
     """The run's final/ and config, or a TunelabError that says what is missing."""
-    from tunelab.config import validate_config
+    from tunelab.config import load_config
     from tunelab.models.load import read_adapter_config
 
     run_dir = Path(run_dir)
@@ -59,7 +59,7 @@ def read_run(run_dir: Path) -> RunSource:
     adapter = read_adapter_config(adapter_dir) if (adapter_dir / ADAPTER_CONFIG).is_file() else None
     config = None
     if (run_dir / CONFIG).is_file():
-        config = validate_config(read_config_tree(run_dir), str(run_dir / CONFIG))
+        config = load_config(RunFiles(run_dir).config)
     return RunSource(run_dir, config, _model_config_of(final, adapter), adapter, adapter_dir)
 
 

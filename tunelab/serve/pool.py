@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 
-from tunelab.config import ModelConfig, validate_config
+from tunelab.config import ModelConfig, load_config
 from tunelab.data.render import turn_end
 from tunelab.errors import ModelError
 from tunelab.evaluate.inputs import Inputs
 from tunelab.evaluate.loaders import EvalModel, load_for_eval, trained_turn_end
 from tunelab.models.load import load_tokenizer, read_adapter_config
-from tunelab.runfiles import ADAPTER_CONFIG, FINAL_ADAPTER, RunFiles, is_run_dir, read_config_tree
+from tunelab.runfiles import ADAPTER_CONFIG, FINAL_ADAPTER, RunFiles, is_run_dir
 from tunelab.strategies.model import TrainModel
 from tunelab.strategies.registry import SOFT_PROMPT, addition_of_peft_type
 
@@ -97,7 +97,7 @@ def _weights_folder(path: Path) -> Path:
         return Path(read_adapter_config(final)["base_model_name_or_path"]).resolve()
     if final.is_dir() and (final / "config.json").is_file():
         return final.resolve()
-    cfg = validate_config(read_config_tree(path), f"{path}'s config")
+    cfg = load_config(RunFiles(path).config)
     return Path(cfg.model.path).resolve()  # a prompting run: its model, untouched
 
 
@@ -143,7 +143,7 @@ class _Loader:
         from peft import PeftModel
 
         final = _adapter_folder(name, run_dir, self.base_folder)
-        cfg = validate_config(read_config_tree(run_dir), f"{run_dir}'s config")
+        cfg = load_config(RunFiles(run_dir).config)
         peft_type = str(read_adapter_config(final)["peft_type"])
         tokenizer = load_tokenizer(ModelConfig(path=str(final if (final / "tokenizer_config.json").is_file()
                                                         else self.base_folder)))
