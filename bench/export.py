@@ -91,14 +91,14 @@ def decode_speed(gguf: Path, prompt: list[int], tokens: int) -> float:
         llm.close()
 
 
-def bench_quant(run: Path, quant: str, work: Path, em, prompts, conversations, args) -> dict:
+def bench_quant(run: Path, quant: str, work: Path, em, prompts, conversations, answers, args) -> dict:
     from tunelab.export.gguf import export_gguf
     from tunelab.export.parity import check_parity
 
     start = time.perf_counter()
     done = export_gguf(run, work / f"export-{quant}", quant)
     seconds = time.perf_counter() - start
-    report = check_parity(em, done.gguf, conversations, prompts, max_new_tokens=args.tokens)
+    report = check_parity(em, done.gguf, conversations, prompts, max_new_tokens=args.tokens, answers=answers)
     row = {"quant": quant, "export_s": round(seconds, 1), "size_mb": round(done.gguf.stat().st_size / 2**20, 1),
            "decode_tokens_per_s": round(decode_speed(done.gguf, report.rows[0].llama_prompt, args.speed_tokens), 1),
            "prompt_ids_equal": sum(r.prompt_ids_equal for r in report.rows), "prompts": len(report.rows),
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         questions, quants, args.tokens, args.speed_tokens = QUESTIONS[:2], ["f32", "q8_0"], 8, 8
     from tunelab.evaluate.loaders import load_for_eval
-    from tunelab.export.parity import held_out_inputs
+    from tunelab.export.parity import held_out_inputs, tunelab_answers
 
     with tempfile.TemporaryDirectory(prefix="tunelab-bench-export-") as tmp:
         work = Path(tmp)
@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                                                          for q in questions])
         em = load_for_eval(str(run), device="cpu", precision="fp32")
         prompts, conversations = held_out_inputs(em, str(held_out))
-        rows = [bench_quant(run, quant, work, em, prompts, conversations, args) for quant in quants]
+        answers = tunelab_answers(em, prompts, args.tokens)  # tunelab's side, the same for every quant
+        rows = [bench_quant(run, quant, work, em, prompts, conversations, answers, args) for quant in quants]
     if args.output:
         Path(args.output).write_text(json.dumps(rows, indent=2) + "\n")
     return 0

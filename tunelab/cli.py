@@ -51,7 +51,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         from tunelab.train.distributed import launch_torchrun
 
-        load_config(args.config, args.overrides)  # refuse a bad config before starting any process
+        from tunelab.train.session import check_processes
+
+        # refuse a bad config, or one these processes cannot run, before starting any
+        check_processes(load_config(args.config, args.overrides), args.nproc)
         flags = (["--resume"] if args.resume else []) + (["--overwrite"] if args.overwrite else [])
         launch_torchrun(["train", args.config, *args.overrides, *flags], args.nproc)
         return 0

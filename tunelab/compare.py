@@ -4,8 +4,6 @@ evaluated and diffed against the base model, in one table."""
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +21,7 @@ from tunelab.evaluate.verdicts import retained_perplexity_ratio
 from tunelab.plan.advisor import LEARNED_SOFT_PROMPT
 from tunelab.runfiles import RunFiles, run_metrics, write_compare, write_json
 from tunelab.strategies.registry import resolve
+from tunelab.train.child import train_in_child
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +76,9 @@ def strategy_configs(cfg: Config, strategies: list[str], out_dir: Path,
     return configs
 
 
-def _train_in_subprocess(cfg: Config, work: Path) -> float:
-    """Train in a child process, so that its peak memory is its own; returns the wall time. Prompting
-    trains nothing (its run only records the rendering): that runs here, without a process's start-up."""
+def _train_strategy(cfg: Config, work: Path) -> float:
+    """Train in a child process, so that its peak memory is its own (tunelab.train.child); returns the wall time.
+    Prompting trains nothing (its run only records the rendering): that runs here, without a child."""
     path = work / f"{Path(cfg.output_dir).name}.yaml"
     path.write_text(dump_config(cfg))
     t0 = time.perf_counter()
@@ -88,9 +87,9 @@ def _train_in_subprocess(cfg: Config, work: Path) -> float:
 
         train(cfg)
         return time.perf_counter() - t0
-    proc = subprocess.run([sys.executable, "-m", "tunelab", "train", str(path)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise TunelabError(f"strategy {cfg.strategy.name} failed: {proc.stderr.strip().splitlines()[-1]}")
+    code, last_line = train_in_child(path, path.with_suffix(".log"))
+    if code != 0:
+        raise TunelabError(f"strategy {cfg.strategy.name} failed: {last_line} (its output: {path.with_suffix('.log')})")
     return time.perf_counter() - t0
 
 
@@ -191,7 +190,7 @@ def compare(cfg: Config, strategies: list[str], out_dir: Path,
     table: list[CompareRow] = []
     for name, scfg in configs.items():
         log.info("compare: strategy %s", name)
-        seconds = _train_in_subprocess(scfg, out_dir)
+        seconds = _train_strategy(scfg, out_dir)
         row = run_row(name, scfg, seconds)
         row.train_flops = flops_of[name]
         tuned = load_for_eval(scfg.output_dir, device=eval_settings.device, precision=eval_settings.precision)

@@ -67,7 +67,7 @@ def test_4bit_base_memory(smollm2):
 
 def test_qlora_trains_matches_lora_over_the_dequantized_weights_and_exports(tmp_path, smollm2, capsys):
     rows = write_jsonl(tmp_path / "d.jsonl", VARIED_ROWS)
-    sections = {"data": {"max_length": 64}, "train": {"batch_size": 4, "learning_rate": 2e-3}}
+    sections = {"data": {"max_length": 64}, "train": {"batch_size": 2, "learning_rate": 2e-3}}
     tree = config_tree(smollm2, rows, tmp_path / "qlora", strategy={"name": "lora", "lora": {"quantize": "nf4"}},
                        **sections)
     tree["train"]["max_steps"] = 20

@@ -173,32 +173,48 @@ def open_gguf(gguf: Path, n_ctx: int = 1024) -> Any:
         return Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=max(1, torch.get_num_threads()), verbose=False)
 
 
-def check_parity(em: Any, gguf: Path, conversations: list[list[dict[str, str]]] | None, prompts: list[str],
-                 max_new_tokens: int = 32) -> ParityReport:
-    """Compare the GGUF in llama.cpp with the tuned model `em` (tunelab.evaluate.loaders.EvalModel) on held-out
-    inputs: `prompts` are tunelab's renderings; `conversations` the same inputs as messages (a chat-template run),
-    or None where the run used a discrete template (llama.cpp is then given the rendered text)."""
-    llm = open_gguf(Path(gguf))
-    try:
-        return _compare(em, llm, ParityReport(Path(gguf)), conversations, prompts, max_new_tokens)
-    finally:
-        llm.close()
+@dataclass
+class TunelabAnswer:
+    """tunelab's side of one held-out input: its prompt ids and greedy answer (the same for every file checked)."""
+
+    prompt: list[int]
+    new: list[int]
+    margins: list[float]
+    stopped: bool
 
 
-def _compare(em: Any, llm: Any, report: ParityReport, conversations: list[list[dict[str, str]]] | None,
-             prompts: list[str], max_new_tokens: int) -> ParityReport:
+def tunelab_answers(em: Any, prompts: list[str], max_new_tokens: int = 32) -> list[TunelabAnswer]:
+    """tunelab's prompt ids and greedy answers for `prompts`: computed once, checked against any number of files."""
     from tunelab.evaluate.generate import encode_prompts
 
-    for i, prompt in enumerate(prompts):
-        ours = encode_prompts(em.tokenizer, [prompt])[0]
-        if conversations is not None:
-            theirs = llama_chat_prompt(llm, conversations[i])
-        else:
-            theirs = llm.tokenize(prompt.encode(), add_bos=True, special=True)
-        new, margins, stopped = tunelab_greedy(em, ours, max_new_tokens)
-        llama_new, llama_stopped = llama_greedy(llm, theirs, max_new_tokens)
-        report.rows.append(PromptParity(ours == theirs, ours, theirs, new, llama_new, margins, llama_stopped, stopped))
-    return report
+    answers = []
+    for prompt in prompts:
+        ids = encode_prompts(em.tokenizer, [prompt])[0]
+        answers.append(TunelabAnswer(ids, *tunelab_greedy(em, ids, max_new_tokens)))
+    return answers
+
+
+def check_parity(em: Any, gguf: Path, conversations: list[list[dict[str, str]]] | None, prompts: list[str],
+                 max_new_tokens: int = 32, answers: list[TunelabAnswer] | None = None) -> ParityReport:
+    """Compare the GGUF in llama.cpp with the tuned model `em` (tunelab.evaluate.loaders.EvalModel) on held-out
+    inputs: `prompts` are tunelab's renderings; `conversations` the same inputs as messages (a chat-template run),
+    or None where the run used a discrete template (llama.cpp is then given the rendered text). `answers`:
+    tunelab_answers of the same prompts and max_new_tokens, where several files are checked against one run."""
+    answers = answers or tunelab_answers(em, prompts, max_new_tokens)
+    llm = open_gguf(Path(gguf))
+    try:
+        report = ParityReport(Path(gguf))
+        for i, (prompt, ours) in enumerate(zip(prompts, answers, strict=True)):
+            if conversations is not None:
+                theirs = llama_chat_prompt(llm, conversations[i])
+            else:
+                theirs = llm.tokenize(prompt.encode(), add_bos=True, special=True)
+            llama_new, llama_stopped = llama_greedy(llm, theirs, max_new_tokens)
+            report.rows.append(PromptParity(ours.prompt == theirs, ours.prompt, theirs, ours.new, llama_new,
+                                            ours.margins, llama_stopped, ours.stopped))
+        return report
+    finally:
+        llm.close()
 
 
 def held_out_inputs(em: Any, path: str) -> tuple[list[str], list[list[dict[str, str]]] | None]:

@@ -78,13 +78,18 @@ def setup_device(cfg: TrainConfig, info: DistInfo = DistInfo()) -> DeviceSetup:
     return DeviceSetup(device, amp_dtype)
 
 
+def check_processes(cfg: Config, world: int) -> None:
+    """Refuse what a run of `world` processes cannot do (`tunelab train --nproc` asks before starting any)."""
+    if cfg.train.sample_every and world > 1:
+        raise ConfigError("train.sample_every generates on one process, and this run has "
+                          f"{world}: remove it, or sample with `tunelab generate` after the run.")
+
+
 def check_before_writing(cfg: Config) -> DistInfo:
     """Join torchrun's process group and refuse what would fail later, before anything is written: sampling
     under several processes, a locked or foreign output_dir, a tracker that cannot start."""
     info = init_distributed()
-    if cfg.train.sample_every and info.world > 1:
-        raise ConfigError("train.sample_every generates on one process, and this run has "
-                          f"{info.world}: remove it, or sample with `tunelab generate` after the run.")
+    check_processes(cfg, info.world)
     if info.is_main:  # rank 0 takes the lock (open_run); a second writer is refused here, naming the holder
         check_unlocked(Path(cfg.output_dir))
     check_run_dir(cfg)
