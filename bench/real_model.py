@@ -80,7 +80,7 @@ def tunelab_config(args: argparse.Namespace, data: dict[str, Path]) -> Any:
         "strategy": {"lora": LORA, "soft_prompt": {"num_virtual_tokens": 16}},
         "train": {"max_steps": args.steps, "batch_size": args.batch_size, "learning_rate": 1e-3, "seed": args.seed,
                   "warmup_steps": max(1, args.steps // 10), "progress": False},
-        "eval": {"mode": "generate", "max_new_tokens": 12, "batch_size": 32},
+        "eval": {"mode": "generate", "max_new_tokens": 16, "batch_size": 32},
         "diff": {"reference_text": str(data["reference"]), "num_samples": 4, "max_new_tokens": 8},
         "output_dir": str(args.out / "tunelab"),
     })

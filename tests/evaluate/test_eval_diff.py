@@ -102,7 +102,8 @@ def test_diff_against_itself_is_zero_and_against_the_tuned_model_is_not(colour_r
     assert "adaptation_off" not in f and f["ranked_by"] == "adaptation on"  # full tuning changed the base weights
 
 
-@pytest.mark.parametrize("strategy", [{"name": "lora"}, {"name": "soft_prompt", "soft_prompt": {"method": "prefix_tuning"}}])
+@pytest.mark.parametrize("strategy", [{"name": "lora"}, {"name": "soft_prompt", "soft_prompt": {"method": "prefix_tuning"}},
+                                      {"name": "soft_prompt", "soft_prompt": {"method": "prompt_tuning"}}])
 def test_diff_of_a_detachable_adaptation_reports_it_on_and_off(strategy, stories260k, tmp_path, capsys):
     """Soft prompts and adapters keep the base weights: the diff measures forgetting with the adaptation on and with
     it off (exactly the base: perplexity ratio 1, KL 0, the base's probe answers), ranks by the latter, and says so

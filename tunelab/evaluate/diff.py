@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from tunelab.data.encode import EncodeStats, encode_examples
+from tunelab.data.encode import IGNORE, EncodeStats, encode_examples
 from tunelab.data.read import read_records
 from tunelab.data.records import Example
 from tunelab.data.render import RenderSpec, render_example
@@ -55,9 +55,13 @@ def reference_texts(base: EvalModel, settings: DiffConfig) -> tuple[list[str], s
 
 
 def _encode_texts(em: EvalModel, texts: list[str], max_length: int) -> list[Any]:
+    """The reference texts, each token after the first scored. The first is never scored: nothing of the text
+    precedes it for the base, while a soft prompt's virtual tokens would predict it, and base and tuned model must
+    score the same tokens (their KL is taken position by position)."""
     examples = [Example("text", {"text": t}, f"reference:{i + 1}", i) for i, t in enumerate(texts)]
     rendered = [render_example(e, RenderSpec(mode="template"), em.tokenizer) for e in examples]
-    return encode_examples(rendered, em.tokenizer, max_length, "right", EncodeStats())
+    encoded = encode_examples(rendered, em.tokenizer, max_length, "right", EncodeStats())
+    return [replace(e, labels=[IGNORE, *e.labels[1:]]) for e in encoded]
 
 
 def perplexity(em: EvalModel, texts: list[str], max_length: int = 512) -> float:
