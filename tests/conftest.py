@@ -86,11 +86,13 @@ VARIED_ROWS = [
 
 # The files that take longest under `make test` (its --durations list), longest first: a scheduling hint only
 # (a stale list costs wall time, never a result).
-# The real-model tier's two files are far apart: the first to start converts SmolLM2's GGUF (on a cold cache)
-# while the other worker runs other files, instead of waiting on the conversion's lock.
-LONGEST_FIRST = ["test_demo_task_intent.py", "real_model/test_smollm2_training.py", "test_demo_task_summary.py",
-                 "test_demo_task_small_data.py", "evaluate/test_banking77_acceptance.py", "train/test_distributed.py",
-                 "plan/test_validation.py", "test_bench_smoke.py", "train/test_recipe.py", "test_demo.py",
+# The first file needs SmolLM2's conversion (on a cold cache it converts, with the export fixtures' runs, while the
+# other worker runs the demo's longest task instead of waiting on the conversion's lock).
+LONGEST_FIRST = ["export/test_gguf_parity_smollm2.py", "test_demo_task_intent.py",
+                 "evaluate/test_banking77_acceptance.py", "test_demo_task_small_data.py", "train/test_distributed.py", "plan/test_validation.py",
+                 "real_model/test_qlora_smollm2.py", "real_model/test_smollm2_training.py",
+                 "export/test_gguf_families.py", "test_bench_smoke.py", "test_demo_task_summary.py",
+                 "train/test_qlora_distributed.py", "train/test_recipe.py", "test_demo.py",
                  "real_model/test_convert_gguf.py"]
 
 

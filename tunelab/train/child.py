@@ -7,7 +7,8 @@ import, which a fresh interpreter spent before every strategy's run (about 5 s o
 child's peak resident memory is a fresh interpreter's: it starts with the server's resident pages, which hold those
 imports and nothing else (the library pages the imports touched are touched again in the child, which a fork alone
 does not map, so that they count in its resident set as they would in a fresh process's: 65 MB on this machine).
-The server runs no torch operation itself, so a fork starts no thread pool twice. Where the platform cannot fork (Windows), each run is a fresh `python -m tunelab train`.
+The server runs no torch operation itself, so a fork starts no thread pool twice. Where the platform cannot fork
+(Windows), each run is a fresh `python -m tunelab train`.
 """
 
 from __future__ import annotations
