@@ -291,18 +291,16 @@ def test_a_folder_without_its_chat_template_is_refused_for_chat_data(smollm2, da
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("name", ["prompt_tuning", "lora"])
-def test_forgetting_figures_score_the_same_tokens_as_the_base(name, smollm2, run_of):
+def test_forgetting_figures_score_the_same_tokens_as_the_base(smollm2, run_of):
     """SmolLM2's tokenizer adds no BOS: the diff's reference texts start with a real token, which a soft prompt's
-    virtual tokens would predict and the base cannot. Base and tuned model score the same tokens (KL is taken
-    position by position over texts long enough for several chunks of positions), and with the adaptation off the
-    figures are the base's exactly."""
+    virtual tokens would predict and the base cannot. Base and prompt-tuned model score the same tokens (KL is
+    taken position by position), and with the prompt off the figures are the base's exactly."""
     from tunelab.evaluate.diff import mean_kl, perplexity
     from tunelab.evaluate.loaders import adaptation_off, load_for_eval
 
-    texts = [" ".join(f"Paris is the capital of France, and sentence {i} says so again." for i in range(60)),
+    texts = [" ".join(f"Paris is the capital of France, and sentence {i} says so again." for i in range(8)),
              "A short one."]
-    base, tuned = load_for_eval(str(smollm2)), load_for_eval(run_of(name).output_dir)
+    base, tuned = load_for_eval(str(smollm2)), load_for_eval(run_of("prompt_tuning").output_dir)
     assert mean_kl(base, tuned, texts) > 0 and perplexity(tuned, texts) != perplexity(base, texts)
     with adaptation_off(tuned) as off:
         assert mean_kl(base, off, texts) == 0.0 and perplexity(off, texts) == perplexity(base, texts)
