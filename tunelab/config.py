@@ -111,6 +111,9 @@ class LoraSettings(_Section):
     double_quant: bool = True  # 4-bit: the block scales quantized too (8-bit, about 0.37 bits per weight saved)
     # what a quantized layer dequantizes to and multiplies in; auto: bfloat16 on a GPU, float32 on the CPU
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # 4-bit: the token embedding and output head stored in 4 bits too (a tied head shares the codes); QLoRA keeps
+    # them in 16 bits, which in a small model with a large vocabulary is most of what is left of the base
+    quantize_embeddings: bool = False
 
 
 class SoftPromptSettings(_Section):
@@ -294,6 +297,11 @@ class Config(_Section):
                                 BITSANDBYTES_OPTIMIZERS else None)):
                 if value is not None:
                     raise ValueError(f"{key} is {value}, but {BITSANDBYTES_NEEDED}. Install it, or remove {key}")
+        lora = self.strategy.lora
+        if lora.quantize_embeddings and lora.quantize not in ("nf4", "fp4"):
+            raise ValueError(f"strategy.lora.quantize_embeddings stores the embeddings in 4 bits like the layers, but "
+                             f"strategy.lora.quantize is {lora.quantize or 'not set'}: set it to nf4 (or fp4), or remove "
+                             "strategy.lora.quantize_embeddings")
         refusal = STRATEGIES[self.strategy.name].quantized_base_refusal(self.strategy)
         if refusal:
             raise ValueError(refusal)

@@ -20,7 +20,7 @@ from tests.conftest import VARIED_ROWS, config_tree, shared_file, write_jsonl
 from tunelab.cli import main
 from tunelab.config import LoraSettings, ModelConfig, validate_config
 from tunelab.models.load import load_model, quantized_loading
-from tunelab.models.quantize import dequantized_weight, loaded_bytes, quantized_layers
+from tunelab.models.quantize import dequantized_weight, loaded_bytes, quantize_embeddings, quantized_layers
 from tunelab.plan.estimate import base_weight_bytes, model_shape
 from tunelab.plan.run import plan
 from tunelab.train import loop
@@ -47,22 +47,27 @@ def test_4bit_base_memory(smollm2):
     scales = loaded_bytes(nf4) - nf4.get_memory_footprint()  # beside the packed codes: get_memory_footprint misses it
     assert scales > 0
     assert layer_bytes(nf4) + scales <= 0.35 * layer_bytes(bf16)
-    # the whole loaded base: the tied embedding (28.3M of 134.5M parameters) stays 16-bit, so here it is 0.41x the
-    # bf16 base, not 0.35x (in a larger model the embedding is a smaller share)
+    # the whole loaded base: QLoRA keeps the tied embedding (28.3M of 134.5M parameters) in 16 bits, so here it is
+    # 0.41x the bf16 base; with strategy.lora.quantize_embeddings it is 4-bit too, and the whole base is under 0.35x
     rest = bf16.get_memory_footprint() - layer_bytes(bf16)
     assert loaded_bytes(nf4) == layer_bytes(nf4) + scales + rest
     assert bf16.get_input_embeddings().weight.numel() * 2 > 0.2 * bf16.get_memory_footprint()
+    lean_settings = LoraSettings(quantize="nf4", quantize_embeddings=True)
+    lean = quantize_embeddings(AutoModelForCausalLM.from_pretrained(
+        smollm2, dtype=torch.bfloat16, **quantized_loading(lean_settings, "cpu")), lean_settings, "cpu")
+    whole = loaded_bytes(lean) / bf16.get_memory_footprint()
+    assert whole <= 0.35
     print(f"nf4 base / bf16 base: {loaded_bytes(nf4) / bf16.get_memory_footprint():.3f} (decoder layers "
-          f"{(layer_bytes(nf4) + scales) / layer_bytes(bf16):.3f})")
+          f"{(layer_bytes(nf4) + scales) / layer_bytes(bf16):.3f}); with quantize_embeddings {whole:.3f}")
     # the planner's weight bytes (the rest in float32, as training loads it) against the loaded model's own
     shape = model_shape(str(smollm2))
-    for quantize in ("nf4", "fp4", "int8"):
-        settings = LoraSettings(quantize=quantize)
+    for quantize, embeddings in (("nf4", False), ("fp4", False), ("int8", False), ("nf4", True)):
+        settings = LoraSettings(quantize=quantize, quantize_embeddings=embeddings)
         cfg = validate_config(config_tree(smollm2, smollm2 / "config.json", smollm2 / "run", train={"max_steps": 1},
                                           strategy={"name": "lora", "lora": settings.model_dump()}))
         loaded = load_model(ModelConfig(path=str(smollm2)), quantize=settings)
         estimate = base_weight_bytes(shape, cfg, shape.total_params)
-        assert estimate == pytest.approx(loaded_bytes(loaded), rel=0.01), quantize
+        assert estimate == pytest.approx(loaded_bytes(loaded), rel=0.01), settings
 
 
 def test_qlora_trains_matches_lora_over_the_dequantized_weights_and_exports(tmp_path, smollm2, capsys):
@@ -106,13 +111,15 @@ def test_qlora_trains_matches_lora_over_the_dequantized_weights_and_exports(tmp_
         print(message, "\nQLoRA losses on SmolLM2:", [round(x, 3) for x in curve])
 
 
-def test_planner_estimate_of_a_4bit_base_within_15_percent(tmp_path, smollm2):
+@pytest.mark.parametrize("embeddings", [False, True], ids=["qlora", "quantize_embeddings"])
+def test_planner_estimate_of_a_4bit_base_within_15_percent(tmp_path, smollm2, embeddings):
     """`tunelab plan` for QLoRA (model-free) against the peak resident memory of the same run, measured in a fresh
-    process as tests/plan/test_validation.py measures: GSM8K rows of 256, 512 tokens per step, 3 steps."""
+    process as tests/plan/test_validation.py measures: GSM8K rows of 256, 512 tokens per step, 3 steps; QLoRA as
+    peft leaves it, and with the embedding table 4-bit too (dequantized whole for the head)."""
     rows = [json.loads(line) for line in shared_file("gsm8k/train.jsonl").read_text().splitlines()[:100]]
     tree = config_tree(smollm2, write_jsonl(tmp_path / "d.jsonl", rows), tmp_path / "run",
                        data={"max_length": 256, "columns": {"prompt": "question", "completion": "answer"}},
-                       strategy={"name": "lora", "lora": {"quantize": "nf4"}},
+                       strategy={"name": "lora", "lora": {"quantize": "nf4", "quantize_embeddings": embeddings}},
                        train={"max_steps": 3, "tokens_per_step": 512, "learning_rate": 1e-3})
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(yaml.safe_dump(tree))

@@ -15,8 +15,9 @@ from transformers import AutoModelForCausalLM
 from tests.conftest import VARIED_ROWS, config_tree, crash_after_saving, write_jsonl
 from tests.train.test_faults import run_cli
 from tunelab.config import TrainConfig, validate_config
-from tunelab.models.quantize import (bitsandbytes_config, compute_as_in_training, dequantized_weight, quantized_layers,
-                                     save_dequantized_copy)
+from tunelab.config import LoraSettings
+from tunelab.models.quantize import (bitsandbytes_config, compute_as_in_training, dequantized_weight, quantize_embeddings,
+                                     quantized_layers, save_dequantized_copy)
 from tunelab.train import loop
 from tunelab.runfiles import read_metrics
 from tunelab.train.optim import build_optimizer
@@ -39,10 +40,13 @@ def load_quantized(folder: Path, quantize: str, double_quant: bool = True) -> to
         quantize, double_quant, "auto", "cpu"))
 
 
-def dequantized_copy(source: Path, quantize: str, double_quant: bool, out: Path) -> Path:
+def dequantized_copy(source: Path, settings: dict, out: Path) -> Path:
     """The model with each quantized layer's weight replaced by what that layer computes with (codes times scales):
     the unquantized model that a quantized run must match."""
-    return save_dequantized_copy(load_quantized(source, quantize, double_quant), source, out)
+    quantized = load_quantized(source, settings["quantize"], settings.get("double_quant", True))
+    if settings.get("quantize_embeddings"):
+        quantize_embeddings(quantized, LoraSettings(**settings), "cpu")
+    return save_dequantized_copy(quantized, source, out)
 
 
 # strategies that keep the base frozen, each over a quantized base (the registry's quantizable_base)
@@ -50,6 +54,7 @@ FROZEN_BASE = {
     "lora-nf4": ({"name": "lora", "lora": {"quantize": "nf4"}}),
     "lora-fp4": ({"name": "lora", "lora": {"quantize": "fp4", "double_quant": False}}),
     "lora-int8": ({"name": "lora", "lora": {"quantize": "int8"}}),
+    "lora-nf4-embeddings": ({"name": "lora", "lora": {"quantize": "nf4", "quantize_embeddings": True}}),
     "dora-nf4": ({"name": "lora", "lora": {"quantize": "nf4", "variant": "dora"}}),
     "ia3-nf4": ({"name": "ia3", "lora": {"quantize": "nf4"}}),
     "soft_prompt-nf4": ({"name": "soft_prompt", "lora": {"quantize": "nf4"}}),
@@ -61,9 +66,9 @@ def test_quantized_base_trains_as_the_same_strategy_over_its_dequantized_weights
     strategy = FROZEN_BASE[label]
     settings = strategy["lora"]
     quantized = run(tmp_path, stories260k, "q", strategy, train={"max_steps": 3, "learning_rate": 3e-3})
-    reference = dequantized_copy(stories260k, settings["quantize"], settings.get("double_quant", True),
-                                 tmp_path / "dequantized")
-    plain = {**strategy, "lora": {k: v for k, v in settings.items() if k not in ("quantize", "double_quant")}}
+    reference = dequantized_copy(stories260k, settings, tmp_path / "dequantized")
+    plain = {**strategy, "lora": {k: v for k, v in settings.items()
+                                  if k not in ("quantize", "double_quant", "quantize_embeddings")}}
     unquantized = run(tmp_path, reference, "deq", plain, train={"max_steps": 3, "learning_rate": 3e-3})
     # 4-bit layers dequantize and multiply in float32 on the CPU: the same sums as the float model (bit-exact here);
     # LLM.int8 rounds differently (about 1e-7 relative); three steps also check the gradients through the codes
@@ -84,6 +89,33 @@ def test_qlora_loss_falls_and_the_4bit_codes_never_change(tmp_path, stories260k)
         assert torch.equal(trained[name].weight.data, layer.weight.data), name  # the packed 4-bit codes
         assert torch.equal(dequantized_weight(trained[name]), dequantized_weight(layer)), name
         assert not trained[name].weight.requires_grad
+
+
+def test_quantized_embeddings_are_one_set_of_codes_for_the_tied_head_and_never_change(tmp_path, stories260k):
+    """strategy.lora.quantize_embeddings: stories260K's tied embedding and head read one frozen set of 4-bit codes
+    (half a byte per weight), which training leaves as they were; evaluation loads the run the same way."""
+    from tunelab.evaluate.loaders import load_for_eval
+
+    settings = {"quantize": "nf4", "quantize_embeddings": True}
+    result = run(tmp_path, stories260k, "qlora", {"name": "lora", "lora": settings},
+                 train={"max_steps": 3, "learning_rate": 3e-3})
+    base = result.model.base
+    embed, head = base.get_input_embeddings(), base.get_output_embeddings()
+    codes = embed.parametrizations.weight.original
+    assert head.parametrizations.weight.original is codes  # one set of codes, as the float model had one table
+    assert codes.dtype == torch.uint8 and codes.numel() * 2 == 512 * 64 and not codes.requires_grad
+    fresh = load_quantized(stories260k, "nf4")
+    float_table = fresh.get_input_embeddings().weight.detach().clone()
+    quantize_embeddings(fresh, LoraSettings(**settings), "cpu")
+    assert torch.equal(fresh.get_input_embeddings().parametrizations.weight.original, codes)  # unchanged by training
+    assert torch.equal(dequantized_weight(head), dequantized_weight(fresh.get_output_embeddings()))
+    error = (dequantized_weight(head) - float_table).abs().max() / float_table.abs().max()
+    assert 0 < error < 0.15  # 4-bit: close to the float table, and not it
+    loaded = load_for_eval(str(result.run_dir), device="cpu", precision="fp32")
+    assert "lm_head" in quantized_layers(loaded.model.base)
+    ids = torch.tensor([[1, 57, 300, 42, 9, 120, 77]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model.lm(input_ids=ids).logits, result.model.lm.eval()(input_ids=ids).logits)
 
 
 def test_qlora_adapter_loads_with_plain_peft_over_a_4bit_base(tmp_path, stories260k):
@@ -157,6 +189,18 @@ def test_quantized_base_refused_for_strategies_that_train_base_weights(tmp_path,
     code, err = _cli(tmp_path, capsys, tree)
     assert code == 2 and "Traceback" not in err
     assert "strategy.lora.quantize is nf4" in err and f"strategy.name {strategy} trains the base" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("strategy,lora,message", [
+    ("lora", {"quantize": "int8", "quantize_embeddings": True}, "strategy.lora.quantize is int8: set it to nf4"),
+    ("lora", {"quantize_embeddings": True}, "strategy.lora.quantize is not set: set it to nf4"),
+    ("soft_prompt", {"quantize": "nf4", "quantize_embeddings": True}, "a soft prompt (strategy.name soft_prompt)")])
+def test_quantized_embeddings_refused_where_they_cannot_work(tmp_path, stories260k, capsys, strategy, lora, message):
+    tree = config_tree(stories260k, write_jsonl(tmp_path / "d.jsonl", VARIED_ROWS), tmp_path / "run",
+                       strategy={"name": strategy, "lora": lora})
+    code, err = _cli(tmp_path, capsys, tree)
+    assert code == 2 and "Traceback" not in err and "strategy.lora.quantize_embeddings" in err and message in err
     assert not (tmp_path / "run").exists()
 
 

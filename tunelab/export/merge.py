@@ -50,9 +50,16 @@ def _add_legacy_config_keys(path: Path) -> None:
 
 
 def merged_model(source: RunSource) -> Any:
-    """The tuned model in float32 with any adapter folded into its weights."""
+    """The tuned model in float32 with any adapter folded into its weights: for a run over a quantized base
+    (strategy.lora.quantize), into a float copy of the weights its quantized layers computed with, so that the
+    merged model answers as the QLoRA model did (export/hf.py's merge_over_dequantized)."""
     from tunelab.strategies.final import load_final
 
+    quantized = source.config.strategy.lora if source.config is not None else None
+    if source.adapter_config is not None and quantized is not None and quantized.quantize is not None:
+        from tunelab.export.hf import merge_over_dequantized
+
+        return merge_over_dequantized(source.final, quantized)[1]
     model = load_final(source.final)
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
 

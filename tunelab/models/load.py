@@ -198,9 +198,9 @@ def load_model(cfg: ModelConfig, dtype: Any = None, device_type: str = "cpu", qu
         raise ModelError(f"cannot load a causal LM from '{cfg.path}': {exc}") from None
     model.config.use_cache = False
     if quantize is not None and quantize.quantize is not None:
-        from tunelab.models.quantize import compute_as_in_training
+        from tunelab.models.quantize import quantized_as_configured
 
-        compute_as_in_training(model)
+        quantized_as_configured(model, quantize, device_type)
     return model
 
 

@@ -12,6 +12,7 @@ lookup from starting (whoever imports bitsandbytes first: peft does, on its own 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.abc
 import logging
 import sys
@@ -19,6 +20,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from tunelab.errors import ConfigError
+
+QUANT_BLOCK = 64  # weights per 4-bit block scale, as transformers' BitsAndBytesConfig quantizes
 
 log = logging.getLogger(__name__)
 _HUB_KERNEL_WARNING = "Failed to load CPU gemm_4bit_forward from kernels-community"
@@ -146,11 +149,80 @@ def is_quantized(model: Any) -> bool:
 
 
 def quantized_layers(model: Any) -> dict[str, Any]:
-    """The model's bitsandbytes linear layers (Linear4bit, Linear8bitLt) by module name."""
+    """The model's quantized layers by module name: bitsandbytes' linear layers (Linear4bit, Linear8bitLt) and,
+    with strategy.lora.quantize_embeddings, the token embedding and output head (`Dequantized4bit` weights)."""
     if not is_quantized(model):
         return {}
     bnb = import_bitsandbytes()
-    return {n: m for n, m in model.named_modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) or _dequantized_4bit(m) is not None}
+
+
+@functools.cache
+def dequantized_4bit_class() -> type:
+    """The parametrization of a weight stored as 4-bit codes (torch.nn.utils.parametrize), built on first use (it
+    needs torch and bitsandbytes): the module keeps the packed codes (vocabulary rows of width/2 bytes, frozen)
+    and reads `weight` as codes times block scales in the compute dtype. Unlike bitsandbytes' Embedding4bit it
+    works with double quantization and in any embedding class (Gemma's scaled one too), and one set of codes
+    serves a tied embedding and head."""
+    import torch
+
+    bnb = import_bitsandbytes()
+
+    class Dequantized4bit(torch.nn.Module):
+        def __init__(self, state: Any, dtype: Any) -> None:
+            super().__init__()
+            self.state, self.dtype = state, dtype
+
+        def forward(self, codes: Any) -> Any:
+            return bnb.functional.dequantize_4bit(codes, self.state).to(self.dtype)
+
+    return Dequantized4bit
+
+
+def _dequantized_4bit(module: Any) -> Any:
+    """A module's Dequantized4bit weight parametrization, or None."""
+    plist = getattr(getattr(module, "parametrizations", None), "weight", None)
+    if plist is None:
+        return None
+    return next((p for p in plist if isinstance(p, dequantized_4bit_class())), None)
+
+
+def quantize_embeddings(model: Any, settings: Any, device_type: str) -> Any:
+    """strategy.lora.quantize_embeddings: the token embedding and the output head stored as 4-bit codes like the
+    decoder's layers (`settings.quantize`, block size 64, `double_quant`), dequantized on each use; a tied head
+    shares the embedding's codes. QLoRA keeps both in 16 bits; where the vocabulary is a large share of a small
+    model (SmolLM2-135M: 21% of its parameters) they are most of what is left of the base."""
+    import torch
+    from torch.nn.utils import parametrize
+
+    bnb = import_bitsandbytes()
+    dtype = compute_dtype(settings.compute_dtype, device_type)
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and head.weight is embed.weight
+    done: dict[int, tuple[Any, Any]] = {}
+    for module in [embed] + ([head] if head is not None else []):
+        weight = module.weight
+        if id(weight) not in done:
+            rows, width = weight.shape
+            packed, state = bnb.functional.quantize_4bit(weight.data, blocksize=QUANT_BLOCK,
+                                                         compress_statistics=settings.double_quant,
+                                                         quant_type=settings.quantize)
+            done[id(weight)] = (torch.nn.Parameter(packed.view(rows, width // 2), requires_grad=False), state)
+        codes, state = done[id(weight)]
+        del module.weight
+        module.weight = codes  # a tied head is given the same codes Parameter, and so shares them
+        parametrize.register_parametrization(module, "weight", dequantized_4bit_class()(state, dtype), unsafe=True)
+    log.debug("token embedding%s stored in 4 bits", " and tied head" if tied else " and output head")
+    return model
+
+
+def quantized_as_configured(model: Any, settings: Any, device_type: str) -> Any:
+    """A model bitsandbytes has just loaded quantized, finished as strategy.lora asks: its embeddings quantized
+    too where quantize_embeddings is set, and every 4-bit layer computing as in training."""
+    if settings.quantize_embeddings:
+        quantize_embeddings(model, settings, device_type)
+    return compute_as_in_training(model)
 
 
 def compute_as_in_training(model: Any) -> Any:
@@ -172,9 +244,12 @@ def loaded_bytes(model: Any) -> int:
     import torch
 
     extra = 0
+    seen: set[int] = set()
     for layer in quantized_layers(model).values():
-        state = getattr(layer.weight, "quant_state", None)
-        if state is not None:
+        parametrization = _dequantized_4bit(layer)
+        state = parametrization.state if parametrization is not None else getattr(layer.weight, "quant_state", None)
+        if state is not None and id(state) not in seen:  # a tied head shares its embedding's state
+            seen.add(id(state))
             extra += sum(t.numel() * t.element_size() for t in state.as_dict(packed=True).values()
                          if isinstance(t, torch.Tensor))
         row_scales = getattr(layer.weight, "SCB", None)  # LLM.int8's per-row scales
@@ -184,8 +259,10 @@ def loaded_bytes(model: Any) -> int:
 
 
 def dequantized_weight(layer: Any) -> Any:
-    """The float weight (out, in) a quantized linear layer computes with: its codes times its block scales."""
+    """The float weight (out, in) a quantized layer computes with: its codes times its block scales."""
     bnb = import_bitsandbytes()
+    if _dequantized_4bit(layer) is not None:
+        return layer.weight.detach().float()
     w = layer.weight
     if isinstance(layer, bnb.nn.Linear4bit):
         return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()

@@ -42,6 +42,8 @@ class ModelShape:
     linears: list[tuple[str, int, int]]  # (module name, in_features, out_features) of the decoder's Linear layers
     model_type: str = ""  # the config's model_type (peft's per-family adapter targets)
     embedding_dim: int = 0  # the token embeddings' width (0: the hidden size; OPT-350m's is narrower)
+    vocab_table_params: int = 0  # the token embedding's parameters, and an untied output head's
+
 
     @property
     def kv_dim(self) -> int:
@@ -91,7 +93,9 @@ def model_shape(model_path: str, trust_remote_code: bool = False) -> ModelShape:
         kv_heads=getattr(text, "num_key_value_heads", None) or heads, head_dim=head_dim,
         layer_params=[sum(p.numel() for p in layer.parameters()) for layer in layers],
         param_names={n: p.numel() for n, p in model.named_parameters()}, linears=linears,
-        model_type=config.model_type, embedding_dim=model.get_input_embeddings().embedding_dim)
+        model_type=config.model_type, embedding_dim=model.get_input_embeddings().embedding_dim,
+        vocab_table_params=sum({id(t): t.numel() for t in (model.get_input_embeddings().weight,
+                                                           getattr(head, "weight", None)) if t is not None}.values()))
 
 
 @dataclass
@@ -208,15 +212,22 @@ def quantized_bytes_per_weight(quantize: str, double_quant: bool) -> float:
 
 
 def base_weight_bytes(shape: ModelShape, cfg: Config, total: int) -> float:
-    """The loaded model's weights: fp32, or with strategy.lora.quantize the decoder's linear layers quantized and
-    the rest (embeddings, norms, an untied output head) in fp32, as peft's k-bit preparation leaves them."""
+    """The loaded model's weights: fp32, or with strategy.lora.quantize the decoder's linear layers quantized (with
+    quantize_embeddings the embedding tables too) and the rest (embeddings, norms, an untied output head) in fp32,
+    as peft's k-bit preparation leaves them."""
     q = cfg.strategy.lora
     if q.quantize is None:
         return total * BYTES_FP32
-    quantized = shape.body_matmul_params
+    quantized = quantized_params(shape, cfg)
     per_row = sum(o for _, _, o in shape.linears) * BYTES_FP32 if q.quantize == "int8" else 0
     return quantized * quantized_bytes_per_weight(q.quantize, q.double_quant) + per_row + \
         (total - quantized) * BYTES_FP32
+
+
+def quantized_params(shape: ModelShape, cfg: Config) -> int:
+    """The parameters strategy.lora.quantize stores as codes: the decoder's linear layers, and with
+    quantize_embeddings the token embedding and an untied output head."""
+    return shape.body_matmul_params + (shape.vocab_table_params if cfg.strategy.lora.quantize_embeddings else 0)
 
 
 def compute_bytes(cfg: Config, on_cpu: bool) -> int:
@@ -229,7 +240,10 @@ def dequantization_bytes(shape: ModelShape, cfg: Config, on_cpu: bool) -> float:
     """The transient dequantized copy a quantized layer multiplies with (one layer at a time): the largest
     linear layer's weight in the compute dtype, twice (the forward's copy, and the backward's for the input
     gradient, which autograd may hold at once)."""
-    return 2 * max((i * o for _, i, o in shape.linears), default=0) * compute_bytes(cfg, on_cpu)
+    largest = max((i * o for _, i, o in shape.linears), default=0)
+    if cfg.strategy.lora.quantize_embeddings:  # the vocabulary's table, dequantized whole for the head's matmul
+        largest = max(largest, shape.vocab * shape.hidden)
+    return 2 * largest * compute_bytes(cfg, on_cpu)
 
 
 def dequantization_seconds(shape: ModelShape, w: Workload, cfg: Config, bandwidth: float, on_cpu: bool) -> float:
@@ -239,7 +253,7 @@ def dequantization_seconds(shape: ModelShape, w: Workload, cfg: Config, bandwidt
     if q.quantize is None or not bandwidth:
         return 0.0
     per_weight = quantized_bytes_per_weight(q.quantize, q.double_quant) + compute_bytes(cfg, on_cpu)
-    return w.micro_batches_per_step * 2 * shape.body_matmul_params * per_weight / bandwidth
+    return w.micro_batches_per_step * 2 * quantized_params(shape, cfg) * per_weight / bandwidth
 
 
 def flops(shape: ModelShape, w: Workload, data: DataShape, cfg: Config) -> float:

@@ -443,6 +443,11 @@ class TuningStrategy:
         """Why strategy.lora.quantize cannot be set with this strategy's settings (None: it can, or it is unset)."""
         q = cfg.lora.quantize
         s = self.refine(cfg) if self.refine else self
+        if q is not None and cfg.lora.quantize_embeddings and s.adds == "soft_prompt":
+            return ("strategy.lora.quantize_embeddings stores the token embedding as 4-bit codes, but a soft prompt "
+                    f"(strategy.name {self.name}) is built from and next to the embedding table in its float form. "
+                    "Remove strategy.lora.quantize_embeddings (the decoder's layers stay 4-bit), or use lora, its "
+                    "variants or ia3")
         if q is None or s.quantizable_base:
             return None
         bits = "8" if q == "int8" else "4"

@@ -70,7 +70,7 @@ def _quantized_as_configured(model: Any, cfg: Config) -> Any:
     from transformers import AutoModelForCausalLM
 
     from tunelab.models.load import quantized_loading
-    from tunelab.models.quantize import compute_as_in_training
+    from tunelab.models.quantize import quantized_as_configured
 
     with tempfile.TemporaryDirectory(prefix="tunelab-timing-") as tmp:
         model.save_pretrained(tmp)
@@ -78,7 +78,7 @@ def _quantized_as_configured(model: Any, cfg: Config) -> Any:
                                                          attn_implementation=model.config._attn_implementation,
                                                          **quantized_loading(cfg.strategy.lora, "cpu"))
     quantized.config.use_cache = False
-    return compute_as_in_training(quantized)
+    return quantized_as_configured(quantized, cfg.strategy.lora, "cpu")
 
 
 def time_cut_model(cfg: Config, model_config: Any, layers: int, examples: list[Encoded], tokenizer: Any) -> float:
