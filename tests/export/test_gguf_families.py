@@ -4,17 +4,23 @@ greedy generation at f32 equals tunelab's token for token on 20 held-out convers
 
 Every model uses SmolLM2's real tokenizer and ChatML template (llama.cpp's converter recognises its pre-tokenizer;
 the templates of each family are tested in test_ollama_template.py and the model matrix), so what differs between
-the cases is the architecture: its tensor names, hyperparameters and layout as llama.cpp rebuilds them."""
+the cases is the architecture: its tensor names, hyperparameters and layout as llama.cpp rebuilds them. Qwen2 is the
+exception: transformers 5 gives any qwen2 model its Qwen2Tokenizer, whose pre-tokenizer over SmolLM2's vocabulary
+llama.cpp does not know, so it has Qwen2's own tokenizer (llama.cpp's test vocabulary, tests/export/conftest.py).
+Gemma 2 has a sentencepiece tokenizer (a tokenizer.model, which the converter reads for that family) with the
+same ChatML template."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import transformers as T
 
-from tests.export.conftest import train_run
+from tests.export.conftest import llama_cpp_tokenizer, sentencepiece_tokenizer, train_run
 from tests.models.test_matrix import SMALL
 from tunelab.evaluate.loaders import load_for_eval
 from tunelab.export.families import FAMILIES
@@ -28,18 +34,30 @@ NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 CONFIGS = {
     "LlamaForCausalLM": (T.LlamaForCausalLM, dict(SMALL, tie_word_embeddings=False)),
     "MistralForCausalLM": (T.MistralForCausalLM, dict(SMALL, sliding_window=None)),
+    "Qwen2ForCausalLM": (T.Qwen2ForCausalLM, dict(SMALL)),
     "Qwen3ForCausalLM": (T.Qwen3ForCausalLM, dict(SMALL, head_dim=8)),
+    "Gemma2ForCausalLM": (T.Gemma2ForCausalLM, dict(SMALL, head_dim=8, query_pre_attn_scalar=8, sliding_window=64,
+                                                     attn_logit_softcapping=50.0, final_logit_softcapping=30.0)),
     "Gemma3ForCausalLM": (T.Gemma3ForCausalLM, dict(SMALL, head_dim=8, query_pre_attn_scalar=8, sliding_window=64)),
     "GPT2LMHeadModel": (T.GPT2LMHeadModel, dict(n_embd=32, n_layer=2, n_head=4, n_positions=256, **NO_DROPOUT)),
+    "GPTNeoXForCausalLM": (T.GPTNeoXForCausalLM, dict(SMALL, hidden_dropout=0.0, attention_dropout=0.0)),
+    # Phi-3's architecture with a GPT-2-style BPE tokenizer, as Phi-4 ships it (the converter then reads its vocab as
+    # BPE, from tokenizer_config.json's tokenizer_class)
+    "Phi3ForCausalLM": (T.Phi3ForCausalLM, dict(SMALL, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0)),
     "Olmo2ForCausalLM": (T.Olmo2ForCausalLM, dict(SMALL)),
 }
+
+OWN_TOKENIZERS = {"Qwen2ForCausalLM": lambda: llama_cpp_tokenizer("qwen2"), "Gemma2ForCausalLM": sentencepiece_tokenizer}
 
 
 def _build(architecture: str, tokenizer_dir: Path, out: Path) -> Path:
     from transformers import AutoTokenizer
 
     cls, kwargs = CONFIGS[architecture]
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    source = OWN_TOKENIZERS[architecture]() if architecture in OWN_TOKENIZERS else tokenizer_dir
+    tok = AutoTokenizer.from_pretrained(source)
+    if tok.chat_template is None:  # the sentencepiece tokenizer: SmolLM2's ChatML template, its markers are symbols
+        tok.chat_template = AutoTokenizer.from_pretrained(tokenizer_dir).chat_template
     config = cls.config_class(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                               pad_token_id=tok.pad_token_id, **kwargs)
     torch.manual_seed(0)
@@ -48,6 +66,11 @@ def _build(architecture: str, tokenizer_dir: Path, out: Path) -> Path:
         model.get_output_embeddings().weight.mul_(50.0)
     model.save_pretrained(out)
     tok.save_pretrained(out)
+    if (source / "tokenizer.model").is_file():  # a model folder ships its sentencepiece model beside tokenizer.json
+        shutil.copyfile(source / "tokenizer.model", out / "tokenizer.model")
+    if architecture == "Phi3ForCausalLM":  # as Phi-4's tokenizer_config.json names its tokenizer
+        settings = json.loads((out / "tokenizer_config.json").read_text())
+        (out / "tokenizer_config.json").write_text(json.dumps({**settings, "tokenizer_class": "GPT2Tokenizer"}))
     return out
 
 

@@ -14,10 +14,10 @@ LORA = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "bias": "none", "use_dora
         "target_modules": ["q_proj", "v_proj", "down_proj"]}
 
 
-def _adapter_run(tmp_path: Path, **changes) -> Path:
+def _adapter_run(tmp_path: Path, architecture: str = "LlamaForCausalLM", **changes) -> Path:
     base = tmp_path / "base"
     base.mkdir()
-    (base / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    (base / "config.json").write_text(json.dumps({"architectures": [architecture], "model_type": "llama"}))
     final = tmp_path / "run" / "final"
     final.mkdir(parents=True)
     (final / "adapter_config.json").write_text(json.dumps({**LORA, **changes, "base_model_name_or_path": str(base)}))
@@ -43,4 +43,12 @@ def test_what_vllm_does_not_load_is_refused_before_writing(tmp_path, capsys, cha
     assert main(["export", str(run), str(tmp_path / "out"), "--format", "vllm"]) == 2
     err = capsys.readouterr().err
     assert phrase in err and "Nothing was written" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_family_whose_vllm_model_takes_no_lora_is_refused(tmp_path, capsys):
+    run = _adapter_run(tmp_path, "GPTNeoXForCausalLM", target_modules=["query_key_value"])
+    assert main(["export", str(run), str(tmp_path / "out"), "--format", "vllm"]) == 2
+    err = capsys.readouterr().err
+    assert "vLLM has no LoRA support for gpt_neox models" in err and "--merge" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()

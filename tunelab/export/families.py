@@ -16,15 +16,19 @@ _LLAMA_LIKE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 class Family:
     name: str  # tunelab's name of the family
     gguf_arch: str  # llama.cpp's general.architecture
-    vllm_lora_modules: tuple[str, ...]  # the target_modules names vLLM's LoRA supports for it
+    vllm_lora_modules: tuple[str, ...]  # the target_modules names vLLM's LoRA supports for it (none: no LoRA)
 
 
 FAMILIES = {
     "LlamaForCausalLM": Family("llama", "llama", _LLAMA_LIKE),
     "MistralForCausalLM": Family("mistral", "llama", _LLAMA_LIKE),
+    "Qwen2ForCausalLM": Family("qwen2", "qwen2", _LLAMA_LIKE),
     "Qwen3ForCausalLM": Family("qwen3", "qwen3", _LLAMA_LIKE),
+    "Gemma2ForCausalLM": Family("gemma2", "gemma2", _LLAMA_LIKE),
     "Gemma3ForCausalLM": Family("gemma3", "gemma3", _LLAMA_LIKE),
     "GPT2LMHeadModel": Family("gpt2", "gpt2", ("c_attn", "c_proj", "c_fc")),
+    "GPTNeoXForCausalLM": Family("gpt_neox", "gptneox", ()),  # vLLM's GPT-NeoX takes no LoRA adapters
+    "Phi3ForCausalLM": Family("phi3", "phi3", ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
     "Olmo2ForCausalLM": Family("olmo2", "olmo2", _LLAMA_LIKE),
 }
 

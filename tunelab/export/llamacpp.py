@@ -103,8 +103,8 @@ def convert(model_dir: Path, out_file: Path, outtype: str) -> None:
     """Run llama.cpp's converter on a Hugging Face folder, writing `out_file` at a float `outtype`."""
     assert outtype in FLOAT_TYPES, outtype
     source = converter_dir()
-    cmd = [sys.executable, str(source / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(out_file),
-           "--outtype", outtype]
+    cmd = [sys.executable, "-m", "tunelab.export.convert_launch", str(source / "convert_hf_to_gguf.py"),
+           str(model_dir), "--outfile", str(out_file), "--outtype", outtype]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(source)}  # its own gguf-py, its own release
     env.pop("NO_LOCAL_GGUF", None)
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=source)

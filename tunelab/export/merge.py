@@ -40,13 +40,43 @@ def _end_ids(tokenizer: Any, turn_end: str) -> list[int]:
 
 def _add_legacy_config_keys(path: Path) -> None:
     """The config key llama.cpp's converter reads that transformers 5 no longer writes (GPT-2's n_ctx, which is
-    n_positions), added beside the new one with the same value."""
+    n_positions), added beside the new one with the same value (GPT-NeoX's rope keys: export/convert_launch.py)."""
     import json
 
     config = json.loads(path.read_text())
     if config.get("model_type") == "gpt2":
         config.setdefault("n_ctx", config["n_positions"])
     path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _carry_tokenizer_files(tokenizer: Any, source_dir: Path | None, out: Path) -> None:
+    """What llama.cpp's converter reads of a tokenizer that transformers 5 no longer writes:
+    - `added_tokens_decoder` in tokenizer_config.json: for a sentencepiece vocabulary the converter takes the
+      types of added and special tokens (a chat template's markers) from there, and would otherwise leave them
+      ordinary pieces that llama.cpp spells out byte by byte;
+    - a sentencepiece model (tokenizer.model, which Llama-2-, Gemma- and Phi-3-style vocabularies are converted
+      from), copied from the model the run started from;
+    - the class the model shipped its tokenizer as (transformers 5 saves every fast tokenizer as
+      TokenizersBackend; the converter picks Phi-4's BPE vocabulary over Phi-3's sentencepiece one by the name
+      GPT2Tokenizer)."""
+    import json
+    import shutil
+
+    written = out / "tokenizer_config.json"
+    config = json.loads(written.read_text(encoding="utf-8"))
+    config.setdefault("added_tokens_decoder", {
+        str(i): {"content": t.content, "special": t.special, "lstrip": t.lstrip, "rstrip": t.rstrip,
+                 "normalized": t.normalized, "single_word": t.single_word}
+        for i, t in sorted(tokenizer.added_tokens_decoder.items())})
+    if source_dir is not None and source_dir.is_dir():
+        if (source_dir / "tokenizer.model").is_file() and not (out / "tokenizer.model").is_file():
+            shutil.copyfile(source_dir / "tokenizer.model", out / "tokenizer.model")
+        shipped = source_dir / "tokenizer_config.json"
+        shipped_class = json.loads(shipped.read_text(encoding="utf-8")).get("tokenizer_class") \
+            if shipped.is_file() else None
+        if shipped_class:
+            config["tokenizer_class"] = shipped_class
+    written.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def merged_model(source: RunSource) -> Any:
@@ -80,5 +110,6 @@ def write_merged(source: RunSource, out: Path) -> dict[str, Any]:
     model.generation_config.eos_token_id = end_ids if len(end_ids) > 1 else end_ids[0]
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    _carry_tokenizer_files(tokenizer, source.start_model_dir, out)
     _add_legacy_config_keys(out / "config.json")
     return {"chat_template": template, "turn_end": turn_end, "end_ids": end_ids}

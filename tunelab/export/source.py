@@ -28,6 +28,15 @@ class RunSource:
         return self.run_dir / FINAL
 
     @property
+    def start_model_dir(self) -> Path | None:
+        """The model folder the run started from (its tokenizer files as the model shipped them), where known."""
+        if self.config is not None:
+            return Path(self.config.model.path)
+        if self.adapter_config is not None:
+            return Path(self.adapter_config["base_model_name_or_path"])
+        return None
+
+    @property
     def architecture(self) -> str:
         return (self.model_config.get("architectures") or [self.model_config.get("model_type", "unknown")])[0]
 

@@ -40,6 +40,10 @@ def check_lora_for_vllm(source: RunSource) -> list[str]:
     if adapter.get("modules_to_save"):
         raise _refuse(source, f"it fully trains {adapter['modules_to_save']} (modules_to_save), which vLLM does not "
                               "load from an adapter")
+    if not family.vllm_lora_modules:
+        raise _refuse(source, f"vLLM has no LoRA support for {family.name} models (its model class does not take "
+                              "adapters); merge the adapter instead (tunelab export RUN_DIR OUT --merge) and serve the "
+                              "merged folder")
     targets = adapter.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else sorted(targets)
     unsupported = [t for t in targets if t.split(".")[-1] not in family.vllm_lora_modules]
