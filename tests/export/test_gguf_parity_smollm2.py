@@ -1,8 +1,8 @@
 """GGUF export of real runs on SmolLM2-135M-Instruct, checked in llama.cpp's own runtime (llama-cpp-python): the
 prompt ids llama.cpp renders from the file's chat template equal the ids tunelab trained on (system turn included
 or added by the template), greedy generation of 32 new tokens on 20 held-out conversations equals tunelab's own
-greedy output token for token at f32 (f16: except where tunelab's two best logits were a near tie, each listed with
-its margin), generation ends at the trained end of turn with no stop strings, q8_0 agrees on at least 90% of the
+greedy output token for token at f32 (f16 and bf16: except where tunelab's two best logits were a near tie, each
+listed with its margin), generation ends at the trained end of turn with no stop strings, q8_0 agrees on at least 90% of the
 tokens, and q4_k_m's agreement (`export --parity` on 5 of the inputs) is printed. tunelab's own answers are computed
 once per run and checked against every file exported from it."""
 
@@ -94,17 +94,29 @@ def test_lora_run_ollama_f16_through_the_cli(smollm2_lora_run, lora_side, tmp_pa
     assert modelfile.startswith("FROM ./model-f16.gguf\n") and 'PARAMETER stop "<|im_end|>"' in modelfile
     report = lora_side.parity(out / "model-f16.gguf")
     print(report.summary(), "near ties:", report.near_ties())
+    _identical_but_for_near_ties(report)
+
+
+def _identical_but_for_near_ties(report) -> None:
     assert report.prompt_ids_equal
     for i, row in enumerate(report.rows):  # identical, or differing first where tunelab itself nearly tied
-        assert row.first_difference is None or row.margin_at_difference < NEAR_TIE, (i, row.margin_at_difference)
+        assert row.first_difference is None or row.margin_at_difference < report.near_tie, (i, row.margin_at_difference)
 
 
-def test_full_run_f32_token_for_token_and_q4_k_m_printed(smollm2_full_run, full_side, tmp_path, capsys):
+def test_full_run_f32_and_bf16_token_for_token_and_q4_k_m_printed(smollm2_full_run, full_side, tmp_path, capsys):
     done = export_gguf(smollm2_full_run, tmp_path / "f32", "f32")
     report = full_side.parity(done.gguf)
     print(report.summary())
     assert report.prompt_ids_equal and report.exact == 20, report.summary()
     _ends_at_the_trained_turn_end(report, read_summary(done.out_dir)["end_ids"])
+
+    # bf16, which llama.cpp runs on the CPU: tunelab's float32 answers, except where tunelab itself nearly tied
+    # (within 8x f16's margin: bf16 keeps 3 fewer significant bits)
+    bf16 = export_gguf(smollm2_full_run, tmp_path / "bf16", "bf16")
+    rounded = full_side.parity(bf16.gguf)
+    assert rounded.near_tie == 8 * NEAR_TIE
+    print(rounded.summary(), "near ties:", rounded.near_ties())
+    _identical_but_for_near_ties(rounded)
 
     # `export --parity FILE` on a few of the held-out inputs (the 20-input figures of q4_k_m are bench/export.py's)
     few = write_jsonl(tmp_path / "few.jsonl", HELD_OUT[-5:])

@@ -19,6 +19,13 @@ from typing import Any
 import torch
 
 NEAR_TIE = 0.05  # logits closer than this at a step: f16 rounding may flip the choice
+BF16_FILE_TYPE = 32  # llama.cpp's general.file_type of a bf16 file (LLAMA_FTYPE_MOSTLY_BF16)
+
+
+def near_tie(file_type: int | None) -> float:
+    """The margin under which a file's rounding of the weights may flip a greedy choice: NEAR_TIE for f16 (and the
+    finer f32), 8x that for bf16, which keeps 8 significant bits to f16's 11 and so moves logits 8x as far."""
+    return NEAR_TIE * 2 ** 3 if file_type == BF16_FILE_TYPE else NEAR_TIE
 
 
 @dataclass
@@ -59,6 +66,7 @@ class PromptParity:
 class ParityReport:
     gguf: Path
     rows: list[PromptParity] = field(default_factory=list)
+    near_tie: float = NEAR_TIE  # the margin under which the file's rounding may flip a greedy choice (near_tie())
 
     @property
     def prompt_ids_equal(self) -> bool:
@@ -75,7 +83,7 @@ class ParityReport:
     def near_ties(self) -> list[tuple[int, float]]:
         """(row, margin) of each differing row whose first difference was a near tie for tunelab."""
         return [(i, r.margin_at_difference) for i, r in enumerate(self.rows)
-                if r.margin_at_difference is not None and r.margin_at_difference < NEAR_TIE]
+                if r.margin_at_difference is not None and r.margin_at_difference < self.near_tie]
 
     def summary(self) -> str:
         differing = [(i, r.margin_at_difference) for i, r in enumerate(self.rows) if r.first_difference is not None]
@@ -203,7 +211,8 @@ def check_parity(em: Any, gguf: Path, conversations: list[list[dict[str, str]]] 
     answers = answers or tunelab_answers(em, prompts, max_new_tokens)
     llm = open_gguf(Path(gguf))
     try:
-        report = ParityReport(Path(gguf))
+        file_type = llm.metadata.get("general.file_type")
+        report = ParityReport(Path(gguf), near_tie=near_tie(int(file_type) if file_type is not None else None))
         for i, (prompt, ours) in enumerate(zip(prompts, answers, strict=True)):
             if conversations is not None:
                 theirs = llama_chat_prompt(llm, conversations[i])
