@@ -20,12 +20,15 @@ import pytest
 import torch
 import transformers as T
 
+from tests.conftest import config_tree, write_jsonl
 from tests.export.conftest import llama_cpp_tokenizer, sentencepiece_tokenizer, train_run
 from tests.models.test_matrix import SMALL
+from tunelab.config import validate_config
 from tunelab.evaluate.loaders import load_for_eval
 from tunelab.export.families import FAMILIES
 from tunelab.export.gguf import export_gguf
 from tunelab.export.parity import check_parity, held_out_inputs
+from tunelab.train.loop import train as run_training
 
 pytest.importorskip("llama_cpp", reason="needs llama-cpp-python (pip install 'tunelab[export]')")
 pytestmark = pytest.mark.slow
@@ -109,3 +112,29 @@ def test_a_qlora_run_exports_the_model_it_trained(lora, smollm2, held_out_file, 
     report = check_parity(em, done.gguf, conversations, prompts, max_new_tokens=32)
     print("QLoRA", lora, report.summary())
     assert report.prompt_ids_equal and report.exact == len(prompts), report.summary()
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_a_reasoning_template_is_carried_with_the_thinking_mode_the_run_trained_with(thinking, smollm2,
+                                                                                     held_out_file, tmp_path):
+    """A run with Qwen3's real chat template (TRL's copy) and data.enable_thinking: the GGUF's template renders the
+    prompts the run trained on in llama.cpp, which passes no enable_thinking of its own (Qwen3's template then
+    thinks, and adds no empty think block to the generation prompt: without the mode carried, the 20 prompts of
+    the non-thinking run differ)."""
+    trl = pytest.importorskip("trl")
+    qwen3 = (Path(trl.__file__).parent / "chat_templates" / "qwen3.jinja").read_text()
+    model = _build("Qwen3ForCausalLM", smollm2, tmp_path / "model")
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for q, a in [("Name a fruit.", "An apple."), ("What do cats say?", "Meow.")]]
+    run = tmp_path / "run"
+    run_training(validate_config(config_tree(model, write_jsonl(tmp_path / "d.jsonl", rows), run,
+                                             strategy={"name": "lora", "lora": {"dropout": 0.0}},
+                                             data={"max_length": 64, "chat_template": qwen3,
+                                                   "enable_thinking": thinking}, train={"max_steps": 1})))
+    done = export_gguf(run, tmp_path / "out", "f32")
+    em = load_for_eval(str(run), device="cpu", precision="fp32")
+    prompts, conversations = held_out_inputs(em, str(held_out_file))
+    assert all(p.endswith("<think>\n\n</think>\n\n") != thinking for p in prompts)  # what the run trained on
+    report = check_parity(em, done.gguf, conversations, prompts, max_new_tokens=4)
+    print("Qwen3 template, enable_thinking", thinking, report.summary())
+    assert report.prompt_ids_equal, report.summary()

@@ -94,7 +94,18 @@ def trained_chat_template(source: RunSource, tokenizer: Any) -> str | None:
     if not renders_chat(source):
         return None
     configured = source.config.data.chat_template if source.config is not None else None
-    return configured or tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE
+    template = configured or tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE
+    return with_thinking_mode(template, source.config.data.enable_thinking) if source.config is not None else template
+
+
+def with_thinking_mode(template: str, enable_thinking: bool) -> str:
+    """A reasoning template (one that reads `enable_thinking`, as Qwen3's does) with the run's thinking mode set at
+    its top, so that llama.cpp, Ollama or any other runtime renders the prompts the run trained on whatever it
+    passes: Qwen3's template left to itself thinks, and adds no empty think block to the generation prompt, where
+    tunelab (data.enable_thinking: false by default) trained with one. Other templates are returned as they are."""
+    if "enable_thinking" not in template:
+        return template
+    return f"{{%- set enable_thinking = {'true' if enable_thinking else 'false'} %}}\n" + template
 
 
 def trained_turn_end(source: RunSource, tokenizer: Any) -> str:
