@@ -21,7 +21,7 @@ import torch
 import transformers as T
 
 from tests.conftest import config_tree, write_jsonl
-from tests.export.conftest import llama_cpp_tokenizer, sentencepiece_tokenizer, train_run
+from tests.export.conftest import TRAIN_CHATS, llama_cpp_tokenizer, sentencepiece_tokenizer, train_run
 from tests.models.test_matrix import SMALL
 from tunelab.config import validate_config
 from tunelab.evaluate.loaders import load_for_eval
@@ -138,3 +138,33 @@ def test_a_reasoning_template_is_carried_with_the_thinking_mode_the_run_trained_
     report = check_parity(em, done.gguf, conversations, prompts, max_new_tokens=4)
     print("Qwen3 template, enable_thinking", thinking, report.summary())
     assert report.prompt_ids_equal, report.summary()
+
+
+def test_an_end_of_turn_llama_cpp_does_not_know_by_name_becomes_the_files_eot(smollm2, held_out_file, tmp_path):
+    """A chat template whose turns end with a token that is neither EOS nor one of the end-of-turn texts llama.cpp
+    knows (SmolLM2's <issue_closed>): the file names it as its EOT token, so llama.cpp ends a generation there."""
+    from gguf import GGUFReader
+
+    from tunelab.export import llamacpp
+    from tunelab.export.gguf import read_summary
+
+    template = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                "'<issue_closed>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                "{% endif %}")
+    model = _build("LlamaForCausalLM", smollm2, tmp_path / "model")
+    run = tmp_path / "run"
+    run_training(validate_config(config_tree(model, write_jsonl(tmp_path / "d.jsonl", TRAIN_CHATS), run,
+                                             strategy={"name": "lora", "lora": {"dropout": 0.0}},
+                                             data={"max_length": 64, "chat_template": template},
+                                             train={"max_steps": 1})))
+    done = export_gguf(run, tmp_path / "out", "f32")
+    summary = read_summary(done.out_dir)
+    closed = 10  # <issue_closed> in SmolLM2's vocabulary
+    assert summary["turn_end"] == "<issue_closed>" and closed in summary["end_ids"]
+    assert summary["marked_end_ids"] == [closed]
+    assert GGUFReader(done.gguf).fields["tokenizer.ggml.eot_token_id"].contents() == closed
+    assert llamacpp.ends_generation(done.gguf, summary["end_ids"]) == [True] * len(summary["end_ids"])
+    em = load_for_eval(str(run), device="cpu", precision="fp32")
+    prompts, conversations = held_out_inputs(em, str(held_out_file))
+    report = check_parity(em, done.gguf, conversations, prompts, max_new_tokens=4)  # the rewritten file still runs
+    assert report.prompt_ids_equal and report.exact == len(prompts), report.summary()

@@ -78,12 +78,17 @@ def _write_gguf(source: RunSource, quant: str, tmp: Path) -> dict[str, Any]:
             full = Path(scratch) / "model-f32.gguf"
             llamacpp.convert(hf_dir, full, "f32")
             llamacpp.quantize(full, target, quant)
+    unknown = [i for i, ends in zip(carried["end_ids"], llamacpp.ends_generation(target, carried["end_ids"]))
+               if not ends]
+    if unknown:  # an end of turn llama.cpp does not know by name: given the file's EOT (and EOM) places
+        llamacpp.mark_end_ids(target, unknown)
+    carried["marked_end_ids"] = unknown
     return carried
 
 
 def check_carried(gguf: Path, carried: dict[str, Any]) -> None:
-    """The file holds the chat template exactly as trained and an EOS that ends the trained turn (checked in the
-    written file, not assumed from the converter)."""
+    """The file holds the chat template exactly as trained, an EOS that ends the trained turn, and llama.cpp ends a
+    generation at every id that ends a trained turn (checked in the written file, not assumed from the converter)."""
     from gguf import GGUFReader
 
     reader = GGUFReader(gguf)
@@ -94,6 +99,10 @@ def check_carried(gguf: Path, carried: dict[str, Any]) -> None:
     eos = fields["tokenizer.ggml.eos_token_id"].contents() if "tokenizer.ggml.eos_token_id" in fields else None
     if eos not in carried["end_ids"]:
         raise RuntimeError(f"{gguf}: EOS id {eos} is not among the trained end-of-turn ids {carried['end_ids']}")
+    ends = llamacpp.ends_generation(gguf, carried["end_ids"])
+    if not all(ends):
+        raise RuntimeError(f"{gguf}: llama.cpp would not end a generation at the trained end-of-turn ids "
+                           f"{[i for i, e in zip(carried['end_ids'], ends) if not e]}")
 
 
 def export_gguf(run_dir: Path, out_dir: Path, quant: str = "f16", overwrite: bool = False,

@@ -128,3 +128,53 @@ def quantize(f16_file: Path, out_file: Path, quant: str) -> None:
         if shutil.disk_usage(out_file.parent).free < 1 << 20:
             raise OSError(28, f"No space left on device: llama.cpp's quantizer failed writing '{out_file}'")
         raise RuntimeError(f"llama.cpp's quantizer returned {code} quantizing '{f16_file}' to {quant}")
+
+
+def ends_generation(gguf: Path, ids: list[int]) -> list[bool]:
+    """Whether llama.cpp's runtime ends a generation at each of `ids`, as it reads the file: EOS, the EOT and EOM
+    ids, and the end-of-turn texts llama.cpp knows by name (`llama_vocab_is_eog`, on the vocabulary alone)."""
+    import llama_cpp
+
+    model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), _vocab_only_params())
+    if not model:
+        raise RuntimeError(f"llama.cpp could not read the vocabulary of '{gguf}'")
+    try:
+        vocab = llama_cpp.llama_model_get_vocab(model)
+        return [bool(llama_cpp.llama_vocab_is_eog(vocab, i)) for i in ids]
+    finally:
+        llama_cpp.llama_model_free(model)
+
+
+def _vocab_only_params() -> object:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    return params
+
+
+SPECIAL_END_SLOTS = ("eot", "eom")  # the GGUF keys beside EOS that llama.cpp ends a generation at
+
+
+def mark_end_ids(gguf: Path, ids: list[int]) -> None:
+    """Rewrite `gguf` with `ids` as its end-of-turn (and end-of-message) token ids, through llama.cpp's own
+    gguf_new_metadata.py, so that llama.cpp ends a generation at ids it does not know by name."""
+    if len(ids) > len(SPECIAL_END_SLOTS):
+        raise TunelabError(f"the run ends a turn at {len(ids)} ids that llama.cpp does not know ({ids}), and a GGUF "
+                           f"file has {len(SPECIAL_END_SLOTS)} places for them (EOT, EOM) beside EOS. Nothing was "
+                           "written; ask llama.cpp users to pass the end of turn as a stop string instead.")
+    script = converter_dir() / "gguf-py" / "gguf" / "scripts" / "gguf_new_metadata.py"
+    marked = gguf.with_name(gguf.name + ".marked")
+    cmd = [sys.executable, str(script), str(gguf), str(marked), "--force"]
+    for slot, token_id in zip(SPECIAL_END_SLOTS, ids):
+        cmd += ["--special-token-by-id", slot, str(token_id)]
+    env = {**os.environ}
+    env.pop("NO_LOCAL_GGUF", None)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        marked.unlink(missing_ok=True)
+        message = f"llama.cpp's gguf_new_metadata.py failed on '{gguf}': {done.stderr.strip()[-400:]}"
+        if "No space left on device" in done.stderr:
+            raise OSError(28, "No space left on device: " + message)
+        raise RuntimeError(message)
+    marked.replace(gguf)
