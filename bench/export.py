@@ -2,7 +2,7 @@
 this CPU for each, and the parity figures (tunelab/export/parity.py) against the tuned model.
 
 The model is SmolLM2-135M-Instruct (../shared/data/smollm2_135m_instruct, converted by transformers' GGUF loader),
-tuned with LoRA for a few steps on short chats (or pass --run to export a run of your own). For each of f32, f16,
+tuned with LoRA for a few steps on short chats (or pass --run to export a run of your own). For each of f32, f16, bf16,
 q8_0 and q4_k_m: `tunelab export --format gguf` timed end to end (merge, llama.cpp's converter, its quantizer), the
 file's size, llama.cpp's greedy decode speed (tokens/s over --speed-tokens new tokens after a chat prompt, all
 cores), and parity on 20 held-out conversations (prompt ids equal, outputs identical, token agreement, the
@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED_GGUF = ROOT.parent / "shared" / "data" / "smollm2_135m_instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-QUANTS = ("f32", "f16", "q8_0", "q4_k_m")
+QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_k_m")
 TRAIN = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
          for q, a in [("What colour is the sky?", "The sky is blue."), ("Name a fruit.", "An apple is a fruit."),
                       ("What do cats say?", "Cats say meow."), ("Where is Paris?", "Paris is in France.")]]
