@@ -103,6 +103,7 @@ def bench_quant(run: Path, quant: str, work: Path, em, prompts, conversations, a
            "decode_tokens_per_s": round(decode_speed(done.gguf, report.rows[0].llama_prompt, args.speed_tokens), 1),
            "prompt_ids_equal": sum(r.prompt_ids_equal for r in report.rows), "prompts": len(report.rows),
            "identical": report.exact, "token_agreement": round(report.token_agreement, 4),
+           "same_top": round(report.same_top, 4),
            "first_difference_margins": [round(r.margin_at_difference, 4) for r in report.rows
                                         if r.margin_at_difference is not None],
            "stopped_at_turn_end": sum(r.llama_stopped for r in report.rows)}

@@ -38,6 +38,7 @@ class PromptParity:
     margins: list[float]  # tunelab's top-1 minus top-2 logit at each of its steps
     llama_stopped: bool  # llama.cpp ended at an end-of-generation token of its own accord
     tunelab_stopped: bool
+    same_top: int = -1  # positions of tunelab's answer where llama.cpp, given tunelab's tokens so far, chose the same
 
     @property
     def first_difference(self) -> int | None:
@@ -80,6 +81,13 @@ class ParityReport:
     def token_agreement(self) -> float:
         return sum(r.agreeing for r in self.rows) / max(1, sum(r.length for r in self.rows))
 
+    @property
+    def same_top(self) -> float:
+        """The share of tunelab's answer tokens that llama.cpp ranks first when fed the same tokens before them
+        (teacher-forced, as llama.cpp's own `perplexity --kl-divergence` reports "Same top p"): unlike
+        token_agreement, one early flip does not count every later position of that answer as a miss."""
+        return sum(r.same_top for r in self.rows) / max(1, sum(len(r.tunelab_new) for r in self.rows))
+
     def near_ties(self) -> list[tuple[int, float]]:
         """(row, margin) of each differing row whose first difference was a near tie for tunelab."""
         return [(i, r.margin_at_difference) for i, r in enumerate(self.rows)
@@ -90,7 +98,8 @@ class ParityReport:
         stopped = sum(r.llama_stopped for r in self.rows)
         text = (f"{self.gguf.name}: prompt ids {'equal' if self.prompt_ids_equal else 'DIFFER'} on "
                 f"{sum(r.prompt_ids_equal for r in self.rows)}/{len(self.rows)}; greedy output identical on "
-                f"{self.exact}/{len(self.rows)}, token agreement {self.token_agreement:.1%}; llama.cpp stopped at the "
+                f"{self.exact}/{len(self.rows)}, token agreement {self.token_agreement:.1%}, same top token "
+                f"{self.same_top:.1%}; llama.cpp stopped at the "
                 f"end of turn on {stopped}/{len(self.rows)} (tunelab {sum(r.tunelab_stopped for r in self.rows)})")
         if differing:
             text += "; first differences (row: tunelab's top-2 margin) " + ", ".join(
@@ -137,6 +146,25 @@ def llama_greedy(llm: Any, prompt_ids: list[int], max_new_tokens: int) -> tuple[
             return new, True
         llm.eval([token])
     return new, False
+
+
+def llama_same_top(llm: Any, prompt_ids: list[int], tokens: list[int], start: int) -> int:
+    """How many of `tokens` (tunelab's answer) llama.cpp ranks first when fed the prompt and tunelab's tokens before
+    each; the first `start` are known to agree (llama.cpp generated them greedily)."""
+    import llama_cpp
+    import numpy as np
+
+    if start >= len(tokens):
+        return len(tokens)
+    llm.reset()
+    llm.eval(prompt_ids + tokens[:start])
+    same = start
+    for k in range(start, len(tokens)):
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+        same += int(np.argmax(logits)) == tokens[k]
+        if k + 1 < len(tokens):
+            llm.eval([tokens[k]])
+    return same
 
 
 def llama_chat_prompt(llm: Any, messages: list[dict[str, str]]) -> list[int]:
@@ -219,8 +247,11 @@ def check_parity(em: Any, gguf: Path, conversations: list[list[dict[str, str]]] 
             else:
                 theirs = llm.tokenize(prompt.encode(), add_bos=True, special=True)
             llama_new, llama_stopped = llama_greedy(llm, theirs, max_new_tokens)
-            report.rows.append(PromptParity(ours.prompt == theirs, ours.prompt, theirs, ours.new, llama_new,
-                                            ours.margins, llama_stopped, ours.stopped))
+            row = PromptParity(ours.prompt == theirs, ours.prompt, theirs, ours.new, llama_new, ours.margins,
+                               llama_stopped, ours.stopped)
+            row.same_top = llama_same_top(llm, theirs, ours.new, row.first_difference if row.first_difference
+                                          is not None else len(ours.new))  # only where the answers parted
+            report.rows.append(row)
         return report
     finally:
         llm.close()
