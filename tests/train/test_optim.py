@@ -45,6 +45,26 @@ def test_no_weight_decay_on_biases_and_norms():
     assert sched.get_last_lr() == pytest.approx([0.5 * 8 / 9] * 2)
 
 
+def test_adamw_is_fused_on_the_cpu_and_updates_as_the_multi_tensor_path_does():
+    """AdamW takes torch's fused kernel on the CPU by default (train.fused_adamw: false keeps the multi-tensor
+    path): over 10 steps of a least-squares problem the weights stay within float32 rounding of that path's."""
+    torch.manual_seed(0)
+    inputs, targets = torch.randn(64, 32), torch.randn(64, 16)
+    weights = {}
+    for fused in (None, False):
+        torch.manual_seed(1)
+        layer = torch.nn.Linear(32, 16)
+        opt = build_optimizer(layer, TrainConfig(max_steps=10, learning_rate=1e-2, weight_decay=0.1,
+                                                 fused_adamw=fused), torch.device("cpu"))
+        assert opt.defaults["fused"] is (True if fused is None else None)
+        for _ in range(10):
+            ((layer(inputs) - targets) ** 2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        weights[fused] = layer.weight.detach()
+    torch.testing.assert_close(weights[None], weights[False], rtol=1e-5, atol=1e-6)
+
+
 def test_sgd_is_plain_gradient_descent():
     """train.optimizer: sgd moves each weight by -lr * (gradient + weight_decay * weight), biases undecayed;
     it keeps no state, and plan counts none."""
