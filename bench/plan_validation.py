@@ -1,7 +1,8 @@
 """`tunelab plan` against measurements on this CPU: peak memory and step time (a benchmark, not a test).
 
 The same cases as tests/plan/test_validation.py (stories260K and two config-built sizes x full, lora and
-soft_prompt, and the top layer alone (freeze) of the small one) on a heavier workload than the test's 1,024
+soft_prompt, and the top layer alone (freeze) of the small one), and the real SmolLM2-135M-Instruct (30 layers,
+a 49k vocabulary; LoRA and full) on a heavier workload than the test's 1,024
 tokens per step: 1,500 GSM8K training examples, rows of 512, 3,072 tokens per step. Each case is planned with `--measure` (real optimizer steps of
 cut copies of the model, tunelab.train.timing), trained for 8 steps in a fresh process whose peak resident
 memory and median step time (steps 3-8) are measured, and planned again; the faster of the two plans is
@@ -34,11 +35,14 @@ SIZES = {"small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers
          "medium": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=6, num_attention_heads=8,
                         num_key_value_heads=8, vocab_size=8192)}
 CASES = [f"{size}:{strategy}" for size in ("stories260K", "small", "medium")
-         for strategy in ("full", "lora", "soft_prompt")] + ["small:freeze"]
+         for strategy in ("full", "lora", "soft_prompt")] + ["small:freeze", "smollm2:lora", "smollm2:full"]
+SMOLLM2_GGUF = SHARED / "smollm2_135m_instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def build_models(work: Path) -> dict[str, Path]:
-    """stories260K converted from ../shared/data, and the two config-built sizes with its tokenizer."""
+def build_models(work: Path, cases: list[str]) -> dict[str, Path]:
+    """stories260K converted from ../shared/data, the two config-built sizes with its tokenizer, and (for its
+    cases) the real SmolLM2-135M-Instruct converted from its GGUF file."""
+    from tunelab.models.gguf import convert_gguf
     from tunelab.models.llama2c import convert_llama2c
 
     out = {"stories260K": convert_llama2c(SHARED / "stories260K/stories260K.bin", SHARED / "stories260K/tok512.bin",
@@ -49,6 +53,8 @@ def build_models(work: Path) -> dict[str, Path]:
         for f in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(out["stories260K"] / f, work / name / f)
         out[name] = work / name
+    if any(c.startswith("smollm2:") for c in cases):
+        out["smollm2"] = convert_gguf(SMOLLM2_GGUF, work / "smollm2")
     return out
 
 
@@ -123,9 +129,10 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        models, data = build_models(work), write_gsm8k_rows(work / "gsm8k.jsonl")
+        cases = args.case or CASES
+        models, data = build_models(work, cases), write_gsm8k_rows(work / "gsm8k.jsonl")
         records = []
-        for case in args.case or CASES:
+        for case in cases:
             records.append(validate_case(models, data, work, case))
             print(json.dumps(records[-1]), flush=True)
     print(table(records))

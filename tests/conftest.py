@@ -88,10 +88,10 @@ VARIED_ROWS = [
 # (a stale list costs wall time, never a result).
 # The first file needs SmolLM2's conversion (on a cold cache it converts, with the export fixtures' runs, while the
 # other worker runs the demo's longest task instead of waiting on the conversion's lock).
-LONGEST_FIRST = ["export/test_gguf_parity_smollm2.py", "test_demo_task_intent.py",
-                 "evaluate/test_banking77_acceptance.py", "test_demo_task_small_data.py", "train/test_distributed.py", "plan/test_validation.py",
-                 "real_model/test_qlora_smollm2.py", "real_model/test_smollm2_training.py",
-                 "export/test_gguf_families.py", "test_bench_smoke.py", "test_demo_task_summary.py",
+LONGEST_FIRST = ["export/test_gguf_families.py", "export/test_gguf_parity_smollm2.py", "test_demo_task_intent.py",
+                 "evaluate/test_banking77_acceptance.py", "real_model/test_qlora_smollm2.py",
+                 "test_demo_task_small_data.py", "train/test_distributed.py", "plan/test_validation.py",
+                 "real_model/test_smollm2_training.py", "test_bench_smoke.py", "test_demo_task_summary.py",
                  "train/test_qlora_distributed.py", "train/test_recipe.py", "test_demo.py",
                  "real_model/test_convert_gguf.py"]
 
