@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+
+import pytest
 from pathlib import Path
 
 from tests.conftest import VARIED_ROWS, config_tree, write_jsonl
@@ -58,3 +60,27 @@ def test_the_runtime_measurement_is_kept_between_plans(tmp_path, monkeypatch):
     monkeypatch.setattr(devices, "_RUNTIME", {})
     path.write_text("{not json")
     assert devices.RuntimeProbe().bytes() > devices.CPU_RUNNING_EXTRA_BYTES and key in path.read_text()
+
+
+def test_the_cpu_probe_takes_the_fastest_call_and_says_when_the_machine_was_busy():
+    """The matmul-rate probe counts the fastest call (other work only slows a call down) and reports how much
+    slower the median call was, on a clock that runs as the test says (no wall-clock time is measured)."""
+    from tunelab.plan.devices import BUSY_LIMIT, _time_calls
+
+    def probe(durations: list[float]):
+        now = [0.0]
+        calls = iter(durations)
+
+        def clock() -> float:
+            return now[0]
+
+        def fn() -> None:
+            now[0] += next(calls, durations[-1])
+
+        return _time_calls(fn, seconds=1.0, clock=clock)
+
+    idle = probe([0.01] * 3 + [0.01] * 200)
+    assert idle.best == pytest.approx(0.01) and idle.busy == pytest.approx(1.0)
+    # another job takes the CPU for most calls: the mean would read the rate 3x low; the fastest call does not
+    busy = probe([0.01] * 3 + [0.03, 0.01, 0.03, 0.03, 0.03] * 40)
+    assert busy.best == pytest.approx(0.01) and busy.busy == pytest.approx(3.0) and busy.busy >= BUSY_LIMIT

@@ -36,15 +36,29 @@ DEVICES: dict[str, Device] = {
 }
 
 
-def _seconds_per_call(fn: Callable[[], object], seconds: float) -> float:
-    """The mean time of fn() over about `seconds`, after three warm-up calls."""
+BUSY_LIMIT = 1.5  # a probe whose median call took 1.5x its fastest ran beside other work
+
+
+@dataclass(frozen=True)
+class Timing:
+    best: float  # the fastest call: other work on the machine can only slow a call down
+    busy: float  # the median call over the fastest: near 1 on an idle machine
+
+
+def _time_calls(fn: Callable[[], object], seconds: float, clock: Callable[[], float] = time.perf_counter) -> Timing:
+    """fn()'s fastest call over about `seconds` (at least 5 calls, after three warm-up calls), and how much slower
+    its median call was. The mean, which this probe used to take, is dragged down by whatever else runs: measured
+    beside another job it read 11.2 GFLOP/s where the idle machine gives 45.6 (issue 30)."""
     for _ in range(3):
         fn()
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
+    times: list[float] = []
+    start = clock()
+    while len(times) < 5 or clock() - start < seconds:
+        t0 = clock()
         fn()
-        n += 1
-    return (time.perf_counter() - t0) / n
+        times.append(clock() - t0)
+    best = max(min(times), 1e-9)
+    return Timing(best, sorted(times)[len(times) // 2] / best)
 
 
 @functools.cache  # measured once per process: a second plan (compare, several --gpu) reuses it
@@ -52,14 +66,18 @@ def cpu_device() -> Device:
     import torch
 
     a, b = torch.randn(512, 512), torch.randn(512, 512)
-    flops = 2 * 512**3 / _seconds_per_call(lambda: a @ b, 0.3)
+    matmul = _time_calls(lambda: a @ b, 0.3)
     source, target = torch.ones(2**24), torch.empty(2**24)  # 64 MiB each: beyond the caches
-    bandwidth = 2 * source.numel() * 4 / _seconds_per_call(lambda: target.copy_(source), 0.1)  # read + write
+    copy = _time_calls(lambda: target.copy_(source), 0.1)
     pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return Device(f"this CPU ({torch.get_num_threads()} threads)", float(pages), flops, 1.0,
-                  "fp32 matmul rate measured by tunelab plan on this machine (512^3 products for 0.3 s); with --measure "
-                  "step times are not derived from it but measured: real steps of cut copies of the model; memory "
-                  "bandwidth from 64 MiB copies for 0.1 s", bandwidth)
+    busy = max(matmul.busy, copy.busy)
+    caveat = (f"; the machine was busy while it was probed (the median call took {busy:.1f}x the fastest): the "
+              "fastest calls count, but CPU times are unreliable until it is idle" if busy >= BUSY_LIMIT else "")
+    return Device(f"this CPU ({torch.get_num_threads()} threads)", float(pages), 2 * 512**3 / matmul.best, 1.0,
+                  "fp32 matmul rate measured by tunelab plan on this machine (the fastest of 512^3 products over "
+                  "0.3 s); with --measure step times are not derived from it but measured: real steps of cut copies "
+                  "of the model; memory bandwidth from 64 MiB copies over 0.1 s" + caveat,
+                  2 * source.numel() * 4 / copy.best)  # read + write
 
 
 # What a running CPU training process holds beyond its imports and its per-token buffers (the tokenizer, the
