@@ -168,3 +168,18 @@ def test_an_end_of_turn_llama_cpp_does_not_know_by_name_becomes_the_files_eot(sm
     prompts, conversations = held_out_inputs(em, str(held_out_file))
     report = check_parity(em, done.gguf, conversations, prompts, max_new_tokens=4)  # the rewritten file still runs
     assert report.prompt_ids_equal and report.exact == len(prompts), report.summary()
+
+
+def test_a_sentencepiece_family_without_its_tokenizer_model_is_refused(smollm2, tmp_path, capsys):
+    """Gemma 2's vocabulary reaches llama.cpp's converter only through tokenizer.model: a base folder without it is
+    refused with what to do (exit 2, no traceback, nothing written), not a converter crash."""
+    from tunelab.cli import main
+
+    model = _build("Gemma2ForCausalLM", smollm2, tmp_path / "model")
+    (model / "tokenizer.model").unlink()
+    run = train_run(model, tmp_path / "run", {"name": "lora", "lora": {"dropout": 0.0}}, max_steps=1)
+    capsys.readouterr()
+    assert main(["export", str(run), str(tmp_path / "out"), "--format", "gguf", "--quant", "f32"]) == 2
+    err = capsys.readouterr().err
+    assert "needs its sentencepiece model (tokenizer.model)" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

@@ -83,7 +83,7 @@ def test_lora_run_f32_answers_token_for_token_and_q8_0_close(smollm2_lora_run, l
     quantized = lora_side.parity(q8)
     print(quantized.summary())
     assert quantized.prompt_ids_equal and quantized.token_agreement >= 0.9, quantized.summary()
-    assert quantized.same_top >= 0.9 and quantized.same_top >= quantized.token_agreement, quantized.summary()
+    assert quantized.same_top >= 0.9, quantized.summary()
 
 
 def test_lora_run_ollama_f16_through_the_cli(smollm2_lora_run, lora_side, tmp_path, capsys):

@@ -305,3 +305,18 @@ def test_qlora_under_activation_checkpointing_takes_the_same_steps(tmp_path, sto
     ckpt = run(tmp_path, stories260k, "ckpt", strategy,
                train={"max_steps": 2, "batch_size": 6, "activation_checkpointing": True})
     assert losses(ckpt) == losses(plain)
+
+
+def test_adapters_served_beside_a_base_with_4bit_embeddings_keep_their_float_precision():
+    """`tunelab serve` moves an added adapter to the host model's device and float dtype: with quantize_embeddings
+    the host's first parameter is a table of uint8 codes, which must not become the adapter's dtype."""
+    from types import SimpleNamespace
+
+    from tunelab.serve.pool import _to_host
+
+    host_model = torch.nn.Module()
+    host_model.codes = torch.nn.Parameter(torch.zeros(8, dtype=torch.uint8), requires_grad=False)
+    host_model.norm = torch.nn.Parameter(torch.ones(4))
+    adapter = torch.nn.Linear(4, 2)
+    _to_host(adapter, SimpleNamespace(model=host_model))
+    assert adapter.weight.dtype == torch.float32 and adapter.bias.dtype == torch.float32

@@ -81,7 +81,7 @@ def _write_gguf(source: RunSource, quant: str, tmp: Path) -> dict[str, Any]:
     unknown = [i for i, ends in zip(carried["end_ids"], llamacpp.ends_generation(target, carried["end_ids"]))
                if not ends]
     if unknown:  # an end of turn llama.cpp does not know by name: given the file's EOT (and EOM) places
-        llamacpp.mark_end_ids(target, unknown)
+        llamacpp.mark_end_ids(target, unknown, carried["end_ids"])
     carried["marked_end_ids"] = unknown
     return carried
 

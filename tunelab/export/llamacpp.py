@@ -105,7 +105,8 @@ def convert(model_dir: Path, out_file: Path, outtype: str) -> None:
     source = converter_dir()
     cmd = [sys.executable, "-m", "tunelab.export.convert_launch", str(source / "convert_hf_to_gguf.py"),
            str(model_dir), "--outfile", str(out_file), "--outtype", outtype]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(source)}  # its own gguf-py, its own release
+    tunelab_root = str(Path(__file__).resolve().parents[2])  # convert_launch, from a checkout as well as an install
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(source), tunelab_root])}
     env.pop("NO_LOCAL_GGUF", None)
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=source)
     if done.returncode != 0:
@@ -156,17 +157,24 @@ def _vocab_only_params() -> object:
 SPECIAL_END_SLOTS = ("eot", "eom")  # the GGUF keys beside EOS that llama.cpp ends a generation at
 
 
-def mark_end_ids(gguf: Path, ids: list[int]) -> None:
+def mark_end_ids(gguf: Path, ids: list[int], end_ids: list[int]) -> None:
     """Rewrite `gguf` with `ids` as its end-of-turn (and end-of-message) token ids, through llama.cpp's own
-    gguf_new_metadata.py, so that llama.cpp ends a generation at ids it does not know by name."""
-    if len(ids) > len(SPECIAL_END_SLOTS):
+    gguf_new_metadata.py, so that llama.cpp ends a generation at ids it does not know by name. A place that already
+    holds one of the trained `end_ids` (the converter sets EOT from some templates) is kept."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(gguf).fields
+    held = {slot: fields[f"tokenizer.ggml.{slot}_token_id"].contents() for slot in SPECIAL_END_SLOTS
+            if f"tokenizer.ggml.{slot}_token_id" in fields}
+    free = [slot for slot in SPECIAL_END_SLOTS if held.get(slot) not in end_ids]
+    if len(ids) > len(free):
         raise TunelabError(f"the run ends a turn at {len(ids)} ids that llama.cpp does not know ({ids}), and a GGUF "
-                           f"file has {len(SPECIAL_END_SLOTS)} places for them (EOT, EOM) beside EOS. Nothing was "
+                           f"file has {len(free)} free places for them (of EOT and EOM) beside EOS. Nothing was "
                            "written; ask llama.cpp users to pass the end of turn as a stop string instead.")
     script = converter_dir() / "gguf-py" / "gguf" / "scripts" / "gguf_new_metadata.py"
     marked = gguf.with_name(gguf.name + ".marked")
     cmd = [sys.executable, str(script), str(gguf), str(marked), "--force"]
-    for slot, token_id in zip(SPECIAL_END_SLOTS, ids):
+    for slot, token_id in zip(free, ids):
         cmd += ["--special-token-by-id", slot, str(token_id)]
     env = {**os.environ}
     env.pop("NO_LOCAL_GGUF", None)

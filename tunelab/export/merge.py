@@ -79,6 +79,19 @@ def _carry_tokenizer_files(tokenizer: Any, source_dir: Path | None, out: Path) -
     written.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def _needs_sentencepiece(source: RunSource, out: Path) -> bool:
+    """llama.cpp's converter reads these families' vocabulary from tokenizer.model only (Phi-3 unless its tokenizer
+    is Phi-4's GPT2Tokenizer)."""
+    import json
+
+    if source.architecture == "Gemma2ForCausalLM":
+        return True
+    if source.architecture == "Phi3ForCausalLM":
+        config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+        return config.get("tokenizer_class") != "GPT2Tokenizer"
+    return False
+
+
 def merged_model(source: RunSource) -> Any:
     """The tuned model in float32 with any adapter folded into its weights: for a run over a quantized base
     (strategy.lora.quantize), into a float copy of the weights its quantized layers computed with, so that the
@@ -111,5 +124,10 @@ def write_merged(source: RunSource, out: Path) -> dict[str, Any]:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     _carry_tokenizer_files(tokenizer, source.start_model_dir, out)
+    if _needs_sentencepiece(source, out) and not (out / "tokenizer.model").is_file():
+        raise TunelabError(f"the {source.architecture} model of '{source.final}' needs its sentencepiece model "
+                           "(tokenizer.model) for llama.cpp's converter, and the folder the run started from "
+                           f"({source.start_model_dir or 'not found'}) has none. Put the base model's tokenizer.model "
+                           "into that folder (it ships with the model) and export again. Nothing was written.")
     _add_legacy_config_keys(out / "config.json")
     return {"chat_template": template, "turn_end": turn_end, "end_ids": end_ids}

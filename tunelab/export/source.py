@@ -29,12 +29,11 @@ class RunSource:
 
     @property
     def start_model_dir(self) -> Path | None:
-        """The model folder the run started from (its tokenizer files as the model shipped them), where known."""
-        if self.config is not None:
-            return Path(self.config.model.path)
-        if self.adapter_config is not None:
-            return Path(self.adapter_config["base_model_name_or_path"])
-        return None
+        """The model folder the run started from (its tokenizer files as the model shipped them), where it is a
+        folder here: an adapter's base as final/ recorded it (an absolute path), else the config's model.path."""
+        candidates = [self.adapter_config["base_model_name_or_path"]] if self.adapter_config is not None else []
+        candidates += [self.config.model.path] if self.config is not None else []
+        return next((Path(c).expanduser() for c in candidates if Path(c).expanduser().is_dir()), None)
 
     @property
     def architecture(self) -> str:
@@ -105,7 +104,7 @@ def with_thinking_mode(template: str, enable_thinking: bool) -> str:
     tunelab (data.enable_thinking: false by default) trained with one. Other templates are returned as they are."""
     if "enable_thinking" not in template:
         return template
-    return f"{{%- set enable_thinking = {'true' if enable_thinking else 'false'} %}}\n" + template
+    return f"{{%- set enable_thinking = {'true' if enable_thinking else 'false'} -%}}\n" + template
 
 
 def trained_turn_end(source: RunSource, tokenizer: Any) -> str:

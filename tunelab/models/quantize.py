@@ -161,7 +161,8 @@ def quantized_layers(model: Any) -> dict[str, Any]:
 @functools.cache
 def dequantized_4bit_class() -> type:
     """The parametrization of a weight stored as 4-bit codes (torch.nn.utils.parametrize), built on first use (it
-    needs torch and bitsandbytes): the module keeps the packed codes (vocabulary rows of width/2 bytes, frozen)
+    needs torch and bitsandbytes): the module keeps the packed codes (two to a byte, frozen; the state holds the
+    shape and follows the codes to another device)
     and reads `weight` as codes times block scales in the compute dtype. Unlike bitsandbytes' Embedding4bit it
     works with double quantization and in any embedding class (Gemma's scaled one too), and one set of codes
     serves a tied embedding and head."""
@@ -175,6 +176,8 @@ def dequantized_4bit_class() -> type:
             self.state, self.dtype = state, dtype
 
         def forward(self, codes: Any) -> Any:
+            if self.state.absmax.device != codes.device:  # moved with the model (.to(device)): the state follows
+                self.state.to(codes.device)
             return bnb.functional.dequantize_4bit(codes, self.state).to(self.dtype)
 
     return Dequantized4bit
@@ -204,11 +207,10 @@ def quantize_embeddings(model: Any, settings: Any, device_type: str) -> Any:
     for module in [embed] + ([head] if head is not None else []):
         weight = module.weight
         if id(weight) not in done:
-            rows, width = weight.shape
             packed, state = bnb.functional.quantize_4bit(weight.data, blocksize=QUANT_BLOCK,
                                                          compress_statistics=settings.double_quant,
                                                          quant_type=settings.quantize)
-            done[id(weight)] = (torch.nn.Parameter(packed.view(rows, width // 2), requires_grad=False), state)
+            done[id(weight)] = (torch.nn.Parameter(packed, requires_grad=False), state)  # the state holds the shape
         codes, state = done[id(weight)]
         del module.weight
         module.weight = codes  # a tied head is given the same codes Parameter, and so shares them

@@ -121,7 +121,7 @@ def _adapter_folder(name: str, run_dir: Path, base: Path) -> Path:
 
 def _to_host(module: Any, host: EvalModel) -> None:
     """Newly loaded adapter weights onto the device and float precision the host model runs in."""
-    ref = next(host.model.parameters())
+    ref = next(p for p in host.model.parameters() if p.is_floating_point())  # not a 4-bit base's uint8 codes
     for param in module.parameters():
         dtype = ref.dtype if param.data.is_floating_point() else param.dtype
         param.data = param.data.to(ref.device, dtype)
