@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import config_tree, write_jsonl
-from tests.real_model.conftest import smollm2, smollm2_gguf  # noqa: F401  (the shared conversion)
+from tests.real_model.conftest import made_once, smollm2, smollm2_gguf  # noqa: F401  (the shared conversion)
 
 # the training rows: short chats, a fixed system prompt in some (what the runs learn is beside the point: the
 # exported file must answer as the tuned model does, whatever it learned)
@@ -65,34 +65,25 @@ def llama_cpp_tokenizer(name: str) -> Path:
     in the source release of the installed llama-cpp-python, fetched with pip as the export fetches llama.cpp's
     converter), made a Hugging Face tokenizer folder by transformers' GGUF loader: for a family whose transformers
     tokenizer class replaces SmolLM2's pre-tokenizer (Qwen2), so that llama.cpp's converter meets a vocabulary it
-    knows. Made once per machine, in the test model cache, under a file lock."""
-    import os
-    import subprocess
-    import sys
+    knows. Made once per machine, in the test model cache."""
     import tarfile
-    import tempfile
     from importlib.metadata import version
 
-    from filelock import FileLock
     from transformers import AutoTokenizer
 
+    from tunelab.export.llamacpp import download_source_release
+
     release = version("llama-cpp-python")
-    root = Path(os.environ.get("TUNELAB_TEST_MODEL_CACHE") or Path(tempfile.gettempdir()) / "tunelab-test-models")
-    root.mkdir(parents=True, exist_ok=True)
-    folder = root / f"llama.cpp-{release}-vocab-{name}"
-    with FileLock(str(root / f"llama.cpp-vocab-{name}.lock")):
-        if not folder.is_dir():
-            with tempfile.TemporaryDirectory(dir=root) as tmp:
-                subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-                                "--dest", tmp, f"llama-cpp-python=={release}"], check=True, capture_output=True)
-                archive = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
-                member = f"{archive.name.removesuffix('.tar.gz')}/vendor/llama.cpp/models/ggml-vocab-{name}.gguf"
-                with tarfile.open(archive) as tar:
-                    tar.extractall(tmp, members=[tar.getmember(member)], filter="data")
-                vocab = Path(tmp) / member
-                AutoTokenizer.from_pretrained(vocab.parent, gguf_file=vocab.name).save_pretrained(Path(tmp) / "out")
-                (Path(tmp) / "out").rename(folder)
-    return folder
+
+    def make(out: Path) -> None:
+        archive = download_source_release(release, out.parent)
+        member = f"{archive.name.removesuffix('.tar.gz')}/vendor/llama.cpp/models/ggml-vocab-{name}.gguf"
+        with tarfile.open(archive) as tar:
+            tar.extractall(out.parent, members=[tar.getmember(member)], filter="data")
+        vocab = out.parent / member
+        AutoTokenizer.from_pretrained(vocab.parent, gguf_file=vocab.name).save_pretrained(out)
+
+    return made_once(f"llama.cpp-{release}-vocab-{name}", make)
 
 
 def sentencepiece_tokenizer() -> Path:
@@ -100,36 +91,28 @@ def sentencepiece_tokenizer() -> Path:
     reads for their families): BPE with byte fallback, 1,000 pieces learned from the first 2,000 GSM8K training rows
     of ../shared/data, ChatML's markers as its own symbols, Gemma's special ids (pad 0, eos 1, bos 2, unk 3), saved
     with a GemmaTokenizer config (transformers converts it, to the same ids as sentencepiece itself). Made once per
-    machine, in the test model cache, under a file lock."""
+    machine, in the test model cache."""
     import io
     import json
-    import os
-    import tempfile
 
     import sentencepiece
-    from filelock import FileLock
 
     from tests.conftest import shared_file
 
-    root = Path(os.environ.get("TUNELAB_TEST_MODEL_CACHE") or Path(tempfile.gettempdir()) / "tunelab-test-models")
-    root.mkdir(parents=True, exist_ok=True)
-    folder = root / f"sentencepiece-gsm8k-{sentencepiece.__version__}"
-    with FileLock(str(root / "sentencepiece-gsm8k.lock")):
-        if not folder.is_dir():
-            rows = [json.loads(line) for line in shared_file("gsm8k/train.jsonl").read_text().splitlines()[:2000]]
-            model = io.BytesIO()
-            sentencepiece.SentencePieceTrainer.train(
-                sentence_iterator=iter(r["question"] + "\n" + r["answer"] for r in rows), model_writer=model,
-                vocab_size=1000, model_type="bpe", byte_fallback=True, split_digits=True,
-                user_defined_symbols=["<|im_start|>", "<|im_end|>"], pad_id=0, eos_id=1, bos_id=2, unk_id=3,
-                pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>", add_dummy_prefix=False,
-                normalization_rule_name="identity", remove_extra_whitespaces=False,
-                allow_whitespace_only_pieces=True, minloglevel=2)
-            with tempfile.TemporaryDirectory(dir=root) as tmp:
-                (Path(tmp) / "tokenizer.model").write_bytes(model.getvalue())
-                (Path(tmp) / "tokenizer_config.json").write_text(json.dumps({
-                    "tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>",
-                    "pad_token": "<pad>", "unk_token": "<unk>"}))
-                Path(tmp).rename(folder)
-                Path(tmp).mkdir()  # for TemporaryDirectory's clean-up
-    return folder
+    def make(out: Path) -> None:
+        rows = [json.loads(line) for line in shared_file("gsm8k/train.jsonl").read_text().splitlines()[:2000]]
+        model = io.BytesIO()
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(r["question"] + "\n" + r["answer"] for r in rows), model_writer=model,
+            vocab_size=1000, model_type="bpe", byte_fallback=True, split_digits=True,
+            user_defined_symbols=["<|im_start|>", "<|im_end|>"], pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+            pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>", add_dummy_prefix=False,
+            normalization_rule_name="identity", remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True, minloglevel=2)
+        out.mkdir()
+        (out / "tokenizer.model").write_bytes(model.getvalue())
+        (out / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>",
+            "pad_token": "<pad>", "unk_token": "<unk>"}))
+
+    return made_once(f"sentencepiece-gsm8k-{sentencepiece.__version__}", make)

@@ -15,6 +15,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,6 +42,29 @@ def cache_key(gguf_file: Path) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
+def test_model_cache() -> Path:
+    """The folder that keeps what the tests make once per machine: $TUNELAB_TEST_MODEL_CACHE, by default
+    tunelab-test-models/ in the system's temporary folder."""
+    root = Path(os.environ.get("TUNELAB_TEST_MODEL_CACHE") or Path(tempfile.gettempdir()) / "tunelab-test-models")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def made_once(name: str, make: Any) -> Path:
+    """test_model_cache()/`name`, made by `make(folder)` into a temporary folder beside it and renamed into place, at
+    most once per machine (under a file lock: two test workers wait for one)."""
+    from filelock import FileLock
+
+    root = test_model_cache()
+    folder = root / name
+    with FileLock(str(root / f"{name}.lock")):
+        if not folder.is_dir():
+            with tempfile.TemporaryDirectory(dir=root) as tmp:
+                make(Path(tmp) / "made")
+                (Path(tmp) / "made").rename(folder)
+    return folder
+
+
 def converted_gguf(gguf_file: Path) -> Path:
     """The folder `tunelab convert gguf` makes of `gguf_file`, converted at most once per cache key (under a
     file lock); the folders of older keys of the same file are removed (no other folder of the cache)."""
@@ -48,8 +72,7 @@ def converted_gguf(gguf_file: Path) -> Path:
 
     from tunelab.cli import main
 
-    root = Path(os.environ.get("TUNELAB_TEST_MODEL_CACHE") or Path(tempfile.gettempdir()) / "tunelab-test-models")
-    root.mkdir(parents=True, exist_ok=True)
+    root = test_model_cache()
     folder = root / f"{gguf_file.stem}-{cache_key(gguf_file)}"
     with FileLock(str(root / f"{gguf_file.stem}.lock")):
         if not folder.is_dir():

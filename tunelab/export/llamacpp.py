@@ -68,20 +68,27 @@ def converter_dir() -> Path:
     return folder
 
 
+def download_source_release(version: str, dest: Path) -> Path:
+    """llama-cpp-python's source release `version` (which vendors llama.cpp), downloaded into `dest` with pip (from
+    its cache after the first time); a TunelabError where pip cannot fetch it."""
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+           "--dest", str(dest), f"llama-cpp-python=={version}"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    archives = sorted(Path(dest).glob("llama_cpp_python-*.tar.gz"))
+    if not archives:
+        raise TunelabError(f"could not fetch llama.cpp's converter: `pip download llama-cpp-python=={version}` "
+                           f"failed ({done.stderr.strip()[-400:]}). Connect to PyPI once, or set "
+                           "TUNELAB_LLAMA_CPP to a llama.cpp checkout of the same release.")
+    return archives[0]
+
+
 def _fetch_converter(version: str, folder: Path) -> None:
     """Download llama-cpp-python's source release `version` with pip and keep only the converter's parts."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-               "--dest", tmp, f"llama-cpp-python=={version}"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        archives = sorted(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
-        if not archives:
-            raise TunelabError(f"could not fetch llama.cpp's converter: `pip download llama-cpp-python=={version}` "
-                               f"failed ({done.stderr.strip()[-400:]}). Connect to PyPI once, or set "
-                               "TUNELAB_LLAMA_CPP to a llama.cpp checkout of the same release.")
+        archive = download_source_release(version, Path(tmp))
         staging = Path(tmp) / "converter"
-        _extract_converter(archives[0], staging)
+        _extract_converter(archive, staging)
         if folder.exists():  # a concurrent fetch finished first
             return
         staging.rename(folder)

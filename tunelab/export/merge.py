@@ -49,7 +49,7 @@ def _add_legacy_config_keys(path: Path) -> None:
     path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _carry_tokenizer_files(tokenizer: Any, source_dir: Path | None, out: Path) -> None:
+def _carry_tokenizer_files(tokenizer: Any, source_dir: Path | None, out: Path) -> dict[str, Any]:
     """What llama.cpp's converter reads of a tokenizer that transformers 5 no longer writes:
     - `added_tokens_decoder` in tokenizer_config.json: for a sentencepiece vocabulary the converter takes the
       types of added and special tokens (a chat template's markers) from there, and would otherwise leave them
@@ -58,7 +58,8 @@ def _carry_tokenizer_files(tokenizer: Any, source_dir: Path | None, out: Path) -
       from), copied from the model the run started from;
     - the class the model shipped its tokenizer as (transformers 5 saves every fast tokenizer as
       TokenizersBackend; the converter picks Phi-4's BPE vocabulary over Phi-3's sentencepiece one by the name
-      GPT2Tokenizer)."""
+      GPT2Tokenizer).
+    Returns the tokenizer_config.json it wrote."""
     import json
     import shutil
 
@@ -77,19 +78,15 @@ def _carry_tokenizer_files(tokenizer: Any, source_dir: Path | None, out: Path) -
         if shipped_class:
             config["tokenizer_class"] = shipped_class
     written.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return config
 
 
-def _needs_sentencepiece(source: RunSource, out: Path) -> bool:
+def _needs_sentencepiece(architecture: str, tokenizer_config: dict[str, Any]) -> bool:
     """llama.cpp's converter reads these families' vocabulary from tokenizer.model only (Phi-3 unless its tokenizer
     is Phi-4's GPT2Tokenizer)."""
-    import json
-
-    if source.architecture == "Gemma2ForCausalLM":
-        return True
-    if source.architecture == "Phi3ForCausalLM":
-        config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
-        return config.get("tokenizer_class") != "GPT2Tokenizer"
-    return False
+    if architecture == "Phi3ForCausalLM":
+        return tokenizer_config.get("tokenizer_class") != "GPT2Tokenizer"
+    return architecture == "Gemma2ForCausalLM"
 
 
 def merged_model(source: RunSource) -> Any:
@@ -123,8 +120,8 @@ def write_merged(source: RunSource, out: Path) -> dict[str, Any]:
     model.generation_config.eos_token_id = end_ids if len(end_ids) > 1 else end_ids[0]
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    _carry_tokenizer_files(tokenizer, source.start_model_dir, out)
-    if _needs_sentencepiece(source, out) and not (out / "tokenizer.model").is_file():
+    tokenizer_config = _carry_tokenizer_files(tokenizer, source.start_model_dir, out)
+    if _needs_sentencepiece(source.architecture, tokenizer_config) and not (out / "tokenizer.model").is_file():
         raise TunelabError(f"the {source.architecture} model of '{source.final}' needs its sentencepiece model "
                            "(tokenizer.model) for llama.cpp's converter, and the folder the run started from "
                            f"({source.start_model_dir or 'not found'}) has none. Put the base model's tokenizer.model "

@@ -162,8 +162,8 @@ def quantized_layers(model: Any) -> dict[str, Any]:
 def dequantized_4bit_class() -> type:
     """The parametrization of a weight stored as 4-bit codes (torch.nn.utils.parametrize), built on first use (it
     needs torch and bitsandbytes): the module keeps the packed codes (two to a byte, frozen; the state holds the
-    shape and follows the codes to another device)
-    and reads `weight` as codes times block scales in the compute dtype. Unlike bitsandbytes' Embedding4bit it
+    shape and follows the codes to another device) and reads `weight` as codes times block scales in the compute
+    dtype. Unlike bitsandbytes' Embedding4bit it
     works with double quantization and in any embedding class (Gemma's scaled one too), and one set of codes
     serves a tied embedding and head."""
     import torch

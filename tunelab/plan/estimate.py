@@ -44,7 +44,6 @@ class ModelShape:
     embedding_dim: int = 0  # the token embeddings' width (0: the hidden size; OPT-350m's is narrower)
     vocab_table_params: int = 0  # the token embedding's parameters, and an untied output head's
 
-
     @property
     def kv_dim(self) -> int:
         return self.kv_heads * self.head_dim
