@@ -25,6 +25,7 @@ from tests.export.conftest import TRAIN_CHATS, llama_cpp_tokenizer, sentencepiec
 from tests.models.test_matrix import SMALL
 from tunelab.config import validate_config
 from tunelab.evaluate.loaders import load_for_eval
+from tunelab.export import llamacpp
 from tunelab.export.families import FAMILIES
 from tunelab.export.gguf import export_gguf
 from tunelab.export.parity import check_parity, held_out_inputs
@@ -83,13 +84,11 @@ def test_every_exported_family_is_tested():
 
 @pytest.mark.parametrize("architecture", list(CONFIGS))
 def test_family_f32_parity_in_llama_cpp(architecture, smollm2, held_out_file, tmp_path):
-    from gguf import GGUFReader
-
     model = _build(architecture, smollm2, tmp_path / "model")
     run = train_run(model, tmp_path / "run", {"name": "lora", "lora": {"dropout": 0.0}}, max_steps=1)
     done = export_gguf(run, tmp_path / "out", "f32")
-    reader = GGUFReader(done.gguf)
-    assert reader.fields["general.architecture"].contents() == FAMILIES[architecture].gguf_arch
+    arch = llamacpp.file_facts(done.gguf, ("general.architecture",)).metadata["general.architecture"]
+    assert arch == FAMILIES[architecture].gguf_arch
     em = load_for_eval(str(run), device="cpu", precision="fp32")
     prompts, conversations = held_out_inputs(em, str(held_out_file))
     report = check_parity(em, done.gguf, conversations, prompts, max_new_tokens=32)
@@ -143,10 +142,7 @@ def test_a_reasoning_template_is_carried_with_the_thinking_mode_the_run_trained_
 def test_an_end_of_turn_llama_cpp_does_not_know_by_name_becomes_the_files_eot(smollm2, held_out_file, tmp_path):
     """A chat template whose turns end with a token that is neither EOS nor one of the end-of-turn texts llama.cpp
     knows (SmolLM2's <issue_closed>): the file names it as its EOT token, so llama.cpp ends a generation there."""
-    from gguf import GGUFReader
-
-    from tunelab.export import llamacpp
-    from tunelab.export.gguf import read_summary
+    from tunelab.export.gguf import check_carried, read_summary
 
     template = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
                 "'<issue_closed>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
@@ -162,8 +158,13 @@ def test_an_end_of_turn_llama_cpp_does_not_know_by_name_becomes_the_files_eot(sm
     closed = 10  # <issue_closed> in SmolLM2's vocabulary
     assert summary["turn_end"] == "<issue_closed>" and closed in summary["end_ids"]
     assert summary["marked_end_ids"] == [closed]
-    assert GGUFReader(done.gguf).fields["tokenizer.ggml.eot_token_id"].contents() == closed
-    assert llamacpp.ends_generation(done.gguf, summary["end_ids"]) == [True] * len(summary["end_ids"])
+    facts = llamacpp.file_facts(done.gguf, ("tokenizer.ggml.eot_token_id",), summary["end_ids"])
+    assert facts.metadata["tokenizer.ggml.eot_token_id"] == str(closed)
+    assert facts.ends == [True] * len(summary["end_ids"])
+    # the export's own check reads the file as llama.cpp does: a template other than the trained one is caught
+    check_carried(done.gguf, summary)
+    with pytest.raises(RuntimeError, match="chat template that differs"):
+        check_carried(done.gguf, {**summary, "chat_template": summary["chat_template"] + " "})
     em = load_for_eval(str(run), device="cpu", precision="fp32")
     prompts, conversations = held_out_inputs(em, str(held_out_file))
     report = check_parity(em, done.gguf, conversations, prompts, max_new_tokens=4)  # the rewritten file still runs

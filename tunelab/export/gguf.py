@@ -88,21 +88,17 @@ def _write_gguf(source: RunSource, quant: str, tmp: Path) -> dict[str, Any]:
 
 def check_carried(gguf: Path, carried: dict[str, Any]) -> None:
     """The file holds the chat template exactly as trained, an EOS that ends the trained turn, and llama.cpp ends a
-    generation at every id that ends a trained turn (checked in the written file, not assumed from the converter)."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(gguf)
-    fields = reader.fields
-    template = fields["tokenizer.chat_template"].contents() if "tokenizer.chat_template" in fields else None
-    if template != carried["chat_template"]:
+    generation at every id that ends a trained turn (checked in the written file as llama.cpp reads it, not assumed
+    from the converter)."""
+    facts = llamacpp.file_facts(gguf, ("tokenizer.chat_template", "tokenizer.ggml.eos_token_id"), carried["end_ids"])
+    if facts.metadata.get("tokenizer.chat_template") != carried["chat_template"]:
         raise RuntimeError(f"llama.cpp's converter wrote a chat template that differs from the trained one in {gguf}")
-    eos = fields["tokenizer.ggml.eos_token_id"].contents() if "tokenizer.ggml.eos_token_id" in fields else None
-    if eos not in carried["end_ids"]:
+    eos = facts.metadata.get("tokenizer.ggml.eos_token_id")
+    if eos is None or int(eos) not in carried["end_ids"]:
         raise RuntimeError(f"{gguf}: EOS id {eos} is not among the trained end-of-turn ids {carried['end_ids']}")
-    ends = llamacpp.ends_generation(gguf, carried["end_ids"])
-    if not all(ends):
+    if not all(facts.ends):
         raise RuntimeError(f"{gguf}: llama.cpp would not end a generation at the trained end-of-turn ids "
-                           f"{[i for i, e in zip(carried['end_ids'], ends) if not e]}")
+                           f"{[i for i, e in zip(carried['end_ids'], facts.ends) if not e]}")
 
 
 def export_gguf(run_dir: Path, out_dir: Path, quant: str = "f16", overwrite: bool = False,

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.errors import TunelabError
@@ -138,19 +139,46 @@ def quantize(f16_file: Path, out_file: Path, quant: str) -> None:
         raise RuntimeError(f"llama.cpp's quantizer returned {code} quantizing '{f16_file}' to {quant}")
 
 
-def ends_generation(gguf: Path, ids: list[int]) -> list[bool]:
-    """Whether llama.cpp's runtime ends a generation at each of `ids`, as it reads the file: EOS, the EOT and EOM
-    ids, and the end-of-turn texts llama.cpp knows by name (`llama_vocab_is_eog`, on the vocabulary alone)."""
+@dataclass(frozen=True)
+class FileFacts:
+    """What llama.cpp's runtime reads from a GGUF's metadata and vocabulary (a vocabulary-only load, which reads no
+    tensor: a fraction of a second, where parsing the vocabulary's arrays in Python takes seconds)."""
+
+    metadata: dict[str, str]  # the keys asked for, as llama.cpp prints them (absent: not in the file)
+    ends: list[bool]  # whether llama.cpp ends a generation at each id asked for (`llama_vocab_is_eog`)
+
+
+def file_facts(gguf: Path, keys: tuple[str, ...] = (), ids: list[int] = ()) -> FileFacts:
+    """Metadata `keys` of `gguf` and whether llama.cpp ends a generation at each of `ids` as it reads the file: EOS,
+    the EOT and EOM ids, and the end-of-turn texts llama.cpp knows by name."""
+    import ctypes
+
     import llama_cpp
 
     model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), _vocab_only_params())
     if not model:
         raise RuntimeError(f"llama.cpp could not read the vocabulary of '{gguf}'")
     try:
+        metadata = {}
+        for key in keys:
+            size = 1 << 12
+            while True:  # the value's length is returned; a longer one is read again into a buffer that holds it
+                buf = ctypes.create_string_buffer(size)
+                length = llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, size)
+                if length < size:
+                    break
+                size = length + 1
+            if length >= 0:
+                metadata[key] = buf.value.decode("utf-8")
         vocab = llama_cpp.llama_model_get_vocab(model)
-        return [bool(llama_cpp.llama_vocab_is_eog(vocab, i)) for i in ids]
+        return FileFacts(metadata, [bool(llama_cpp.llama_vocab_is_eog(vocab, i)) for i in ids])
     finally:
         llama_cpp.llama_model_free(model)
+
+
+def ends_generation(gguf: Path, ids: list[int]) -> list[bool]:
+    """Whether llama.cpp's runtime ends a generation at each of `ids`, as it reads the file."""
+    return file_facts(gguf, ids=ids).ends
 
 
 def _vocab_only_params() -> object:

@@ -107,25 +107,34 @@ class ParityReport:
         return text
 
 
-def tunelab_greedy(em: Any, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], list[float], bool]:
-    """tunelab's own greedy continuation (as `tunelab generate` runs it), cut after its first end id, and the
-    margin between its two best logits at each step."""
-    from tunelab.models.load import pad_token_id, stop_token_ids
+GREEDY_BATCH = 16  # prompts decoded together (tunelab generate's default batch)
 
-    stop_ids = stop_token_ids(em.tokenizer, em.model.base, [t for t in em.stop_texts if t])
-    ids = torch.tensor([prompt_ids])
-    mask = torch.ones_like(ids)
+
+def tunelab_greedy(em: Any, prompt_ids: list[list[int]], max_new_tokens: int
+                   ) -> list[tuple[list[int], list[float], bool]]:
+    """tunelab's own greedy continuation of each prompt (as `tunelab generate` runs it: left-padded batches, the
+    run's end ids), cut after its first end id, and the margin between its two best logits at each step (from one
+    forward pass over the prompt and its answer, unpadded on the left so that positions are the prompt's own)."""
+    from tunelab.evaluate.generate import decoding, generate_batch
+
+    dec = decoding(em, max_new_tokens)
+    out: list[tuple[list[int], list[float], bool]] = []
     with torch.no_grad():
-        new = em.model.generate_new_tokens(ids, mask, do_sample=False, max_new_tokens=max_new_tokens,
-                                           eos_token_id=stop_ids, pad_token_id=pad_token_id(em.tokenizer),
-                                           temperature=None, top_p=None, top_k=None)[0].tolist()
-        ends = [k for k, t in enumerate(new) if t in stop_ids]
-        new = new[: ends[0] + 1] if ends else new
-        full = torch.tensor([prompt_ids + new])
-        logits = em.model.lm(input_ids=full, attention_mask=torch.ones_like(full)).logits[0].float()  # (seq, vocab)
-    steps = logits[len(prompt_ids) - 1: len(prompt_ids) - 1 + len(new)]
-    top2 = steps.topk(2, dim=-1).values
-    return new, (top2[:, 0] - top2[:, 1]).tolist(), bool(ends)
+        for start in range(0, len(prompt_ids), GREEDY_BATCH):
+            chunk = prompt_ids[start:start + GREEDY_BATCH]
+            for ids, new in zip(chunk, generate_batch(em, chunk, dec).tolist()):
+                ends = [k for k, t in enumerate(new) if t in dec.stop_ids]
+                new = new[: ends[0] + 1] if ends else new
+                out.append((new, _margins(em, ids, new), bool(ends)))
+    return out
+
+
+def _margins(em: Any, prompt_ids: list[int], new: list[int]) -> list[float]:
+    """The top-1 minus top-2 logit where each of `new` was chosen after `prompt_ids`."""
+    full = torch.tensor([prompt_ids + new])
+    logits = em.model.lm(input_ids=full, attention_mask=torch.ones_like(full)).logits[0].float()  # (seq, vocab)
+    top2 = logits[len(prompt_ids) - 1: len(prompt_ids) - 1 + len(new)].topk(2, dim=-1).values
+    return (top2[:, 0] - top2[:, 1]).tolist()
 
 
 def llama_greedy(llm: Any, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], bool]:
@@ -223,11 +232,8 @@ def tunelab_answers(em: Any, prompts: list[str], max_new_tokens: int = 32) -> li
     """tunelab's prompt ids and greedy answers for `prompts`: computed once, checked against any number of files."""
     from tunelab.evaluate.generate import encode_prompts
 
-    answers = []
-    for prompt in prompts:
-        ids = encode_prompts(em.tokenizer, [prompt])[0]
-        answers.append(TunelabAnswer(ids, *tunelab_greedy(em, ids, max_new_tokens)))
-    return answers
+    ids = encode_prompts(em.tokenizer, prompts)
+    return [TunelabAnswer(p, *answer) for p, answer in zip(ids, tunelab_greedy(em, ids, max_new_tokens))]
 
 
 def check_parity(em: Any, gguf: Path, conversations: list[list[dict[str, str]]] | None, prompts: list[str],
