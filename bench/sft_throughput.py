@@ -10,6 +10,16 @@ real (non-pad) tokens/s, label tokens/s, peak memory, and on a GPU the MFU.
     python bench/sft_throughput.py --shape tiny --device cpu
     python bench/sft_throughput.py --shape qwen2.5-0.5b --device cuda --wheels .whl
     python bench/sft_throughput.py --smoke            # a few steps, no timing claims (CI)
+
+A real model and real rows instead (issue 31): `--model DIR` (a Hugging Face folder with a chat template, e.g.
+`tunelab convert gguf` of ../shared/data/smollm2_135m_instruct) and `--data` (banking77's CSV: the question as the
+user turn, the intent as the reply; or a JSONL of {"messages": [...]}), each chat rendered once by the model's own
+template into prompt ids (the template with the generation prompt) and completion ids (the rest, the end of turn
+included), which every system then trains on; `--strategy lora` adds rank-16 LoRA on every linear layer (alpha 32,
+`--lora-dropout`, 0.05 by default) to every system (tunelab's strategy, peft's LoraConfig for the others).
+
+    python bench/sft_throughput.py --model models/smollm2 --data ../shared/data/banking77/train.csv \
+        --strategy lora --tokens-per-step 1024 --max-length 512
 """
 
 from __future__ import annotations
@@ -41,6 +51,45 @@ SHAPES = {
                   intermediate_size=128, vocab_size=4096),
 }
 MAX_LENGTH = 2048  # the longest workload example (prompt <= 1500 + completion <= 1000, as drawn) fits
+LORA = {"rank": 16, "alpha": 32.0}  # --strategy lora, every system; the dropout is --lora-dropout
+
+
+def chat_workload(model_dir: Path, data: Path, n: int, max_length: int, seed: int = 0
+                  ) -> list[tuple[list[int], list[int]]]:
+    """`n` seeded rows of `data` as (prompt ids, completion ids) through the model's own chat template."""
+    import csv
+    import random
+
+    from transformers import AutoTokenizer
+
+    if data.suffix == ".csv":
+        with data.open(newline="", encoding="utf-8") as f:
+            chats = [[{"role": "user", "content": r[0]}, {"role": "assistant", "content": r[1]}]
+                     for r in list(csv.reader(f))[1:]]
+    else:
+        chats = [json.loads(line)["messages"] for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
+    random.Random(seed).shuffle(chats)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    out = []
+    for chat in chats[:n]:
+        prompt = tok.apply_chat_template(chat[:-1], add_generation_prompt=True, tokenize=True, return_dict=False)
+        full = tok.apply_chat_template(chat, tokenize=True, return_dict=False)
+        if full[: len(prompt)] == prompt and len(full) <= max_length:
+            out.append((list(prompt), list(full[len(prompt):])))
+    return out
+
+
+def workload_of(args: argparse.Namespace) -> list[tuple[list[int], list[int]]]:
+    if args.model:
+        return chat_workload(Path(args.model), Path(args.data), args.examples, args.max_length)
+    return make_workload(args.examples, SHAPES[args.shape]["vocab_size"])
+
+
+def peft_lora_config(args: argparse.Namespace):
+    from peft import LoraConfig
+
+    return LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=args.lora_dropout,
+                      target_modules="all-linear", task_type="CAUSAL_LM")
 
 
 def make_workload(n: int, vocab: int, seed: int = 0) -> list[tuple[list[int], list[int]]]:
@@ -73,6 +122,10 @@ def build_model_dir(shape: str, out: Path) -> Path:
     return out
 
 
+def learning_rate(args: argparse.Namespace) -> float:
+    return 1e-4 if args.strategy == "lora" else 1e-5
+
+
 def peak_memory_bytes(device: str) -> int:
     import torch
 
@@ -95,14 +148,15 @@ def run_tunelab(args: argparse.Namespace, workload: list, model_dir: Path, work:
     data.write_text("".join(json.dumps({"prompt_ids": p, "completion_ids": c}) + "\n" for p, c in workload))
     cfg = validate_config({
         "model": {"path": str(model_dir)},
-        "data": {"train": str(data), "max_length": MAX_LENGTH},
-        "train": {"max_steps": args.warmup + args.steps, "learning_rate": 1e-5, "tokens_per_step": args.tokens_per_step,
+        "data": {"train": str(data), "max_length": args.max_length},
+        "train": {"max_steps": args.warmup + args.steps, "learning_rate": learning_rate(args), "tokens_per_step": args.tokens_per_step,
                   "seed": 0, "progress": False, "device": args.device, "max_grad_norm": 1.0,
                   "precision": "bf16" if args.device == "cuda" else "fp32",
                   "loss_kernel": "liger" if liger else "chunked"},
         "output_dir": str(work / "tunelab-run"),
         **({"strategy": {"name": "lora", "lora": {**QLORA_LORA, "quantize": "nf4", "double_quant": True}}}
-           if qlora else {}),
+           if qlora else {"strategy": {"name": "lora", "lora": {**LORA, "dropout": args.lora_dropout}}}
+           if args.strategy == "lora" else {}),
     })
     result = train(cfg)
     rows = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if r["type"] == "train"]
@@ -158,7 +212,8 @@ def _training_args(args, cls, **extra):
     import torch
 
     cuda = args.device == "cuda"
-    return cls(output_dir=str(Path(args.work) / "out"), max_steps=args.warmup + args.steps, learning_rate=1e-5,
+    return cls(output_dir=str(Path(args.work) / "out"), max_steps=args.warmup + args.steps,
+               learning_rate=learning_rate(args),
                lr_scheduler_type="cosine", logging_steps=args.warmup + args.steps, save_strategy="no",
                report_to="none", bf16=cuda, use_cpu=not cuda, dataloader_num_workers=0, max_grad_norm=1.0,
                optim="adamw_torch_fused" if cuda else "adamw_torch", seed=0, disable_tqdm=True,
@@ -189,6 +244,10 @@ def run_hf_trainer(args, workload, model_dir: Path, work: Path) -> dict:
 
     collator = CountingCollator(pad)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    if args.strategy == "lora":
+        from peft import get_peft_model
+
+        model = get_peft_model(model, peft_lora_config(args))
     targs, _ = _training_args(args, TrainingArguments, per_device_train_batch_size=examples_per_step(args, workload))
     timer = _timing_callback(args.device)
     trainer = Trainer(model=model, args=targs, train_dataset=rows, data_collator=collator, callbacks=[timer])
@@ -222,17 +281,19 @@ def run_trl(args, workload, model_dir: Path, work: Path, packed: bool, liger: bo
 
     data = Dataset.from_dict({"input_ids": [p + c for p, c in workload],
                               "completion_mask": [[0] * len(p) + [1] * len(c) for p, c in workload]})
-    extra = {"packing": True, "packing_strategy": "bfd", "per_device_train_batch_size": args.tokens_per_step // MAX_LENGTH} \
+    extra = {"packing": True, "packing_strategy": "bfd",
+             "per_device_train_batch_size": max(1, args.tokens_per_step // args.max_length)} \
         if packed else {"per_device_train_batch_size": examples_per_step(args, workload)}
     if liger:
         extra["use_liger_kernel"] = True
-    targs, _ = _training_args(args, SFTConfig, max_length=MAX_LENGTH, completion_only_loss=True,
+    targs, _ = _training_args(args, SFTConfig, max_length=args.max_length, completion_only_loss=True,
                               dataset_num_proc=None, **extra)
     peft_config = None
     if qlora:
         model, peft_config = qlora_model_and_peft_config(args, model_dir)
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+        peft_config = peft_lora_config(args) if args.strategy == "lora" else None
     timer = _timing_callback(args.device)
     trainer = SFTTrainer(model=model, args=targs, train_dataset=data, processing_class=AutoTokenizer.from_pretrained(model_dir),
                          callbacks=[timer], peft_config=peft_config)
@@ -246,9 +307,9 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads) if args.threads else None
-    workload = make_workload(args.examples, SHAPES[args.shape]["vocab_size"])
+    workload = workload_of(args)
     work = Path(tempfile.mkdtemp(dir=args.work))
-    model_dir = Path(args.work) / "model"
+    model_dir = Path(args.model) if args.model else Path(args.work) / "model"
     runners = {"tunelab": lambda: run_tunelab(args, workload, model_dir, work),
                "tunelab_liger": lambda: run_tunelab(args, workload, model_dir, work, liger=True),
                "hf_trainer": lambda: run_hf_trainer(args, workload, model_dir, work),
@@ -266,9 +327,13 @@ def worker(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------- driver
 
-def flops_per_token(shape: str, workload: list) -> float:
+def shape_of(args: argparse.Namespace) -> dict:
+    """The model's dimensions: --shape's, or the config.json of --model."""
+    return json.loads((Path(args.model) / "config.json").read_text()) if args.model else SHAPES[args.shape]
+
+
+def flops_per_token(s: dict, workload: list) -> float:
     """Model FLOPs per trained token (PaLM appendix B): 6 x matmul parameters + causal attention."""
-    s = SHAPES[shape]
     d, layers, vocab, inter = s["hidden_size"], s["num_hidden_layers"], s["vocab_size"], s["intermediate_size"]
     kv = d * s["num_key_value_heads"] // s["num_attention_heads"]
     per_layer = d * d * 2 + d * kv * 2 + 3 * d * inter
@@ -295,7 +360,9 @@ def measured_matmul_tflops() -> float:
 def run_system(system: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", system, "--shape", args.shape, "--device", args.device,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--examples", str(args.examples),
-           "--tokens-per-step", str(args.tokens_per_step), "--work", args.work, "--threads", str(args.threads)]
+           "--tokens-per-step", str(args.tokens_per_step), "--work", args.work, "--threads", str(args.threads),
+           "--max-length", str(args.max_length), "--strategy", args.strategy, "--lora-dropout", str(args.lora_dropout),
+           *(["--model", args.model, "--data", args.data] if args.model else [])]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -319,6 +386,12 @@ def main() -> int:
     parser.add_argument("--wheels", help="install TRL and datasets from this folder of wheel files first (no network)")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak (default: measured matmul)")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--model", help="a real model folder (with a chat template) instead of --shape's random one")
+    parser.add_argument("--data", help="with --model: banking77's CSV, or a JSONL of {messages}",
+                        default=str(ROOT.parent / "shared" / "data" / "banking77" / "train.csv"))
+    parser.add_argument("--strategy", choices=["full", "lora"], default="full")
+    parser.add_argument("--lora-dropout", type=float, default=0.05)
+    parser.add_argument("--max-length", type=int, default=MAX_LENGTH, help="the longest row (and TRL's packed row)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -334,8 +407,9 @@ def main() -> int:
         [s for s in SYSTEMS if args.device == "cuda" or ("liger" not in s and "qlora" not in s)]
     with tempfile.TemporaryDirectory() as work:
         args.work = work
-        build_model_dir(args.shape, Path(work) / "model")
-        workload = make_workload(args.examples, SHAPES[args.shape]["vocab_size"])
+        if not args.model:
+            build_model_dir(args.shape, Path(work) / "model")
+        workload = workload_of(args)
         results = {s: run_system(s, args) for s in systems}
     report(args, results, workload)
     return 0 if all("error" not in r for r in results.values()) else 1
@@ -344,9 +418,9 @@ def main() -> int:
 def report(args: argparse.Namespace, results: dict, workload: list) -> None:
     import platform
 
-    fpt = flops_per_token(args.shape, workload)
+    fpt = flops_per_token(shape_of(args), workload)
     peak = args.peak_tflops or (measured_matmul_tflops() if args.device == "cuda" else None)
-    print(f"\nshape {args.shape}, device {args.device} ({platform.processor() or platform.machine()}), "
+    print(f"\n{'model ' + args.model if args.model else 'shape ' + args.shape}, {args.strategy}, device {args.device} ({platform.processor() or platform.machine()}), "
           f"{args.steps} timed steps after {args.warmup} warm-up, ~{args.tokens_per_step} real tokens per step, "
           f"{len(workload)} examples (mean {sum(len(p) + len(c) for p, c in workload) / len(workload):.0f} tokens)")
     # tunelab x: tunelab's tokens/s over the system's (tunelab_qlora's for the QLoRA systems)

@@ -135,13 +135,17 @@ class Adapter(_PeftAddition):
     peft_config: Callable[[Any, StrategyConfig], Any]  # (model, cfg) -> a peft config
     counter: Callable[[Any, StrategyConfig], int]  # (model shape, cfg) -> the adapter's parameters
     mergeable: bool = False
+    after_wrap: Callable[[Any], Any] | None = None  # applied to the peft model once built (LoRA's lean dropout)
 
     def peft_types(self) -> set[str]:
         return {self.peft_type}
 
     def build(self, model: Any, cfg: StrategyConfig, tokenizer: Any, seed: int) -> Any:
-        return _wrap_with_peft(model, self.peft_config(model, cfg), f"strategy {cfg.name}",
-                               "Try strategy.name: lora with strategy.lora.target_modules naming its linear layers.")
+        wrapped = _wrap_with_peft(model, self.peft_config(model, cfg), f"strategy {cfg.name}",
+                                  "Try strategy.name: lora with strategy.lora.target_modules naming its linear layers.")
+        if self.after_wrap is not None:
+            self.after_wrap(wrapped)
+        return wrapped
 
     def count(self, shape: Any, cfg: StrategyConfig) -> int:
         return self.counter(shape, cfg)
@@ -318,6 +322,12 @@ def _lora_config(model: Any, cfg: StrategyConfig) -> Any:
                       target_modules=targets, use_dora=s.variant == "dora", use_rslora=s.variant == "rslora")
 
 
+def _lean_lora_dropout(model: Any) -> None:
+    from tunelab.strategies.lora_dropout import lean_lora_dropout  # torch: imported when a model is built
+
+    lean_lora_dropout(model)
+
+
 def _targets(shape: Any, suffixes: list[str] | str) -> list[tuple[str, int, int]]:
     """The shape's linear layers (name, in, out) whose last name part is one of `suffixes` (or all of them)."""
     if suffixes == "all-linear":
@@ -469,7 +479,8 @@ def _fixed_prompt(cfg: StrategyConfig) -> TuningStrategy:
     return replace(STRATEGIES["lora"], name="fixed_prompt")
 
 
-LORA = Adapter(peft_type="LORA", peft_config=_lora_config, counter=_count_lora, mergeable=True)
+LORA = Adapter(peft_type="LORA", peft_config=_lora_config, counter=_count_lora, mergeable=True,
+               after_wrap=_lean_lora_dropout)
 IA3 = Adapter(peft_type="IA3", peft_config=_ia3_config, counter=_count_ia3, mergeable=True)
 STRATEGIES: dict[str, TuningStrategy] = {s.name: s for s in [
     TuningStrategy("prompting", "frozen", "discrete template, zero- or few-shot", "nothing: it evaluates only",
