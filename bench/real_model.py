@@ -183,6 +183,20 @@ def targets(rows: dict[str, dict[str, Any]]) -> list[str]:
     return said
 
 
+def advisor_check(cfg: Any, rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """issue 30: the advisor's rules for this situation (its training rows, the model's size, this CPU), without a
+    measured comparison, against what tunelab's rows of the table support at each retention level (accuracy, the
+    forgetting each level accepts: tunelab.plan.advisor.measured_pick); rows named by their strategy."""
+    from tunelab.plan.advisor import rules_against_measurement
+    from tunelab.plan.run import plan
+
+    ours = [{**r, "strategy": TUNELAB[name][0]} for name, r in rows.items() if name in TUNELAB]
+    checked = rules_against_measurement(plan(cfg, "cpu").situation, ours, "accuracy")
+    checked["text"] = "; ".join(f"{level} retention: the rule ({v['rule']}) says {v['ruled']}, the table {v['measured']}"
+                                for level, v in checked["levels"].items())
+    return checked
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, required=True, help="a Hugging Face chat model folder")
@@ -194,6 +208,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", help="comma-separated labels of the systems to run (default: all)")
     p.add_argument("--smoke", action="store_true", help="2 steps, 32 training rows, 8 test rows: no claims")
+    p.add_argument("--advise-from", type=Path, help="a real_model.json: only set the advisor's rules against its table")
     p.add_argument("--trl", choices=list(TRL_SYSTEMS), help=argparse.SUPPRESS)  # the child process of one TRL system
     p.add_argument("--trl-data", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -202,6 +217,12 @@ def main() -> int:
         return 0
     if args.smoke:
         args.steps, args.batch_size, args.train_rows, args.test_rows = 2, 4, 32, 8
+    if args.advise_from:
+        rows = json.loads(args.advise_from.read_text())["rows"]
+        checked = advisor_check(tunelab_config(args, banking77_chat(args.out / "data", args.train_rows, args.test_rows,
+                                                                    args.seed)), rows)
+        print(json.dumps(checked, indent=2))
+        return 0
     return run(args)
 
 
@@ -223,6 +244,7 @@ def run(args: argparse.Namespace) -> int:
         rows[system] = trl_row(args, system, data, cfg, base, reference)
     said = targets(rows) if {"lora", "trl_lora", "full", "trl_full", "few-shot", "prompt_tuning", "p_tuning",
                               "prefix_tuning"} <= set(rows) else []
+    said.append("advisor: " + advisor_check(cfg, rows)["text"])
     text = (f"banking77 as chat on {args.model}: {args.train_rows} training rows, {args.test_rows} test rows, "
             f"{args.steps} steps of {args.batch_size}, seed {args.seed}; baselines {json.dumps(result['baselines'])}\n\n"
             + table(list(rows.values())) + "\n\n" + "\n".join(said) +

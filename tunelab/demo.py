@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +148,7 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False, steps: int | No
 def small_data_task(data: dict[str, Path], out: Path, steps: int, max_eval: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """Task 3: 64 labeled summaries, every strategy (compare's small-data preset), and the advisor's rule for that
     situation set against what the measured table supports, at each retention level."""
-    from tunelab.plan.advisor import advise, measured_pick
+    from tunelab.plan.advisor import rules_against_measurement
     from tunelab.plan.run import plan
 
     preset = PRESETS["small-data"]
@@ -159,17 +158,12 @@ def small_data_task(data: dict[str, Path], out: Path, steps: int, max_eval: int)
     print(f"\ntask 3, small data: {preset.about}")
     small = compare(cfg, strategies, out / "small-data-compare", overrides)
     _print_table("Task 3: 64 labeled tickets -> summary, every strategy", small, ["rouge_l"], compute=True)
-    situation = plan(cfg, "cpu").situation  # estimated once; only the retention level changes below
-    levels = {}
-    for retention in ("high", "medium", "low"):
-        ruled = advise(replace(situation, retention=retention))  # the rules alone: no measured comparison given
-        measured = measured_pick(small["table"], small["metric"], retention)
-        levels[retention] = {"rule": ruled.rule, "ruled": ruled.strategy, "measured": measured,
-                             "agrees": ruled.strategy == measured}
+    checked = rules_against_measurement(plan(cfg, "cpu").situation, small["table"], small["metric"])
+    levels = checked["levels"]
     text = "; ".join(f"{r} retention: the advisor's rule {v['rule']} says {v['ruled']}, the measurement {v['measured']}"
                      for r, v in levels.items())
     text += (" (the measurement: the best ROUGE-L among the strategies whose general-text forgetting that retention "
              "accepts, with the adaptation off where it comes off). " +
-             ("They agree." if all(v["agrees"] for v in levels.values()) else "They DISAGREE: the rule must change."))
+             ("They agree." if checked["agrees"] else "They DISAGREE: the rule must change."))
     print(text)
-    return small, {"levels": levels, "agrees": all(v["agrees"] for v in levels.values()), "text": text}
+    return small, {**checked, "text": text}

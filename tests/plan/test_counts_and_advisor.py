@@ -85,6 +85,23 @@ def test_advisor_follows_the_documented_rules(n, tokens, task, retention, full_f
     assert advice.reasons and (n == 0 or f"{n:,}" in advice.reasons or "GiB" in advice.reasons)
 
 
+def test_low_retention_takes_full_tuning_only_when_the_steps_pass_over_the_data():
+    """Rule 4 against bench/real_model.py's table (SmolLM2-135M, 2,000 banking77 chats, 60 steps of 16: under half an
+    epoch, LoRA 0.32 accuracy, full 0.07): in under one epoch low retention still gets LoRA, and says why."""
+    def situation(epochs: float) -> Situation:
+        return Situation(2_000, 40_000, "classification", "low", {"full": True, "lora": True, "soft_prompt": True},
+                         {"lora": 0.01}, {"full": 3.0, "lora": 2.0}, 24.0, epochs=epochs)
+
+    short = advise(situation(0.48))
+    assert (short.strategy, short.rule) == ("lora", "4") and "0.48 of an epoch" in short.reasons
+    assert advise(situation(1.0)).strategy == "full"
+    # what the planner passes: the steps' tokens over the data's
+    from tunelab.plan.estimate import DataShape, Workload, planned_epochs
+
+    data = DataShape(2_000, 100_000, 16_000, 50.0, 2_600.0, 8.0, 77, "chat")
+    assert planned_epochs(Workload(60, 800.0, 128.0, 800.0, 1), data) == pytest.approx(0.48)
+
+
 @pytest.mark.parametrize("soft_fits", [True, False])
 def test_advisor_offers_qlora_when_lora_does_not_fit_but_a_4bit_base_does(soft_fits):
     """Rule 2 with a planned QLoRA: it outranks a soft prompt and FSDP2 sharding when it fits one device, and the

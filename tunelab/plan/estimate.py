@@ -120,6 +120,11 @@ class Workload:
     micro_batches_per_step: int
 
 
+def planned_epochs(w: Workload, data: DataShape) -> float:
+    """Passes over the training data that the workload's steps make."""
+    return w.steps * w.tokens_per_step / max(1, data.num_tokens)
+
+
 def workload(cfg: Config, data: DataShape) -> Workload:
     t = cfg.train
     if t.tokens_per_step is not None:

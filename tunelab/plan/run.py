@@ -14,8 +14,7 @@ from tunelab.config import Config
 from tunelab.plan.advisor import Advice, QuantizedLora, Situation, advise
 from tunelab.plan.devices import Device, RuntimeProbe, get_device
 from tunelab.plan.estimate import (DataShape, Estimate, ModelShape, Workload, dequantization_seconds, flops, memory,
-                                    model_shape,
-                                   parameter_counts, workload)
+                                    model_shape, parameter_counts, planned_epochs, workload)
 from tunelab.strategies.registry import STRATEGIES, planned_strategies, resolve
 
 # Published pre-training token counts of known families, keyed by (model_type, vocab size).
@@ -237,7 +236,8 @@ def plan(cfg: Config, device_name: str = "cpu", pretraining_tokens: float | None
     situation = Situation(data.num_examples, data.num_label_tokens, task_kind(data), cfg.plan.retention,
                           {k: v <= device.memory_bytes for k, v in totals.items()},
                           {k: e.trainable_params / e.total_params for k, e in estimates.items()}, gib,
-                          device.memory_bytes / 2**30, quantized_lora=offer.situation if offer else None)
+                          device.memory_bytes / 2**30, quantized_lora=offer.situation if offer else None,
+                          epochs=planned_epochs(workload(cfg, data), data))
     return PlanResult(estimates, advise(situation, compare_json), device, data, pre, cfg.strategy.name, situation)
 
 
