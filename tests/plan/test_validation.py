@@ -2,7 +2,7 @@
 
 Three models (stories260K and two config-built sizes) x three strategies (full, lora, soft_prompt),
 and the top layer alone (freeze) on one of them: each is planned by `tunelab plan` (model-free: shapes
-and token counts), then trained in a process of its own (as `compare` trains) whose peak resident memory is measured. The workload:
+and token counts), then trained in a fresh process whose peak resident memory is measured. The workload:
 GSM8K (long questions and worked answers, rows of 512, 1,024 tokens per step), 8 steps (two are not enough:
 medium LoRA's peak grew from 2,501 MiB after 2 steps to 2,891 MiB after 8, as the allocator meets more batch
 shapes), on the first 400 training examples. The memory constants were fitted on these cases at 1,024 and
@@ -15,7 +15,10 @@ that benchmark's alone.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -26,7 +29,6 @@ from tests.conftest import config_tree, shared_file, write_jsonl
 from tunelab.config import validate_config
 from tunelab.plan.run import plan
 from tunelab.runfiles import read_metrics
-from tunelab.train.child import train_in_child
 
 pytestmark = pytest.mark.slow
 SIZES = {"small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
@@ -34,6 +36,8 @@ SIZES = {"small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers
          "medium": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=6, num_attention_heads=8,
                         num_key_value_heads=8, vocab_size=8192)}
 TOLERANCE = 0.25
+# one compute thread per run under `make test`'s two workers (tests/conftest.py), as the plan's own probe has
+THREADS = {k: os.environ[k] for k in ("OMP_NUM_THREADS",) if k in os.environ}
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +60,9 @@ def gsm8k_rows(tmp_path_factory):
 
 
 def _peak_memory(cfg_path) -> float:
-    # a process of its own, as `compare` trains each strategy: forked from tunelab's import server, with a fresh
-    # interpreter's resident set (tunelab/train/child.py), without spending the imports again for each case
-    code, last = train_in_child(cfg_path, cfg_path.parent / "train.log")
-    assert code == 0, last
+    proc = subprocess.run([sys.executable, "-m", "tunelab", "train", str(cfg_path)], capture_output=True, text=True,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", **THREADS}, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     out = yaml.safe_load(cfg_path.read_text())["output_dir"]
     rows = read_metrics(f"{out}/metrics.jsonl")
     assert sum(r["type"] == "train" for r in rows) == 8

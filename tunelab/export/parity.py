@@ -214,8 +214,9 @@ def open_gguf(gguf: Path, n_ctx: int = 1024) -> Any:
     """The file in llama.cpp's runtime, on the CPU, without weight repacking."""
     from llama_cpp import Llama
 
+    threads = max(1, torch.get_num_threads())  # prompts too (llama-cpp-python's default takes every core for them)
     with _without_weight_repacking():
-        return Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=max(1, torch.get_num_threads()), verbose=False)
+        return Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
 
 
 @dataclass
