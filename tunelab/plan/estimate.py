@@ -169,6 +169,17 @@ def activation_floats_per_token_layer(s: ModelShape) -> float:
 # soft_prompt, +15% and -9%), and checked against the same cases measured on an Intel Xeon on 2026-11-29
 # (within 17%); see BENCHMARKS.md. tests/plan/test_validation.py asserts 25%.
 ACTIVATION_FACTOR = {"weights": 1.25, "adapter": 2.5, "frozen": 0.7}  # by TuningStrategy.cost_class
+
+
+def lora_dropped_copy_share(shape: ModelShape) -> float:
+    """The share of ACTIVATION_FACTOR["adapter"] that peft's LoRA dropout held when it was fitted (LoRA, dropout
+    0.05): a dropped copy of every adapted layer's input (q, k, v, gate and up read the hidden state, o reads the
+    attention output, down the MLP's intermediate), in units of activation_floats_per_token_layer. tunelab's own
+    LoRA dropout (strategies/lora_dropout.py) keeps a one-byte mask instead, and no dropout keeps nothing; DoRA
+    keeps peft's dropout."""
+    return (6 * shape.hidden + shape.intermediate) / activation_floats_per_token_layer(shape)
+
+
 # On the CPU, per token of a micro-batch, whatever the model's size: the collated batch and masks, and the
 # allocator's slack around a step's many differently-shaped buffers (35 KiB, fitted as above).
 CPU_BYTES_PER_TOKEN = 35 * 2**10
@@ -185,6 +196,9 @@ def memory(shape: ModelShape, w: Workload, cfg: Config, trainable: int, total: i
     per_token_layer = activation_floats_per_token_layer(shape) * BYTES_FP32
     tokens = w.tokens_per_micro_batch
     factor = ACTIVATION_FACTOR[s.cost_class]
+    lora = cfg.strategy.lora
+    if s.peft_type == "LORA" and not (lora.variant == "dora" and lora.dropout > 0):
+        factor -= lora_dropped_copy_share(shape)
     if checkpointing:
         activations = layers_saved * tokens * shape.hidden * BYTES_FP32 + tokens * per_token_layer * factor
     else:
