@@ -161,6 +161,11 @@ def test_an_end_of_turn_llama_cpp_does_not_know_by_name_becomes_the_files_eot(sm
     facts = llamacpp.file_facts(done.gguf, ("tokenizer.ggml.eot_token_id",), summary["end_ids"])
     assert facts.metadata["tokenizer.ggml.eot_token_id"] == str(closed)
     assert facts.ends == [True] * len(summary["end_ids"])
+    # a place already holding a trained end id is kept: only EOM is free now, so two more unknown ids do not fit
+    from tunelab.errors import TunelabError
+
+    with pytest.raises(TunelabError, match="1 free places"):
+        llamacpp.mark_end_ids(done.gguf, [11, 12], summary["end_ids"])
     # the export's own check reads the file as llama.cpp does: a template other than the trained one is caught
     check_carried(done.gguf, summary)
     with pytest.raises(RuntimeError, match="chat template that differs"):

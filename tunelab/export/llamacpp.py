@@ -196,11 +196,9 @@ def mark_end_ids(gguf: Path, ids: list[int], end_ids: list[int]) -> None:
     """Rewrite `gguf` with `ids` as its end-of-turn (and end-of-message) token ids, through llama.cpp's own
     gguf_new_metadata.py, so that llama.cpp ends a generation at ids it does not know by name. A place that already
     holds one of the trained `end_ids` (the converter sets EOT from some templates) is kept."""
-    from gguf import GGUFReader
-
-    fields = GGUFReader(gguf).fields
-    held = {slot: fields[f"tokenizer.ggml.{slot}_token_id"].contents() for slot in SPECIAL_END_SLOTS
-            if f"tokenizer.ggml.{slot}_token_id" in fields}
+    keys = {slot: f"tokenizer.ggml.{slot}_token_id" for slot in SPECIAL_END_SLOTS}
+    metadata = file_facts(gguf, tuple(keys.values())).metadata
+    held = {slot: int(metadata[key]) for slot, key in keys.items() if key in metadata}
     free = [slot for slot in SPECIAL_END_SLOTS if held.get(slot) not in end_ids]
     if len(ids) > len(free):
         raise TunelabError(f"the run ends a turn at {len(ids)} ids that llama.cpp does not know ({ids}), and a GGUF "
