@@ -151,7 +151,7 @@ def run_tunelab(args: argparse.Namespace, workload: list, model_dir: Path, work:
         "data": {"train": str(data), "max_length": args.max_length},
         "train": {"max_steps": args.warmup + args.steps, "learning_rate": learning_rate(args), "tokens_per_step": args.tokens_per_step,
                   "seed": 0, "progress": False, "device": args.device, "max_grad_norm": 1.0,
-                  "precision": "bf16" if args.device == "cuda" else "fp32",
+                  "precision": precision(args),
                   "loss_kernel": "liger" if liger else "chunked"},
         "output_dir": str(work / "tunelab-run"),
         **({"strategy": {"name": "lora", "lora": {**QLORA_LORA, "quantize": "nf4", "double_quant": True}}}
@@ -215,9 +215,14 @@ def _training_args(args, cls, **extra):
     return cls(output_dir=str(Path(args.work) / "out"), max_steps=args.warmup + args.steps,
                learning_rate=learning_rate(args),
                lr_scheduler_type="cosine", logging_steps=args.warmup + args.steps, save_strategy="no",
-               report_to="none", bf16=cuda, use_cpu=not cuda, dataloader_num_workers=0, max_grad_norm=1.0,
+               report_to="none", bf16=precision(args) == "bf16", use_cpu=not cuda, dataloader_num_workers=0, max_grad_norm=1.0,
                optim="adamw_torch_fused" if cuda else "adamw_torch", seed=0, disable_tqdm=True,
                remove_unused_columns=False, **extra), torch
+
+
+def precision(args) -> str:
+    """The precision every system trains in: `--precision`, else bf16 autocast on a GPU and float32 on the CPU."""
+    return args.precision or ("bf16" if args.device == "cuda" else "fp32")
 
 
 def examples_per_step(args, workload) -> int:
@@ -320,7 +325,7 @@ def worker(args: argparse.Namespace) -> None:
                "trl_packed_qlora": lambda: run_trl(args, workload, model_dir, work, packed=True, qlora=True)}
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    result = runners[args.worker]()
+    result = runners[args.worker.partition("@")[0]]()
     result["peak_memory_bytes"] = peak_memory_bytes(args.device)
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -358,7 +363,9 @@ def measured_matmul_tflops() -> float:
 
 
 def run_system(system: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--worker", system, "--shape", args.shape, "--device", args.device,
+    """One system in its own process; `name@bf16` or `name@fp32` sets its precision over --precision."""
+    chosen = system.partition("@")[2] or args.precision
+    cmd = [sys.executable, __file__, "--worker", system, *(["--precision", chosen] if chosen else []), "--shape", args.shape, "--device", args.device,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--examples", str(args.examples),
            "--tokens-per-step", str(args.tokens_per_step), "--work", args.work, "--threads", str(args.threads),
            "--max-length", str(args.max_length), "--strategy", args.strategy, "--lora-dropout", str(args.lora_dropout),
@@ -376,7 +383,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=list(SHAPES), default="tiny")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--systems", default=None, help="comma-separated, default: all that run on the device")
+    parser.add_argument("--systems", default=None, help="comma-separated, default: all that run on the device; "
+                        "NAME@bf16 or NAME@fp32 runs a system in that precision (e.g. tunelab@bf16,trl_packed)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--examples", type=int, default=4000)
@@ -390,6 +398,8 @@ def main() -> int:
     parser.add_argument("--data", help="with --model: banking77's CSV, or a JSONL of {messages}",
                         default=str(ROOT.parent / "shared" / "data" / "banking77" / "train.csv"))
     parser.add_argument("--strategy", choices=["full", "lora"], default="full")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                        help="bf16 autocast or float32 for every system (default: bf16 on a GPU, fp32 on the CPU)")
     parser.add_argument("--lora-dropout", type=float, default=0.05)
     parser.add_argument("--max-length", type=int, default=MAX_LENGTH, help="the longest row (and TRL's packed row)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -423,7 +433,9 @@ def report(args: argparse.Namespace, results: dict, workload: list) -> None:
     print(f"\n{'model ' + args.model if args.model else 'shape ' + args.shape}, {args.strategy}, device {args.device} ({platform.processor() or platform.machine()}), "
           f"{args.steps} timed steps after {args.warmup} warm-up, ~{args.tokens_per_step} real tokens per step, "
           f"{len(workload)} examples (mean {sum(len(p) + len(c) for p, c in workload) / len(workload):.0f} tokens)")
-    # tunelab x: tunelab's tokens/s over the system's (tunelab_qlora's for the QLoRA systems)
+    # tunelab x: tunelab's tokens/s over the system's (tunelab_qlora's for the QLoRA systems); "tunelab" is the first
+    # plain tunelab system listed (tunelab@bf16 where that comes first)
+    plain = next((n for n in results if n.partition("@")[0] == "tunelab"), "tunelab")
     header = f"{'system':<18}{'tokens/s':>12}{'label tok/s':>13}{'tok/step':>10}{'peak MiB':>10}{'MFU':>8}{'tunelab x':>11}"
     print(header + "\n" + "-" * len(header))
     for name, r in results.items():
@@ -431,7 +443,7 @@ def report(args: argparse.Namespace, results: dict, workload: list) -> None:
             print(f"{name:<18} failed: {r['error']}")
             continue
         qlora = "qlora" in name  # compared with tunelab's QLoRA; no weight gradients of the frozen base: 4N, not 6N
-        base = results.get("tunelab_qlora" if qlora else "tunelab", {})
+        base = results.get("tunelab_qlora" if qlora else plain, {})
         r["tokens_per_s"] = r["tokens"] / r["seconds"]
         r["label_tokens_per_s"] = r["label_tokens"] / r["seconds"]
         r["mfu"] = r["tokens_per_s"] * fpt * (4 / 6 if qlora else 1) / (peak * 1e12) if peak else None

@@ -25,6 +25,11 @@ NO_MASK = torch.ones((1, 1, 1, 1), dtype=torch.bool)
 def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                      **kwargs: Any) -> tuple[torch.Tensor, None]:
+    if query.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        # under the CPU's bf16 autocast, SDPA in float32: its CPU kernels' bf16 backward took 5x as long (SmolLM2)
+        with torch.autocast("cpu", enabled=False):
+            return varlen_attention(module, query.float(), key.float(), value.float(), attention_mask, dropout,
+                                    scaling, **kwargs)
     bounds: list[int] | None = kwargs.pop(BOUNDS_KWARG, None)
     if bounds is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,

@@ -26,6 +26,7 @@ from tunelab.atomic import is_disk_full
 from tunelab.config import Config, TrainConfig
 from tunelab.data.batching import count_label_tokens
 from tunelab.errors import DiskFullError, NonFiniteError
+from tunelab.models.device import cpu_has_amx
 from tunelab.models.linear_cross_entropy import check_loss_kernel
 from tunelab.models.load import load_model, load_tokenizer
 from tunelab.strategies.final import save_final
@@ -246,6 +247,8 @@ def run_recipe(cfg: Config, on_exit: contextlib.ExitStack) -> TrainResult:
     log.info("strategy %s: %s on %s (%s)%s", cfg.strategy.name, params.summary(), hw.device,
              "bf16 autocast" if hw.amp_dtype else "fp32",
              f", {info.world} processes ({cfg.distributed.strategy})" if info.enabled else "")
+    if hw.device.type == "cpu" and hw.amp_dtype is None and cfg.train.precision == "auto" and cpu_has_amx():
+        log.info("this CPU has AMX: train.precision: bf16 (autocast; float32 weights and optimizer) trains faster")
     if not resolve(cfg.strategy).trains_anything:
         return evaluate_only(cfg, info, run_dir, file_log, model, params, data, hw, tokenizer)
 
