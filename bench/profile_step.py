@@ -51,7 +51,7 @@ def main() -> None:
     from tunelab.models.load import load_model, pad_token_id
     from tunelab.plan.run import load_train_data
     from tunelab.train.loop import take_step
-    from tunelab.train.session import open_session, prepare_model, setup_device
+    from tunelab.train.session import open_session, prepare_model, setup_device, use_speed_options
 
     with tempfile.TemporaryDirectory() as tmp:
         with BANKING77.open(newline="", encoding="utf-8") as f:
@@ -67,6 +67,7 @@ def main() -> None:
         _, examples, tokenizer = load_train_data(cfg)
         hw = setup_device(cfg.train)
         model = prepare_model(load_model(cfg.model), cfg, tokenizer, hw.device)
+        use_speed_options(model, cfg.train, hw.device)  # as the recipe does
         session = open_session(cfg, model, examples, pad_token_id(tokenizer), hw, steps=8)
         for _ in range(2):
             take_step(session)

@@ -80,8 +80,11 @@ def accumulate_gradients(model: Any, micro_batches: list[tuple[dict[str, torch.T
     loss_sum = torch.zeros((), device=device)
     for i, (mb, _) in enumerate(micro_batches):
         mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
-        with gradient_sync(model, i == len(micro_batches) - 1), autocast():
-            out = causal_lm_loss(model, mb)
+        with gradient_sync(model, i == len(micro_batches) - 1):
+            with autocast():
+                out = causal_lm_loss(model, mb)
+            # backward outside autocast (as PyTorch advises): its cache of bf16 weight copies is let go, so each
+            # copy is freed once the backward pass has used it (SmolLM2 full tuning: a lower peak)
             (out.loss_sum * scale).backward()
         loss_sum += out.loss_sum.detach()
     return loss_sum, torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm or float("inf"))
