@@ -21,7 +21,8 @@ the same code paths on the CPU in seconds (`--device cpu --smoke`, in CI) so tha
      over the unquantized base (bf16 autocast).
 2. Throughput: bench/sft_throughput.py (qwen2.5-0.5b shape on CUDA) for tunelab, tunelab with the liger
    loss kernel, HF Trainer, TRL, TRL packing, TRL packing + Liger, and QLoRA (nf4 base, LoRA rank 16) by tunelab
-   and by TRL + peft, with MFU and peak memory.
+   and by TRL + peft, with MFU and peak memory; then issue 31's comparison on SmolLM2-135M's shape (tunelab
+   against TRL packing, LoRA and full).
 3. One JSON and one markdown table in --out.
 
     python bench/gpu_check.py --device cuda --wheels .whl --out $OUT      # on the GPU machine
@@ -419,19 +420,34 @@ def run_checks(ctx: dict[str, Any], names: list[str]) -> dict[str, Any]:
     return results
 
 
-def run_throughput(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    cmd = [sys.executable, str(ROOT / "bench" / "sft_throughput.py"), "--json", str(out / "throughput.json")]
+def run_throughput(args: argparse.Namespace, out: Path, name: str = "throughput", extra: list[str] = ()
+                   ) -> dict[str, Any]:
+    """One bench/sft_throughput.py run (its JSON in out/NAME.json): --shape's comparison, or `extra`'s."""
+    cmd = [sys.executable, str(ROOT / "bench" / "sft_throughput.py"), "--json", str(out / f"{name}.json")]
     cmd += ["--smoke"] if args.smoke else ["--shape", args.shape, "--device", args.device, "--steps", str(args.bench_steps)]
+    cmd += list(extra)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     print(proc.stdout[-4000:], flush=True)
     result: dict[str, Any] = {"seconds": time.perf_counter() - t0, "exit_code": proc.returncode}
-    if (out / "throughput.json").is_file():
-        result.update(json.loads((out / "throughput.json").read_text()))
+    if (out / f"{name}.json").is_file():
+        result.update(json.loads((out / f"{name}.json").read_text()))
     else:
         result["error"] = proc.stderr[-2000:]
     return result
+
+
+def run_smollm2(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """Issue 31's comparison on SmolLM2-135M's shape, LoRA and full: tunelab against TRL packing (in smoke mode
+    one tunelab LoRA run on the smoke shape, so that the path runs)."""
+    if args.smoke:
+        return {"lora": run_throughput(args, out, "throughput-smollm2-lora", ["--systems", "tunelab", "--strategy",
+                                                                            "lora"])}
+    return {strategy: run_throughput(args, out, f"throughput-smollm2-{strategy}",
+                                     ["--shape", "smollm2-135m", "--systems", "tunelab,trl_packed", "--strategy",
+                                      strategy])
+            for strategy in ("lora", "full")}
 
 
 def environment(dev: Any) -> dict[str, Any]:
@@ -464,10 +480,10 @@ def markdown(report: dict[str, Any]) -> str:
                             if isinstance(v, dict) and "loss_rel_diff" in v) or \
             (f"loss rel diff {r['loss_rel_diff']:.2g}" if isinstance(r.get("loss_rel_diff"), float) else "")
         lines.append(f"| {name} | {'ok' if r['ok'] else 'FAILED'} | {figures} | {r['seconds']:.1f} |")
-    t = report.get("throughput") or {}
-    if t.get("results"):
-        lines += ["", f"Throughput ({t['args'].get('shape')}, {t['args'].get('device')}):", "",
-                  "| system | tokens/s | peak MiB | MFU | tunelab x |", "| --- | --- | --- | --- | --- |"]
+    runs = [report.get("throughput") or {}, *(report.get("throughput_smollm2") or {}).values()]
+    for t in (t for t in runs if t.get("results")):
+        lines += ["", f"Throughput ({t['args'].get('shape')}, {t['args'].get('strategy')}, {t['args'].get('device')}):",
+                  "", "| system | tokens/s | peak MiB | MFU | tunelab x |", "| --- | --- | --- | --- | --- |"]
         for name, r in t["results"].items():
             if "error" in r:
                 lines.append(f"| {name} | failed: {r['error'][:80]} | | | |")
@@ -524,12 +540,14 @@ def main() -> int:
               "checks_seconds": time.perf_counter() - started}
     if not args.no_throughput:
         report["throughput"] = run_throughput(args, out)
+        report["throughput_smollm2"] = run_smollm2(args, out)
     report["seconds"] = time.perf_counter() - started
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
     (out / "gpu_check.md").write_text(markdown(report))
     print(markdown(report))
     print(f"written: {out / 'gpu_check.json'}, {out / 'gpu_check.md'} ({report['seconds']:.0f} s)")
-    throughput_ok = args.no_throughput or report["throughput"].get("exit_code") == 0
+    throughput_ok = args.no_throughput or all(t.get("exit_code") == 0 for t in [
+        report["throughput"], *report["throughput_smollm2"].values()])
     return 0 if all(c["ok"] for c in checks.values()) and throughput_ok else 1
 
 

@@ -47,6 +47,10 @@ SHAPES = {
                  intermediate_size=1024, vocab_size=151_936),
     "qwen2.5-0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                          intermediate_size=4864, vocab_size=151_936, rope_theta=1_000_000.0, rms_norm_eps=1e-6),
+    # SmolLM2-135M-Instruct's dimensions (its GGUF is too large to travel to a lent GPU; for speed the weights do
+    # not matter): 30 layers, hidden 576, 9 query and 3 KV heads, tied embeddings
+    "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         intermediate_size=1536, vocab_size=49_152, rope_theta=100_000.0, rms_norm_eps=1e-5),
     "smoke": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=128, vocab_size=4096),
 }

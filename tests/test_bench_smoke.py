@@ -50,6 +50,8 @@ def test_gpu_check_smoke_runs_every_check_and_the_bench(tmp_path):
     per_step = [r["tokens"] / r["steps"] for r in results.values()]
     assert max(per_step) < 1.6 * min(per_step)
     assert "smoke mode" in proc.stdout
+    smollm2 = report["throughput_smollm2"]["lora"]  # SmolLM2's comparison (on the GPU: its shape, LoRA and full)
+    assert smollm2["args"]["strategy"] == "lora" and smollm2["results"]["tunelab"]["steps"] == 2
 
 
 def test_carried_wheels_are_installed_before_the_checks(tmp_path):
