@@ -63,7 +63,8 @@ def main() -> None:
         cfg = validate_config({"model": {"path": str(args.model)}, "data": {"train": str(data), "max_length": 128},
                                "strategy": {"name": args.strategy, "lora": {"rank": 16}},
                                "train": {"max_steps": 8, "batch_size": args.rows, "learning_rate": 1e-4,
-                                         "progress": False, "precision": args.precision}, "output_dir": str(Path(tmp) / "run")})
+                                         "progress": False, "precision": args.precision},
+                               "output_dir": str(Path(tmp) / "run")})
         _, examples, tokenizer = load_train_data(cfg)
         hw = setup_device(cfg.train)
         model = prepare_model(load_model(cfg.model), cfg, tokenizer, hw.device)
@@ -78,8 +79,8 @@ def main() -> None:
     parts: dict[str, float] = defaultdict(float)
     for e in events:
         parts[part_of(e.key)] += e.self_cpu_time_total
-    print(f"{args.strategy} on {args.model.name}, {args.rows} rows a step, {torch.get_num_threads()} threads, {args.precision}: "
-          f"{total / 1e6:.2f} s of operator self time in one step")
+    print(f"{args.strategy} on {args.model.name}, {args.rows} rows a step, {torch.get_num_threads()} threads, "
+          f"{args.precision}: {total / 1e6:.2f} s of operator self time in one step")
     print("| part | share |\n| --- | ---: |")
     for part, t in sorted(parts.items(), key=lambda kv: -kv[1]):
         print(f"| {part} | {t / total:.1%} |")

@@ -192,8 +192,9 @@ def advisor_check(cfg: Any, rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
     ours = [{**r, "strategy": TUNELAB[name][0]} for name, r in rows.items() if name in TUNELAB]
     checked = rules_against_measurement(plan(cfg, "cpu").situation, ours, "accuracy")
-    checked["text"] = "; ".join(f"{level} retention: the rule ({v['rule']}) says {v['ruled']}, the table {v['measured']}"
-                                for level, v in checked["levels"].items())
+    checked["text"] = "; ".join(
+        f"{level} retention: the rule ({v['rule']}) says {v['ruled']}, the table {v['measured']}"
+        for level, v in checked["levels"].items())
     return checked
 
 

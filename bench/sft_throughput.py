@@ -219,7 +219,8 @@ def _training_args(args, cls, **extra):
     return cls(output_dir=str(Path(args.work) / "out"), max_steps=args.warmup + args.steps,
                learning_rate=learning_rate(args),
                lr_scheduler_type="cosine", logging_steps=args.warmup + args.steps, save_strategy="no",
-               report_to="none", bf16=precision(args) == "bf16", use_cpu=not cuda, dataloader_num_workers=0, max_grad_norm=1.0,
+               report_to="none", bf16=precision(args) == "bf16", use_cpu=not cuda, dataloader_num_workers=0,
+               max_grad_norm=1.0,
                optim="adamw_torch_fused" if cuda else "adamw_torch", seed=0, disable_tqdm=True,
                remove_unused_columns=False, **extra), torch
 
@@ -369,7 +370,8 @@ def measured_matmul_tflops() -> float:
 def run_system(system: str, args: argparse.Namespace) -> dict:
     """One system in its own process; `name@bf16` or `name@fp32` sets its precision over --precision."""
     chosen = system.partition("@")[2] or args.precision
-    cmd = [sys.executable, __file__, "--worker", system, *(["--precision", chosen] if chosen else []), "--shape", args.shape, "--device", args.device,
+    cmd = [sys.executable, __file__, "--worker", system, *(["--precision", chosen] if chosen else []),
+           "--shape", args.shape, "--device", args.device,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--examples", str(args.examples),
            "--tokens-per-step", str(args.tokens_per_step), "--work", args.work, "--threads", str(args.threads),
            "--max-length", str(args.max_length), "--strategy", args.strategy, "--lora-dropout", str(args.lora_dropout),

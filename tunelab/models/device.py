@@ -40,7 +40,7 @@ def choose_device(setting: str = "auto", precision: str = "auto", local_rank: in
 def cpu_has_amx() -> bool:
     """Whether this CPU multiplies bf16 matrices in AMX tiles (Linux's CPU flags), where `precision: bf16` trains
     much faster than float32 on the CPU: its matrix products ran 7x faster on this project's CPU, and SmolLM2-135M
-    trained 1.3x (LoRA) to 1.65x (full) faster (BENCHMARKS.md)."""
+    trained 1.31x (LoRA) and 1.62x (full) faster (BENCHMARKS.md)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             return any(line.startswith("flags") and " amx_bf16" in line for line in f)
