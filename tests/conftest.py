@@ -55,6 +55,17 @@ def tokenizer(stories260k: Path) -> Any:
     return AutoTokenizer.from_pretrained(stories260k)
 
 
+def train_in_fresh_process(cfg_path: Path, threads: dict[str, str]) -> None:
+    """`tunelab train CFG` in a fresh interpreter, whose peak resident memory is its own as a user's run's is (a child
+    forked from a server that has done other work can read lower); `threads` is its compute-thread environment."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "tunelab", "train", str(cfg_path)], capture_output=True, text=True,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", **threads}, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -17,15 +17,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tests.conftest import config_tree, shared_file, write_jsonl
+from tests.conftest import config_tree, shared_file, train_in_fresh_process, write_jsonl
 from tunelab.config import validate_config
 from tunelab.plan.run import plan
 from tunelab.runfiles import read_metrics
@@ -60,9 +58,7 @@ def gsm8k_rows(tmp_path_factory):
 
 
 def _peak_memory(cfg_path) -> float:
-    proc = subprocess.run([sys.executable, "-m", "tunelab", "train", str(cfg_path)], capture_output=True, text=True,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", **THREADS}, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    train_in_fresh_process(cfg_path, THREADS)
     out = yaml.safe_load(cfg_path.read_text())["output_dir"]
     rows = read_metrics(f"{out}/metrics.jsonl")
     assert sum(r["type"] == "train" for r in rows) == 8

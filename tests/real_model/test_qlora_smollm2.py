@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from tests.conftest import VARIED_ROWS, config_tree, shared_file, write_jsonl
+from tests.conftest import VARIED_ROWS, config_tree, shared_file, train_in_fresh_process, write_jsonl
 from tunelab.cli import main
 from tunelab.config import LoraSettings, ModelConfig, validate_config
 from tunelab.models.load import load_model, quantized_loading
@@ -125,9 +123,7 @@ def test_planner_estimate_of_a_4bit_base_within_15_percent(tmp_path, smollm2, em
     cfg_path.write_text(yaml.safe_dump(tree))
     estimate = plan(validate_config(tree), "cpu", strategies=["lora"]).estimates["lora"]
     assert estimate.memory_bytes["dequantization"] > 0
-    proc = subprocess.run([sys.executable, "-m", "tunelab", "train", str(cfg_path)], capture_output=True, text=True,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    train_in_fresh_process(cfg_path, {"OMP_NUM_THREADS": "1"})
     measured = next(r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["type"] == "summary")
     error = (estimate.memory_bytes["total"] - measured["peak_memory_bytes"]) / measured["peak_memory_bytes"]
     print(json.dumps({"estimate": estimate.memory_bytes["total"], "measured": measured["peak_memory_bytes"],
